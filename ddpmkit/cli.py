@@ -8,8 +8,11 @@ import sys
 from . import __version__
 
 
-class CLIError(Exception):
-    """An error a user caused: printed as one line, exit status 2."""
+from .errors import DdpmkitError
+
+
+class CLIError(DdpmkitError):
+    """A bad combination of command-line arguments."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,7 +33,7 @@ def main(argv=None) -> int:
         return 0
     try:
         return int(args.func(args) or 0)
-    except CLIError as e:
+    except DdpmkitError as e:
         print(f"ddpmkit: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
