@@ -1,13 +1,14 @@
-"""The ``ddpmkit`` command line: argument parsing and printing only."""
+"""The ``ddpmkit`` command line: argument parsing and printing only; the work is done by the modules."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import os
 import sys
+from pathlib import Path
 
 from . import __version__
-
-
 from .errors import DdpmkitError
 
 
@@ -15,19 +16,262 @@ class CLIError(DdpmkitError):
     """A bad combination of command-line arguments."""
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit status 2, as argparse does, without the usage block
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+# ---------------------------------------------------------------------------------------------- train
+_TRAIN_HELP = {
+    "data": "data source: digits, cifar10, folder:PATH or a path to a folder of images",
+    "data_dir": "folder that holds (or receives, with --download) cifar-10-batches-py or its archive",
+    "download": "download CIFAR-10 when it is absent",
+    "image_size": "image side in pixels",
+    "channels": "image channels: 1 (grayscale) or 3 (RGB)",
+    "flip": "random horizontal flips",
+    "strict": "fail on a corrupt image instead of skipping it",
+    "base_channels": "U-Net width of the first level",
+    "channel_mults": "U-Net width multipliers per level, comma-separated",
+    "num_res_blocks": "ResNet blocks per level",
+    "attention_resolutions": "feature-map sides with self-attention, comma-separated (empty: none)",
+    "dropout": "dropout rate in the ResNet blocks",
+    "num_groups": "GroupNorm groups",
+    "num_heads": "attention heads",
+    "schedule": "noise schedule: linear or cosine",
+    "T": "number of diffusion steps",
+    "objective": "what the network predicts: eps, x0 or v",
+    "steps": "training steps",
+    "time_limit": "stop after this many seconds of training (the run can be resumed)",
+    "batch_size": "images per step",
+    "lr": "Adam learning rate",
+    "warmup": "linear learning-rate warm-up, in steps",
+    "grad_clip": "clip the gradient norm to this (0: no clipping)",
+    "adam_beta1": "Adam beta1",
+    "adam_beta2": "Adam beta2",
+    "weight_decay": "Adam weight decay",
+    "ema_decay": "EMA decay of the weights",
+    "ema_warmup": "warm the EMA decay up as min(decay, (1+n)/(10+n))",
+    "seed": "random seed of the run",
+    "log_every": "write a metrics.csv row every N steps",
+    "checkpoint_every": "save a checkpoint every N steps (and at the end)",
+    "sample_every": "save a sample grid from the EMA weights every N steps (and at the end)",
+    "num_samples": "images in each sample grid",
+    "sample_steps": "DDIM steps for the sample grids",
+    "keep": "checkpoints to keep",
+    "device": "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps",
+    "precision": "auto (bf16 autocast on CUDA), fp32 or bf16",
+    "compile": "torch.compile the model",
+}
+
+
+def _int_tuple(s: str) -> tuple:
+    s = s.strip()
+    if s in ("", "none"):
+        return ()
+    try:
+        return tuple(int(x) for x in s.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
+
+
+def _fmt_default(v):
+    if isinstance(v, tuple):
+        return ",".join(map(str, v)) or "none"
+    return v
+
+
+def _add_train_flags(p: argparse.ArgumentParser) -> None:
+    from .train import PRESETS, TrainConfig
+
+    p.add_argument("--preset", default="digits", choices=list(PRESETS),
+                   help="starting configuration; every field below overrides it (default: digits)")
+    for f in dataclasses.fields(TrainConfig):
+        if f.name == "preset":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if f.name == "T":
+            flag = "--T"
+        base = f.default
+        per_preset = {name: pr.get(f.name, base) for name, pr in PRESETS.items()}
+        if len({repr(v) for v in per_preset.values()}) == 1:
+            default_txt = f"default: {_fmt_default(base if f.name not in PRESETS['digits'] else per_preset['digits'])}"
+        else:
+            default_txt = "default: " + ", ".join(f"{k} {_fmt_default(v)}" for k, v in per_preset.items())
+        help_ = f"{_TRAIN_HELP.get(f.name, f.name)} ({default_txt})"
+        kind = type(base) if base is not None else None
+        if f.name in ("channel_mults", "attention_resolutions"):
+            p.add_argument(flag, type=_int_tuple, default=None, metavar="N,N", help=help_)
+        elif isinstance(base, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
+        elif f.name == "time_limit":
+            p.add_argument(flag, type=float, default=None, metavar="SECONDS", help=help_)
+        elif f.name == "data_dir":
+            p.add_argument(flag, default=None, metavar="DIR", help=help_)
+        elif kind in (int, float, str):
+            p.add_argument(flag, type=kind, default=None, help=help_)
+    p.add_argument("--out", default=None, metavar="DIR", help="run directory (default: runs/<preset>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (for logs)")
+
+
+def cmd_train(args) -> int:
+    from .train import TrainConfig, Trainer, config_from_preset
+    from .checkpoint import read_config
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"preset"}
+    overrides = {k: getattr(args, k) for k in fields if getattr(args, k, None) is not None}
+    out = Path(args.out) if args.out else Path("runs") / args.preset
+    if args.resume and (out / "config.json").is_file():
+        # a resume starts from the run's own configuration; flags given now override it
+        stored = TrainConfig.from_json(read_config(out))
+        base = dataclasses.asdict(stored)
+        base.update(overrides)
+        base.pop("preset", None)
+        cfg = config_from_preset(stored.preset, **base)
+    else:
+        cfg = config_from_preset(args.preset, **overrides)
+    trainer = Trainer(cfg, out, resume=args.resume, quiet=args.quiet)
+    print(f"training {out} on {trainer.device} ({trainer.model.num_parameters():,} parameters, "
+          f"{trainer.num_images:,} images), from step {trainer.step} to {cfg.steps}", file=sys.stderr)
+    res = trainer.run()
+    how = "time limit reached" if res["stop"] == "time_limit" else "done"
+    print(f"{how} at step {res['step']}: loss {res['loss']:.4f}, {res['seconds']:.0f} s")
+    if res["checkpoint"]:
+        print(f"checkpoint: {res['checkpoint']}")
+    if res["grid"]:
+        print(f"samples:    {res['grid']}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- sample
+def _add_sampler_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sampler", default="ddim", help="ddpm or ddim (default: ddim)")
+    p.add_argument("--steps", type=int, default=None, help="DDIM steps, 1..T (default: 50); DDPM takes all T")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic, 1 DDPM-like (default: 0)")
+    p.add_argument("--spacing", default="uniform", help="DDIM timesteps: uniform, quadratic or trailing "
+                                                         "(default: uniform)")
+    p.add_argument("--variance", default="small", help="DDPM variance: small (beta_tilde) or large (beta) "
+                                                        "(default: small)")
+    p.add_argument("--clip", action=argparse.BooleanOptionalAction, default=True,
+                   help="clip the predicted x0 to [-1, 1] (default: on)")
+
+
+def _sample_options(args, **extra):
+    from .generate import SampleOptions
+
+    return SampleOptions(sampler=args.sampler, steps=args.steps, eta=args.eta, spacing=args.spacing,
+                         variance=args.variance, clip_x0=args.clip, **extra)
+
+
+def cmd_sample(args) -> int:
+    from .generate import check_run, default_out_dir, generate
+
+    check_run(args.checkpoint or args.run_dir)
+    opt = _sample_options(args, n=args.n, batch_size=args.batch_size, seed=args.seed, ema=args.ema)
+    out = Path(args.out) if args.out else default_out_dir(args.run_dir, opt)
+    res = generate(args.checkpoint or args.run_dir, out, opt, gif_path=args.gif, device=args.device,
+                   progress=not args.quiet)
+    print(f"{res['n']} samples in {res['seconds']:.1f} s ({res['per_second']:.2f} samples/s, "
+          f"{res['steps']} network calls per batch)")
+    print(f"samples: {res['dir']}")
+    print(f"grid:    {res['grid']}")
+    if "gif" in res:
+        print(f"gif:     {res['gif']} ({res['gif_frames']} frames)")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- demo
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(out=args.out, train_seconds=args.train_seconds, quiet=args.quiet, n=args.n)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- plot
+def cmd_plot(args) -> int:
+    from . import plots
+
+    if args.what == "schedule":
+        path = plots.plot_schedule(args.out or "schedule.png", T=args.T)
+    elif args.what == "loss":
+        if not args.run_dir:
+            raise CLIError("plot loss needs a RUN_DIR")
+        run = Path(args.run_dir)
+        path = plots.plot_loss(run / "metrics.csv", args.out or run / "loss.png")
+    else:  # forward
+        from .demo import forward_images
+
+        images = forward_images(args.data, args.image, args.data_dir)
+        ts = _int_tuple(args.t) if args.t else (0, 50, 100, 200, 300, 500, 700, 999)
+        ts = tuple(t for t in ts if t < args.T) or (0,)
+        path = plots.plot_forward(images, args.out or "forward.png", ts=ts, T=args.T)
+    print(path)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="ddpmkit",
-        description="Denoising diffusion (DDPM, DDIM) for images: train, sample, plot, evaluate.",
-    )
+    p = _Parser(prog="ddpmkit",
+                description="Denoising diffusion (DDPM, DDIM) for images: train, sample, plot.")
     p.add_argument("--version", action="version", version=f"ddpmkit {__version__}")
-    p.add_subparsers(dest="command", metavar="COMMAND")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    d = sub.add_parser("demo", help="train on the embedded digits and draw samples, pictures and GIFs",
+                       description="Train the digits preset for a few minutes on this machine, sample with DDPM "
+                                   "(1000 steps) and DDIM (50 steps), and write grids, GIFs, the schedule, "
+                                   "forward-process and loss plots.")
+    d.add_argument("--out", default=None, metavar="DIR",
+                   help="output folder (default: runs/demo, or runs/demo-2, ... when that exists)")
+    d.add_argument("--train-seconds", type=float, default=None,
+                   help="wall-clock budget for training (default: 180)")
+    d.add_argument("--n", type=int, default=64, help="samples per sampler (default: 64)")
+    d.add_argument("--quiet", action="store_true", help="no progress bars")
+    d.set_defaults(func=cmd_demo)
+
+    t = sub.add_parser("train", help="train a diffusion model", description="Train a diffusion model. "
+                       "A preset gives every setting; any flag overrides it.")
+    _add_train_flags(t)
+    t.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("sample", help="sample from a trained run",
+                       description="Sample from a run with its own schedule and model.")
+    s.add_argument("run_dir", metavar="RUN_DIR")
+    s.add_argument("--checkpoint", default=None, metavar="PATH",
+                   help="a checkpoint directory (default: the run's latest intact one)")
+    s.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
+                   help="use the EMA weights (default: on)")
+    _add_sampler_flags(s)
+    s.add_argument("--n", type=int, default=64, help="number of samples (default: 64)")
+    s.add_argument("--batch-size", type=int, default=64, help="samples per batch (default: 64)")
+    s.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    s.add_argument("--out", default=None, metavar="DIR",
+                   help="output folder (default: RUN_DIR/samples/<sampler settings>-seed<K>)")
+    s.add_argument("--gif", default=None, metavar="PATH", help="also write a GIF of the chain for a few samples")
+    s.add_argument("--device", default=None, help="device to sample on (default: cpu)")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_sample)
+
+    pl = sub.add_parser("plot", help="draw the schedules, the forward process or a run's training curves",
+                        description="Pictures: `plot schedule`, `plot forward`, `plot loss RUN_DIR`.")
+    pl.add_argument("what", choices=["schedule", "forward", "loss"])
+    pl.add_argument("run_dir", nargs="?", default=None, metavar="RUN_DIR", help="the run (for `plot loss`)")
+    pl.add_argument("--T", type=int, default=1000, help="diffusion steps (default: 1000)")
+    pl.add_argument("--data", default="digits", help="images for `plot forward` (default: digits)")
+    pl.add_argument("--data-dir", default=None, metavar="DIR", help="folder of CIFAR-10 for --data cifar10")
+    pl.add_argument("--image", default=None, metavar="FILE", help="one image file for `plot forward`")
+    pl.add_argument("--t", default=None, metavar="T,T,...", help="timesteps for `plot forward`")
+    pl.add_argument("--out", default=None, metavar="FILE", help="output PNG")
+    pl.set_defaults(func=cmd_plot)
     return p
 
 
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version, or a usage error already printed as one line
+        return int(e.code or 0)
     if args.command is None:
         parser.print_help()
         return 0
@@ -39,6 +283,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("ddpmkit: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # a file system problem the modules did not anticipate: still one line
+        print(f"ddpmkit: error: {e.strerror or e}{': ' + str(e.filename) if e.filename else ''}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

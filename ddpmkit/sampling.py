@@ -20,7 +20,7 @@ import torch
 from .diffusion import OBJECTIVES, VARIANCES, model_variance, p_mean_variance, predict_eps, predict_x0
 from .schedule import NoiseSchedule
 
-__all__ = ["SPACINGS", "SAMPLERS", "ddim_timesteps", "ddpm_sample", "ddim_sample"]
+__all__ = ["SPACINGS", "SAMPLERS", "ddim_timesteps", "ddpm_sample", "ddim_sample", "sample", "num_model_calls"]
 
 SPACINGS = ("uniform", "quadratic", "trailing")
 SAMPLERS = ("ddpm", "ddim")
@@ -167,3 +167,23 @@ def ddim_sample(model: Callable, schedule: NoiseSchedule, shape: Sequence[int], 
         if callback is not None:
             callback(i, t, x, x0_hat)
     return x
+
+
+def sample(model: Callable, schedule: NoiseSchedule, shape: Sequence[int], *, sampler: str = "ddim",
+           steps: int | None = None, eta: float = 0.0, spacing: str = "uniform", variance: str = "small",
+           clip_x0: bool = True, generator: torch.Generator | None = None, callback: Callback | None = None,
+           x_T: torch.Tensor | None = None, objective: str = "eps", device=None) -> torch.Tensor:
+    """Either sampler by name: ``ddpm`` (all T steps, ``variance``) or ``ddim`` (``steps``, ``eta``, ``spacing``)."""
+    common = dict(clip_x0=clip_x0, generator=generator, callback=callback, x_T=x_T, objective=objective,
+                  device=device)
+    if sampler == "ddpm":
+        return ddpm_sample(model, schedule, shape, variance=variance, **common)
+    if sampler == "ddim":
+        return ddim_sample(model, schedule, shape, steps=schedule.T if steps is None else steps, eta=eta,
+                           spacing=spacing, **common)
+    raise ValueError(f"unknown sampler {sampler!r}: choose one of {', '.join(SAMPLERS)}")
+
+
+def num_model_calls(schedule: NoiseSchedule, sampler: str, steps: int | None) -> int:
+    """How many network evaluations one run of the sampler makes."""
+    return schedule.T if sampler == "ddpm" or steps is None else int(steps)

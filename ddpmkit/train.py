@@ -1,0 +1,512 @@
+"""The training loop and its state: presets, configuration, EMA, checkpoints, exact resume.
+
+The loop is DDPM algorithm 1 with the paper's optimisation setup (Adam, linear warm-up, gradient clipping, EMA),
+run over batches served from memory by :class:`ddpmkit.data.Batcher`. Everything a run needs to continue
+exactly (weights, EMA, optimizer, step, every random state, the data order) goes into each checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import dataclasses
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .checkpoint import (
+    atomic_write_text,
+    load_checkpoint,
+    prepare_run_dir,
+    read_config,
+    save_checkpoint,
+    write_config,
+)
+from .data import Batcher, load_dataset
+from .diffusion import OBJECTIVES, training_losses
+from .errors import CheckpointError, ConfigError, DdpmkitError
+from .schedule import NoiseSchedule
+from .unet import UNet
+
+__all__ = ["TrainConfig", "PRESETS", "config_from_preset", "Trainer", "NonFiniteError", "pick_device", "train"]
+
+NUM_BUCKETS = 10  # metrics.csv reports the loss in T/10 timestep buckets
+
+
+class NonFiniteError(DdpmkitError):
+    """The loss or the gradient norm became NaN or infinite."""
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a training run. ``config.json`` of a run holds all of it."""
+
+    preset: str = "digits"
+    # data
+    data: str = "digits"
+    data_dir: str | None = None
+    download: bool = False
+    image_size: int = 16
+    channels: int = 1
+    flip: bool = False
+    strict: bool = False
+    # model (the U-Net's constructor arguments)
+    base_channels: int = 32
+    channel_mults: tuple = (1, 2, 2)
+    num_res_blocks: int = 1
+    attention_resolutions: tuple = ()
+    dropout: float = 0.0
+    num_groups: int = 8
+    num_heads: int = 1
+    # diffusion
+    schedule: str = "linear"
+    T: int = 1000
+    objective: str = "eps"
+    # optimisation
+    steps: int = 4000
+    time_limit: float | None = None  # seconds of training; the run ends at `steps` or here, whichever is first
+    batch_size: int = 64
+    lr: float = 1e-3
+    warmup: int = 100
+    grad_clip: float = 1.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    weight_decay: float = 0.0
+    ema_decay: float = 0.999
+    ema_warmup: bool = True
+    # bookkeeping
+    seed: int = 0
+    log_every: int = 25
+    checkpoint_every: int = 1000
+    sample_every: int = 1000
+    num_samples: int = 64
+    sample_steps: int = 50
+    keep: int = 3
+    # hardware
+    device: str = "auto"
+    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 elsewhere
+    compile: bool = False
+
+    def model_config(self) -> dict:
+        return {
+            "image_size": self.image_size,
+            "in_channels": self.channels,
+            "out_channels": None,
+            "base_channels": self.base_channels,
+            "channel_mults": list(self.channel_mults),
+            "num_res_blocks": self.num_res_blocks,
+            "attention_resolutions": list(self.attention_resolutions),
+            "dropout": self.dropout,
+            "num_groups": self.num_groups,
+            "num_heads": self.num_heads,
+        }
+
+    def to_json(self) -> dict:
+        """The run's config.json: the flat settings plus the sections that loaders read."""
+        d = dataclasses.asdict(self)
+        d["channel_mults"] = list(self.channel_mults)
+        d["attention_resolutions"] = list(self.attention_resolutions)
+        return {
+            "format": "ddpmkit-run",
+            "version": 1,
+            "ddpmkit_version": __version__,
+            "train": d,
+            "model": self.model_config(),
+            "diffusion": {"schedule": self.schedule, "T": self.T, "objective": self.objective},
+            "data": {"source": self.data, "image_size": self.image_size, "channels": self.channels},
+        }
+
+    @classmethod
+    def from_json(cls, cfg: dict) -> "TrainConfig":
+        if not isinstance(cfg, dict) or not isinstance(cfg.get("train"), dict):
+            raise CheckpointError("config.json has no 'train' section: not a ddpmkit training run")
+        known = {f.name for f in dataclasses.fields(cls)}
+        d = {k: v for k, v in cfg["train"].items() if k in known}
+        d["channel_mults"] = tuple(d.get("channel_mults", ()))
+        d["attention_resolutions"] = tuple(d.get("attention_resolutions", ()))
+        return cls(**d)
+
+    def validate(self) -> None:
+        def positive_int(name):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
+
+        for name in ["image_size", "channels", "T", "steps", "batch_size", "log_every", "checkpoint_every",
+                     "sample_every", "keep", "sample_steps"]:
+            positive_int(name)
+        if self.num_samples < 0:
+            raise ConfigError(f"--num-samples must be >= 0, got {self.num_samples}")
+        if self.warmup < 0:
+            raise ConfigError(f"--warmup must be >= 0, got {self.warmup}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"--lr must be a positive number, got {self.lr}")
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"--ema-decay must lie in [0, 1), got {self.ema_decay}")
+        if self.time_limit is not None and not self.time_limit > 0:
+            raise ConfigError(f"--time-limit must be a positive number of seconds, got {self.time_limit}")
+        if self.schedule not in ("linear", "cosine"):
+            raise ConfigError(f"unknown schedule {self.schedule!r}: choose linear or cosine")
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(f"unknown objective {self.objective!r}: choose one of {', '.join(OBJECTIVES)}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ConfigError(f"unknown precision {self.precision!r}: choose auto, fp32 or bf16")
+        if self.sample_steps > self.T:
+            raise ConfigError(f"--sample-steps {self.sample_steps} exceeds T = {self.T}")
+        try:
+            NoiseSchedule.from_name(self.schedule, self.T)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        UNet(**self.model_config())  # raises ConfigError on a configuration the U-Net cannot take
+
+
+# The paper's CIFAR-10 setup (DDPM section 4 and appendix B) and a small CPU configuration for the digits.
+PRESETS: dict[str, dict] = {
+    "cifar10": dict(
+        data="cifar10", image_size=32, channels=3, flip=True,
+        base_channels=128, channel_mults=(1, 2, 2, 2), num_res_blocks=2, attention_resolutions=(16,),
+        dropout=0.1, num_groups=32, num_heads=1,
+        schedule="linear", T=1000, objective="eps",
+        steps=800_000, batch_size=128, lr=2e-4, warmup=5000, grad_clip=1.0, ema_decay=0.9999, ema_warmup=True,
+        log_every=100, checkpoint_every=10_000, sample_every=10_000, num_samples=64, sample_steps=100, keep=3,
+    ),
+    "digits": dict(
+        data="digits", image_size=16, channels=1, flip=False,
+        base_channels=32, channel_mults=(1, 2, 2), num_res_blocks=1, attention_resolutions=(),
+        dropout=0.0, num_groups=8, num_heads=1,
+        schedule="linear", T=1000, objective="eps",
+        steps=4000, batch_size=64, lr=1e-3, warmup=100, grad_clip=1.0, ema_decay=0.999, ema_warmup=True,
+        log_every=25, checkpoint_every=500, sample_every=1000, num_samples=64, sample_steps=50, keep=3,
+    ),
+}
+
+
+def config_from_preset(preset: str, **overrides) -> TrainConfig:
+    """A :class:`TrainConfig` from a preset, with any field overridden (``None`` values are ignored)."""
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    bad = sorted(set(overrides) - known)
+    if bad:
+        raise ConfigError(f"unknown configuration field(s): {', '.join(bad)}")
+    values = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}, "preset": preset}
+    for k in ("channel_mults", "attention_resolutions"):
+        values[k] = tuple(values[k])
+    return TrainConfig(**values)
+
+
+# Fields whose change makes a resumed run a different run; everything else may change on resume.
+_RESUME_LOCKED = ("data", "image_size", "channels", "base_channels", "channel_mults", "num_res_blocks",
+                  "attention_resolutions", "num_groups", "num_heads", "schedule", "T", "objective", "seed",
+                  "batch_size", "flip")
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """cuda, then mps, then cpu; or the named device, checked to exist."""
+    if name in (None, "", "auto"):
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for, but no CUDA GPU is available")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError("--device mps was asked for, but MPS is not available")
+    return dev
+
+
+class EMA:
+    """Exponential moving average of the parameters, with a warm-up of the decay.
+
+    decay_t = min(decay, (1 + n) / (10 + n)) after n updates, so that the average of a short run is already
+    usable (the average starts at the initial weights and forgets them quickly early on).
+    """
+
+    def __init__(self, model: torch.nn.Module, decay: float, warmup: bool = True):
+        self.decay = decay
+        self.warmup = warmup
+        self.num_updates = 0
+        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def current_decay(self) -> float:
+        if not self.warmup:
+            return self.decay
+        return min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        d = self.current_decay()
+        params = dict(model.state_dict())
+        keys = [k for k, v in self.shadow.items() if v.is_floating_point()]
+        torch._foreach_lerp_([self.shadow[k] for k in keys], [params[k].detach() for k in keys], 1.0 - d)
+        for k, v in self.shadow.items():
+            if not v.is_floating_point():
+                v.copy_(params[k])
+        self.num_updates += 1
+
+    def state_dict(self) -> dict:
+        return self.shadow
+
+    def load_state_dict(self, state: dict, num_updates: int) -> None:
+        for k, v in self.shadow.items():
+            v.copy_(state[k].to(v.device, v.dtype))
+        self.num_updates = int(num_updates)
+
+
+def _lr_at(cfg: TrainConfig, step: int) -> float:
+    """Linear warm-up from lr/warmup to lr over the first `warmup` steps, then constant (DDPM appendix B)."""
+    if cfg.warmup <= 0:
+        return cfg.lr
+    return cfg.lr * min(1.0, (step + 1) / cfg.warmup)
+
+
+class MetricsLog:
+    """metrics.csv of a run, appended row by row; a resume first drops the rows past the checkpoint."""
+
+    COLUMNS = ["step", "loss", "lr", "grad_norm", "img_per_s", "wall_s"] + [f"loss_t{i}" for i in range(NUM_BUCKETS)]
+
+    def __init__(self, path: Path, resume_step: int | None = None):
+        self.path = path
+        if resume_step is not None and path.exists():
+            with open(path, newline="") as f:
+                rows = list(csv.reader(f))
+            keep = [rows[0]] + [r for r in rows[1:] if r and _int_or(r[0], -1) <= resume_step] if rows else []
+            if keep:
+                atomic_write_text(path, "".join(",".join(r) + "\n" for r in keep))
+        if not path.exists():
+            atomic_write_text(path, ",".join(self.COLUMNS) + "\n")
+
+    def append(self, row: dict) -> None:
+        line = ",".join(_fmt(row.get(c)) for c in self.COLUMNS) + "\n"
+        with open(self.path, "a") as f:
+            f.write(line)
+
+
+def _int_or(s, default):
+    try:
+        return int(s)
+    except ValueError:
+        return default
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return str(v)
+
+
+class Trainer:
+    """One training run in a run directory: build or resume, then :meth:`run`."""
+
+    def __init__(self, cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, quiet: bool = False,
+                 log=None):
+        cfg.validate()
+        self.run_dir = Path(run_dir)
+        self.quiet = quiet
+        self.log = log or (lambda msg: print(msg, file=sys.stderr))
+        ckpt = None
+        if resume:
+            prepare_run_dir(self.run_dir, resume=True)
+            stored = TrainConfig.from_json(read_config(self.run_dir))
+            changed = [k for k in _RESUME_LOCKED if getattr(stored, k) != getattr(cfg, k)]
+            if changed:
+                raise ConfigError(
+                    "cannot resume with a changed " + ", ".join(changed) + f" (the run in {self.run_dir} has "
+                    + ", ".join(f"{k}={getattr(stored, k)!r}" for k in changed) + ")")
+            ckpt = load_checkpoint(self.run_dir)
+            for p in ckpt.skipped:
+                self.log(f"warning: checkpoint {p} is corrupt; resuming from {ckpt.path} instead")
+        self.cfg = cfg
+        self.device = pick_device(cfg.device)
+        self.autocast_dtype = (torch.bfloat16 if (cfg.precision == "bf16" or
+                                                   (cfg.precision == "auto" and self.device.type == "cuda"))
+                               else None)
+        data = load_dataset(cfg.data, image_size=cfg.image_size, channels=cfg.channels, data_dir=cfg.data_dir,
+                            download=cfg.download, split="train", strict=cfg.strict, progress=not quiet)
+        if data.images.shape[1:] != (cfg.channels, cfg.image_size, cfg.image_size):
+            raise ConfigError(f"the data has shape {tuple(data.images.shape[1:])}, the model expects "
+                              f"{(cfg.channels, cfg.image_size, cfg.image_size)}")
+        self.num_images = data.num_images
+
+        torch.manual_seed(cfg.seed)  # model initialisation and dropout draw from the global generator
+        self.model = UNet(**cfg.model_config()).to(self.device)
+        self.schedule = NoiseSchedule.from_name(cfg.schedule, cfg.T).to(self.device)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr,
+                                          betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay)
+        self.ema = EMA(self.model, cfg.ema_decay, cfg.ema_warmup)
+        self.batcher = Batcher(data.images, cfg.batch_size, device=self.device, flip=cfg.flip, seed=cfg.seed)
+        del data
+        self.gen = torch.Generator(device=self.device)  # timesteps and noise of the training batches
+        self.gen.manual_seed(cfg.seed + 1)
+        self.step = 0
+        self.wall_offset = 0.0
+        self.forward = torch.compile(self.model) if cfg.compile else self.model
+
+        if ckpt is not None:
+            self._restore(ckpt)
+            self.log(f"resuming {self.run_dir} from step {self.step} ({ckpt.path.name})")
+        else:
+            prepare_run_dir(self.run_dir, resume=False)
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        write_config(self.run_dir, cfg.to_json())
+        self.metrics = MetricsLog(self.run_dir / "metrics.csv", resume_step=self.step if ckpt else None)
+
+    # ------------------------------------------------------------------ state
+    def _train_state(self) -> dict:
+        state = {
+            "step": self.step,
+            "ema_updates": self.ema.num_updates,
+            "wall_s": self.wall_offset + (time.perf_counter() - self._t0 if hasattr(self, "_t0") else 0.0),
+            "torch_rng": torch.get_rng_state(),
+            "gen": self.gen.get_state(),
+            "batcher": self.batcher.state_dict(),
+            "num_images": self.num_images,
+        }
+        if torch.cuda.is_available():
+            state["cuda_rng"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def _restore(self, ckpt) -> None:
+        st = ckpt.train_state or {}
+        try:
+            self.model.load_state_dict(ckpt.model_state, strict=True)
+            if ckpt.optimizer_state is not None:
+                self.optimizer.load_state_dict(ckpt.optimizer_state)
+            self.ema.load_state_dict(ckpt.ema_state if ckpt.ema_state is not None else ckpt.model_state,
+                                     st.get("ema_updates", 0))
+            self.step = int(st["step"])
+            self.wall_offset = float(st.get("wall_s", 0.0))
+            torch.set_rng_state(st["torch_rng"])
+            self.gen.set_state(st["gen"].cpu().to(torch.uint8))
+            self.batcher.load_state_dict(st["batcher"])
+            if "cuda_rng" in st and torch.cuda.is_available() and len(st["cuda_rng"]) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all(st["cuda_rng"])
+        except (KeyError, RuntimeError, ValueError, TypeError) as e:
+            raise CheckpointError(f"checkpoint {ckpt.path} does not fit this run: {str(e).splitlines()[0]}") from None
+        if self.step != ckpt.step:
+            raise CheckpointError(f"checkpoint {ckpt.path} is inconsistent (step {ckpt.step} vs {self.step})")
+        # the optimizer's learning rate follows the schedule, not the stored value
+        for g in self.optimizer.param_groups:
+            g["lr"] = _lr_at(self.cfg, self.step)
+
+    def save(self) -> Path:
+        return save_checkpoint(
+            self.run_dir, self.step,
+            model_state=self.model.state_dict(),
+            ema_state=self.ema.state_dict(),
+            optimizer_state=self.optimizer.state_dict(),
+            train_state=self._train_state(),
+            keep=self.cfg.keep,
+        )
+
+    # ------------------------------------------------------------------ one step
+    def train_step(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+        cfg = self.cfg
+        lr = _lr_at(cfg, self.step)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        x0 = self.batcher.next_batch()
+        self.model.train()
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            losses, t = training_losses(self.forward, self.schedule, x0, objective=cfg.objective, generator=self.gen)
+        loss = losses.mean()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
+            what = "loss" if not torch.isfinite(loss) else "gradient norm"
+            raise NonFiniteError(
+                f"the {what} became {loss.item() if what == 'loss' else grad_norm.item()} at step {self.step + 1}; "
+                f"training stopped and the last checkpoint in {self.run_dir / 'checkpoints'} is intact "
+                f"(try a lower --lr or a longer --warmup)")
+        self.optimizer.step()
+        self.ema.update(self.model)
+        self.step += 1
+        return losses.detach(), t, grad_norm.detach(), lr
+
+    # ------------------------------------------------------------------ samples
+    def sample_grid(self) -> Path | None:
+        from .plots import save_grid
+        from .sampling import ddim_sample
+
+        if self.cfg.num_samples <= 0:
+            return None
+        model = copy.deepcopy(self.model).eval()  # a copy draws nothing from the random generators
+        model.load_state_dict(self.ema.state_dict())
+        g = torch.Generator(device="cpu").manual_seed(self.cfg.seed + 2)
+        shape = (self.cfg.num_samples, self.cfg.channels, self.cfg.image_size, self.cfg.image_size)
+        x = ddim_sample(model, self.schedule, shape, steps=self.cfg.sample_steps, generator=g,
+                        objective=self.cfg.objective)
+        return save_grid(x.cpu(), self.run_dir / "samples" / f"grid_step_{self.step:09d}.png")
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> dict:
+        cfg = self.cfg
+        from tqdm import tqdm
+
+        self._t0 = time.perf_counter()
+        start_step = self.step
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=self.quiet, unit="step", dynamic_ncols=True,
+                   file=sys.stderr, smoothing=0.05)
+        window_loss = torch.zeros((), device=self.device, dtype=torch.float64)
+        bucket_sum = torch.zeros(NUM_BUCKETS, device=self.device, dtype=torch.float64)
+        bucket_n = torch.zeros(NUM_BUCKETS, device=self.device, dtype=torch.float64)
+        window_steps, window_t0 = 0, time.perf_counter()
+        last_loss = float("nan")
+        stop_reason = "steps"
+        try:
+            while self.step < cfg.steps:
+                if cfg.time_limit is not None and time.perf_counter() - self._t0 >= cfg.time_limit:
+                    stop_reason = "time_limit"
+                    break
+                losses, t, grad_norm, lr = self.train_step()
+                window_loss += losses.sum()
+                bucket = (t * NUM_BUCKETS) // cfg.T
+                bucket_sum.index_add_(0, bucket, losses.double())
+                bucket_n.index_add_(0, bucket, torch.ones_like(losses, dtype=torch.float64))
+                window_steps += 1
+                bar.update(1)
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    elapsed = time.perf_counter() - window_t0
+                    last_loss = (window_loss / (window_steps * cfg.batch_size)).item()
+                    img_s = window_steps * cfg.batch_size / max(elapsed, 1e-9)
+                    per_bucket = (bucket_sum / bucket_n.clamp(min=1)).tolist()
+                    row = {"step": self.step, "loss": last_loss, "lr": lr, "grad_norm": grad_norm.item(),
+                           "img_per_s": img_s, "wall_s": self.wall_offset + time.perf_counter() - self._t0}
+                    for i, (v, n) in enumerate(zip(per_bucket, bucket_n.tolist())):
+                        row[f"loss_t{i}"] = v if n > 0 else None
+                    self.metrics.append(row)
+                    bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{img_s:.0f}", refresh=False)
+                    window_loss.zero_(), bucket_sum.zero_(), bucket_n.zero_()
+                    window_steps, window_t0 = 0, time.perf_counter()
+                if self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
+                    self.save()
+                if self.step % cfg.sample_every == 0 and self.step < cfg.steps:
+                    self.sample_grid()
+        finally:
+            bar.close()
+        if self.step > start_step or not any((self.run_dir / "checkpoints").glob("step_*")):
+            ckpt = self.save()
+        else:
+            ckpt = None
+        grid = self.sample_grid()
+        return {"step": self.step, "loss": last_loss, "stop": stop_reason, "checkpoint": ckpt, "grid": grid,
+                "seconds": time.perf_counter() - self._t0}
+
+
+def train(cfg: TrainConfig, run_dir, *, resume: bool = False, quiet: bool = False) -> dict:
+    """Train (or resume) a run; returns a summary dict (final step, loss, checkpoint and grid paths)."""
+    return Trainer(cfg, run_dir, resume=resume, quiet=quiet).run()

@@ -1,0 +1,235 @@
+"""Training, checkpoints, exact resume, and sampling from a run, on a tiny configuration."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ddpmkit.checkpoint import list_checkpoints, load_checkpoint, load_model, load_schedule
+from ddpmkit.cli import main
+from ddpmkit.errors import ConfigError
+from ddpmkit.plots import ChainRecorder
+from ddpmkit.sampling import ddpm_sample
+from ddpmkit.train import EMA, NonFiniteError, Trainer, config_from_preset
+
+TINY = ["--image-size", "8", "--base-channels", "8", "--channel-mults", "1,2", "--num-res-blocks", "1",
+        "--num-groups", "4", "--T", "40", "--batch-size", "8", "--log-every", "2", "--num-samples", "4",
+        "--sample-steps", "5", "--quiet"]
+
+
+def tiny_cfg(**kw):
+    base = dict(image_size=8, base_channels=8, channel_mults=(1, 2), num_res_blocks=1, num_groups=4, T=40,
+                batch_size=8, log_every=2, num_samples=4, sample_steps=5, checkpoint_every=3, sample_every=100,
+                dropout=0.1, steps=6)
+    base.update(kw)
+    return config_from_preset("digits", **base)
+
+
+def weights(run):
+    ck = load_checkpoint(run)
+    return ck
+
+
+def test_resume_is_bit_exact(tmp_path):
+    # N steps straight against k steps, a resume, and N - k more: identical weights, EMA and optimizer state.
+    # Dropout is on so that the global random state must be restored too.
+    straight = tmp_path / "straight"
+    Trainer(tiny_cfg(steps=6), straight, quiet=True).run()
+    split = tmp_path / "split"
+    Trainer(tiny_cfg(steps=4), split, quiet=True).run()
+    Trainer(tiny_cfg(steps=6), split, resume=True, quiet=True).run()
+    a, b = load_checkpoint(straight), load_checkpoint(split)
+    assert a.step == b.step == 6
+    for k in a.model_state:
+        assert torch.equal(a.model_state[k], b.model_state[k]), k
+        assert torch.equal(a.ema_state[k], b.ema_state[k]), k
+    for i, st in a.optimizer_state["state"].items():
+        for name, v in st.items():
+            assert torch.equal(v, b.optimizer_state["state"][i][name]), (i, name)
+    # and the weights actually moved, so the comparison is not vacuous
+    c = Trainer(tiny_cfg(steps=1), tmp_path / "one", quiet=True)
+    c.run()
+    k0 = next(k for k in a.model_state if k.endswith("conv_in.weight"))
+    assert not torch.equal(load_checkpoint(tmp_path / "one").model_state[k0], a.model_state[k0])
+
+
+def test_run_directory_contents(tmp_path):
+    run = tmp_path / "run"
+    res = Trainer(tiny_cfg(steps=6, sample_every=4, keep=2), run, quiet=True).run()
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["model"]["base_channels"] == 8 and cfg["diffusion"] == {"schedule": "linear", "T": 40,
+                                                                     "objective": "eps"}
+    assert cfg["train"]["steps"] == 6 and cfg["train"]["seed"] == 0
+    lines = (run / "metrics.csv").read_text().splitlines()
+    assert lines[0].startswith("step,loss,lr,grad_norm,img_per_s,wall_s")
+    assert [int(r.split(",")[0]) for r in lines[1:]] == [2, 4, 6]
+    assert all(math.isfinite(float(r.split(",")[1])) for r in lines[1:])
+    # checkpoints every 3 steps and at the end, the last 2 kept
+    assert [p.name for p in list_checkpoints(run)] == ["step_000000003", "step_000000006"]
+    ck = res["checkpoint"]
+    for f in ["model.safetensors", "ema.safetensors", "optimizer.safetensors", "state.safetensors",
+              "manifest.json"]:
+        assert (ck / f).is_file(), f
+    assert sorted(p.name for p in (run / "samples").iterdir()) == ["grid_step_000000004.png",
+                                                                   "grid_step_000000006.png"]
+    # warm-up: lr grows linearly over the first `warmup` steps
+    lrs = [float(r.split(",")[2]) for r in lines[1:]]
+    assert lrs == pytest.approx([1e-3 * 2 / 100, 1e-3 * 4 / 100, 1e-3 * 6 / 100])
+
+
+def test_ema_warmup_formula():
+    m = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        m.weight.fill_(0.0)
+    ema = EMA(m, decay=0.999, warmup=True)
+    with torch.no_grad():
+        m.weight.fill_(1.0)
+    ema.update(m)  # decay_0 = min(0.999, 1/10) = 0.1: shadow = 0.1 * 0 + 0.9 * 1
+    assert ema.shadow["weight"].item() == pytest.approx(0.9)
+    ema.update(m)  # decay_1 = 2/11
+    assert ema.shadow["weight"].item() == pytest.approx(2 / 11 * 0.9 + 9 / 11)
+    ema.num_updates = 10 ** 6
+    assert ema.current_decay() == 0.999
+
+
+def test_nonfinite_loss_stops_and_keeps_checkpoint(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    Trainer(tiny_cfg(steps=3), run, quiet=True).run()
+    before = {p.name: p.read_bytes() for p in (run / "checkpoints" / "step_000000003").iterdir()}
+    import ddpmkit.train as train_mod
+
+    real = train_mod.training_losses
+
+    def poisoned(model, schedule, x0, **kw):
+        losses, t = real(model, schedule, x0, **kw)
+        return losses * float("nan"), t
+
+    monkeypatch.setattr(train_mod, "training_losses", poisoned)
+    tr = Trainer(tiny_cfg(steps=6), run, resume=True, quiet=True)
+    with pytest.raises(NonFiniteError, match="loss became nan at step 4"):
+        tr.run()
+    after = {p.name: p.read_bytes() for p in (run / "checkpoints" / "step_000000003").iterdir()}
+    assert before == after
+    assert [p.name for p in list_checkpoints(run)] == ["step_000000003"]
+
+
+def test_refuses_to_overwrite_a_run(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "precious.txt").write_text("keep me")
+    rc = main(["train", "--out", str(run), "--steps", "1"] + TINY)
+    err = capsys.readouterr().err
+    assert rc != 0 and "already exists" in err and "--resume" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert sorted(p.name for p in run.iterdir()) == ["precious.txt"]
+    assert (run / "precious.txt").read_text() == "keep me"
+
+
+def test_resume_refuses_changed_architecture(tmp_path):
+    run = tmp_path / "run"
+    Trainer(tiny_cfg(steps=1), run, quiet=True).run()
+    with pytest.raises(ConfigError, match="base_channels"):
+        Trainer(tiny_cfg(steps=2, base_channels=12), run, resume=True, quiet=True)
+    # a changed step count is safe
+    Trainer(tiny_cfg(steps=2), run, resume=True, quiet=True).run()
+    assert load_checkpoint(run).step == 2
+
+
+def test_cli_train_sample_resume_end_to_end(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--out", str(run), "--steps", "4", "--checkpoint-every", "2", "--schedule", "cosine"]
+                + TINY) == 0
+    assert main(["train", "--out", str(run), "--steps", "6", "--resume", "--quiet"]) == 0
+    assert load_checkpoint(run).step == 6
+    out = tmp_path / "samples"
+    gif = tmp_path / "chain.gif"
+    assert main(["sample", str(run), "--sampler", "ddim", "--steps", "5", "--n", "6", "--batch-size", "4",
+                 "--out", str(out), "--gif", str(gif), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "samples/s" in printed
+    pngs = sorted(p.name for p in out.glob("sample_*.png"))
+    assert len(pngs) == 6 and (out / "grid.png").is_file()
+    from PIL import Image
+
+    with Image.open(gif) as im:
+        # 5 DDIM steps, every one recorded, plus the initial noise frame
+        assert im.n_frames == 6
+    # deterministic for a fixed seed
+    out2 = tmp_path / "samples2"
+    assert main(["sample", str(run), "--sampler", "ddim", "--steps", "5", "--n", "6", "--batch-size", "4",
+                 "--out", str(out2), "--quiet"]) == 0
+    for name in pngs:
+        assert (out / name).read_bytes() == (out2 / name).read_bytes()
+
+
+def test_sampling_uses_the_runs_own_schedule(tmp_path):
+    run = tmp_path / "run"
+    Trainer(tiny_cfg(steps=2, schedule="cosine", T=30), run, quiet=True).run()
+    sched = load_schedule(run)
+    assert sched.kind == "cosine" and sched.T == 30
+    from ddpmkit.generate import SampleOptions, generate
+
+    model = load_model(run)
+    calls = []
+
+    res = generate(run, tmp_path / "s", SampleOptions(sampler="ddpm", n=3, batch_size=3, seed=7), progress=False)
+    assert res["steps"] == 30
+    # the same chain, replayed by hand with the cosine schedule, gives the same pixels
+    g = torch.Generator().manual_seed(7)
+    x_T = torch.randn((3, 1, 8, 8), generator=g)
+    x = ddpm_sample(lambda x, t: (calls.append(1), model(x, t))[1], sched, (3, 1, 8, 8), generator=g, x_T=x_T)
+    from ddpmkit.images import to_uint8
+
+    assert len(calls) == 30
+    assert torch.equal(to_uint8(x), res["images"])
+
+
+def test_sample_errors_are_one_line(tmp_path, capsys):
+    run = tmp_path / "run"
+    Trainer(tiny_cfg(steps=1), run, quiet=True).run()
+    cases = [
+        ["sample", str(run), "--sampler", "ddim", "--steps", "0"],
+        ["sample", str(run), "--sampler", "ddim", "--steps", "41"],
+        ["sample", str(run), "--sampler", "ddim", "--eta", "-1"],
+        ["sample", str(run), "--sampler", "euler"],
+        ["sample", str(run), "--batch-size", "0"],
+        ["sample", str(tmp_path / "nothing")],
+        ["sample", str(tmp_path)],
+        ["train", "--preset", "imagenet"],
+        ["train", "--out", str(tmp_path / "x"), "--image-size", "10", "--channel-mults", "1,2,2"],
+        ["train", "--out", str(tmp_path / "y"), "--batch-size", "0"],
+    ]
+    for argv in cases:
+        rc = main(argv)
+        err = capsys.readouterr().err.strip()
+        assert rc != 0, argv
+        assert len(err.splitlines()) == 1 and "Traceback" not in err, (argv, err)
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_sigkill_leaves_a_loadable_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "ddpmkit", "train", "--out", str(run), "--steps", "100000",
+           "--checkpoint-every", "1", "--keep", "2"] + TINY
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (run.is_dir() and len(list_checkpoints(run)) >= 3):
+            time.sleep(0.2)
+        time.sleep(0.37)  # somewhere inside a step or a save
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    ck = load_checkpoint(run)  # verifies every SHA-256
+    assert ck.step >= 3
+    assert main(["train", "--out", str(run), "--steps", str(ck.step + 1), "--resume", "--quiet"]) == 0
+    assert load_checkpoint(run).step == ck.step + 1
