@@ -467,6 +467,23 @@ class Trainer:
         window_steps, window_t0 = 0, time.perf_counter()
         last_loss = float("nan")
         stop_reason = "steps"
+
+        def flush_window(lr, grad_norm) -> float:
+            """Write one metrics.csv row for the steps since the last one; return their mean loss."""
+            nonlocal window_steps, window_t0
+            elapsed = time.perf_counter() - window_t0
+            mean_loss = (window_loss / (window_steps * cfg.batch_size)).item()
+            img_s = window_steps * cfg.batch_size / max(elapsed, 1e-9)
+            row = {"step": self.step, "loss": mean_loss, "lr": lr, "grad_norm": grad_norm.item(),
+                   "img_per_s": img_s, "wall_s": self.wall_offset + time.perf_counter() - self._t0}
+            for i, (v, n) in enumerate(zip((bucket_sum / bucket_n.clamp(min=1)).tolist(), bucket_n.tolist())):
+                row[f"loss_t{i}"] = v if n > 0 else None
+            self.metrics.append(row)
+            bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{img_s:.0f}", refresh=False)
+            window_loss.zero_(), bucket_sum.zero_(), bucket_n.zero_()
+            window_steps, window_t0 = 0, time.perf_counter()
+            return mean_loss
+
         try:
             while self.step < cfg.steps:
                 if cfg.time_limit is not None and time.perf_counter() - self._t0 >= cfg.time_limit:
@@ -480,22 +497,13 @@ class Trainer:
                 window_steps += 1
                 bar.update(1)
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                    elapsed = time.perf_counter() - window_t0
-                    last_loss = (window_loss / (window_steps * cfg.batch_size)).item()
-                    img_s = window_steps * cfg.batch_size / max(elapsed, 1e-9)
-                    per_bucket = (bucket_sum / bucket_n.clamp(min=1)).tolist()
-                    row = {"step": self.step, "loss": last_loss, "lr": lr, "grad_norm": grad_norm.item(),
-                           "img_per_s": img_s, "wall_s": self.wall_offset + time.perf_counter() - self._t0}
-                    for i, (v, n) in enumerate(zip(per_bucket, bucket_n.tolist())):
-                        row[f"loss_t{i}"] = v if n > 0 else None
-                    self.metrics.append(row)
-                    bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{img_s:.0f}", refresh=False)
-                    window_loss.zero_(), bucket_sum.zero_(), bucket_n.zero_()
-                    window_steps, window_t0 = 0, time.perf_counter()
+                    last_loss = flush_window(lr, grad_norm)
                 if self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
                     self.save()
                 if self.step % cfg.sample_every == 0 and self.step < cfg.steps:
                     self.sample_grid()
+            if window_steps:  # a run cut short by its time limit still logs its last steps
+                last_loss = flush_window(lr, grad_norm)
         finally:
             bar.close()
         if self.step > start_step or not any((self.run_dir / "checkpoints").glob("step_*")):
