@@ -224,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default=None, metavar="DIR",
                    help="output folder (default: runs/demo, or runs/demo-2, ... when that exists)")
     d.add_argument("--train-seconds", type=float, default=None,
-                   help="wall-clock budget for training (default: 180)")
+                   help="wall-clock budget for training (default: 150)")
     d.add_argument("--n", type=int, default=64, help="samples per sampler (default: 64)")
     d.add_argument("--quiet", action="store_true", help="no progress bars")
     d.set_defaults(func=cmd_demo)

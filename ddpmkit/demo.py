@@ -14,7 +14,7 @@ import torch
 
 from .errors import DataError
 
-DEFAULT_TRAIN_SECONDS = 180.0
+DEFAULT_TRAIN_SECONDS = 150.0
 
 
 def free_dir(base: Path) -> Path:

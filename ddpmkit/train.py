@@ -56,7 +56,7 @@ class TrainConfig:
     flip: bool = False
     strict: bool = False
     # model (the U-Net's constructor arguments)
-    base_channels: int = 32
+    base_channels: int = 16
     channel_mults: tuple = (1, 2, 2)
     num_res_blocks: int = 1
     attention_resolutions: tuple = ()
@@ -68,16 +68,16 @@ class TrainConfig:
     T: int = 1000
     objective: str = "eps"
     # optimisation
-    steps: int = 4000
+    steps: int = 5000
     time_limit: float | None = None  # seconds of training; the run ends at `steps` or here, whichever is first
-    batch_size: int = 64
-    lr: float = 1e-3
-    warmup: int = 100
+    batch_size: int = 32
+    lr: float = 2e-3
+    warmup: int = 50
     grad_clip: float = 1.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     weight_decay: float = 0.0
-    ema_decay: float = 0.999
+    ema_decay: float = 0.995
     ema_warmup: bool = True
     # bookkeeping
     seed: int = 0
@@ -177,10 +177,10 @@ PRESETS: dict[str, dict] = {
     ),
     "digits": dict(
         data="digits", image_size=16, channels=1, flip=False,
-        base_channels=32, channel_mults=(1, 2, 2), num_res_blocks=1, attention_resolutions=(),
+        base_channels=16, channel_mults=(1, 2, 2), num_res_blocks=1, attention_resolutions=(),
         dropout=0.0, num_groups=8, num_heads=1,
         schedule="linear", T=1000, objective="eps",
-        steps=4000, batch_size=64, lr=1e-3, warmup=100, grad_clip=1.0, ema_decay=0.999, ema_warmup=True,
+        steps=5000, batch_size=32, lr=2e-3, warmup=50, grad_clip=1.0, ema_decay=0.995, ema_warmup=True,
         log_every=25, checkpoint_every=500, sample_every=1000, num_samples=64, sample_steps=50, keep=3,
     ),
 }

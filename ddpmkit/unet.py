@@ -10,8 +10,10 @@ Layout, for ``channel_mults=(1, 2, 2, 2)`` at 32x32 (the CIFAR-10 model, 35,746,
 Every output of conv_in, of each down ResBlock and of each Downsample is kept as a skip connection; each
 up ResBlock concatenates one of them (last in, first out) to its input.
 
-The model works in either memory format: give it a ``channels_last`` input (and, for speed, convert the
-module with ``model.to(memory_format=torch.channels_last)``) and every layer stays in that format.
+The model works in either memory format: give it a ``channels_last`` input (and convert the module with
+``model.to(memory_format=torch.channels_last)``) and every layer stays in that format. On an AVX2 CPU that
+made the no-grad forward (sampling) of the CIFAR-10 model 10-20% faster; a training step, whose time is
+over 80% convolutions either way, gained little (within the noise of the measurement).
 """
 
 from __future__ import annotations
@@ -44,13 +46,13 @@ UNET_PRESETS: dict[str, dict] = {
         "num_groups": 32,
         "num_heads": 1,
     },
-    # 16x16 grayscale digits: chosen for the lowest held-out eps-MSE per CPU-second of training
-    # among the candidates measured for this preset (about 0.65M parameters).
+    # 16x16 grayscale digits, chosen for quality per CPU-second: of 10 widths/depths trained for the same
+    # CPU time (60 s, batch 64), this one reached the lowest held-out eps-MSE. 267,313 parameters.
     "digits": {
         "image_size": 16,
         "in_channels": 1,
         "out_channels": 1,
-        "base_channels": 32,
+        "base_channels": 16,
         "channel_mults": [1, 2, 2],
         "num_res_blocks": 1,
         "attention_resolutions": [],
@@ -103,9 +105,9 @@ class ResBlock(nn.Module):
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
 
     def forward(self, x: torch.Tensor, temb_act: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x), inplace=True))
+        h = self.conv1(F.silu(self.norm1(x)))
         h = h + self.temb_proj(temb_act)[:, :, None, None]  # official code: timestep bias, broadcast over H, W
-        h = F.silu(self.norm2(h), inplace=True)
+        h = F.silu(self.norm2(h))
         if self.dropout > 0 and self.training:
             h = F.dropout(h, self.dropout, training=True)  # DDPM appendix B: dropout in every ResBlock
         h = self.conv2(h)
@@ -130,12 +132,10 @@ class AttnBlock(nn.Module):
         B, C, H, W = x.shape
         heads = self.num_heads
         tokens = self.norm(x).permute(0, 2, 3, 1).reshape(B, H * W, C)
-        qkv = F.linear(tokens, self.qkv.weight, self.qkv.bias)
-        q, k, v = qkv.view(B, H * W, 3, heads, C // heads).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = self.qkv(tokens).view(B, H * W, 3, heads, C // heads).permute(2, 0, 3, 1, 4).unbind(0)
         out = F.scaled_dot_product_attention(q, k, v)  # DDPM appendix B: self-attention, scale 1/sqrt(d)
         out = out.transpose(1, 2).reshape(B, H * W, C)
-        out = F.linear(out, self.proj.weight, self.proj.bias)
-        return x + out.view(B, H, W, C).permute(0, 3, 1, 2)
+        return x + self.proj(out).view(B, H, W, C).permute(0, 3, 1, 2)
 
 
 class ResAttnBlock(nn.Module):

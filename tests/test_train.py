@@ -28,7 +28,7 @@ TINY = ["--image-size", "8", "--base-channels", "8", "--channel-mults", "1,2", "
 def tiny_cfg(**kw):
     base = dict(image_size=8, base_channels=8, channel_mults=(1, 2), num_res_blocks=1, num_groups=4, T=40,
                 batch_size=8, log_every=2, num_samples=4, sample_steps=5, checkpoint_every=3, sample_every=100,
-                dropout=0.1, steps=6)
+                dropout=0.1, steps=6, lr=1e-3, warmup=100)
     base.update(kw)
     return config_from_preset("digits", **base)
 
