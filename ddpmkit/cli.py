@@ -210,6 +210,34 @@ def cmd_plot(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------- eval
+def cmd_eval(args) -> int:
+    from .evaluate import evaluate_nll, write_terms_csv
+    from .generate import check_run
+    from .plots import plot_bpd_terms
+
+    check_run(args.run_dir)
+    for name in ("n", "batch_size"):
+        if getattr(args, name) < 1:
+            raise CLIError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+    if args.variance not in (None, "small", "large"):
+        raise CLIError(f"unknown variance {args.variance!r}: choose small or large")
+    res = evaluate_nll(args.run_dir, data=args.data, split=args.split, n=args.n, batch_size=args.batch_size,
+                       ema=args.ema, variance=args.variance, seed=args.seed)
+    out = Path(args.out) if args.out else Path(args.run_dir) / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    if res.get("note"):
+        print(f"note: {res['note']}", file=sys.stderr)
+    csv_path = write_terms_csv(out / "nll_terms.csv", res["terms"])
+    png = plot_bpd_terms(res["terms"], out / "nll_terms.png")
+    print(f"NLL bound: {res['bpd']:.4f} +- {res['bpd_stderr']:.4f} bits/dim on {res['n']} images of "
+          f"{res['source']} ({res['split']}), variance {res['variance']}, {'EMA' if res['ema'] else 'raw'} "
+          f"weights, {res['seconds']:.1f} s")
+    print(f"terms: {csv_path}")
+    print(f"plot:  {png}")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="ddpmkit",
@@ -251,6 +279,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default=None, help="device to sample on (default: cpu)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_sample)
+
+    e = sub.add_parser("eval", help="measure a run: the variational bound in bits/dim",
+                       description="`eval nll RUN_DIR`: the variational bound (DDPM eq. 5) in bits/dim, term by "
+                                   "term as in the official DDPM code.")
+    e.add_argument("what", choices=["nll"])
+    e.add_argument("run_dir", metavar="RUN_DIR")
+    e.add_argument("--data", default=None, help="data source (default: the run's own)")
+    e.add_argument("--split", default="test", help="train or test; digits and folders have only train "
+                                                  "(default: test)")
+    e.add_argument("--n", type=int, default=256, help="number of images (default: 256)")
+    e.add_argument("--batch-size", type=int, default=16, help="images per batch (default: 16)")
+    e.add_argument("--variance", default=None, help="decoder variance: small or large (default: small)")
+    e.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
+                   help="use the EMA weights (default: on)")
+    e.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    e.add_argument("--out", default=None, metavar="DIR", help="where the per-term CSV and plot go "
+                                                             "(default: RUN_DIR/eval)")
+    e.set_defaults(func=cmd_eval)
 
     pl = sub.add_parser("plot", help="draw the schedules, the forward process or a run's training curves",
                         description="Pictures: `plot schedule`, `plot forward`, `plot loss RUN_DIR`.")

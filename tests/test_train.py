@@ -233,3 +233,20 @@ def test_sigkill_leaves_a_loadable_checkpoint(tmp_path):
     assert ck.step >= 3
     assert main(["train", "--out", str(run), "--steps", str(ck.step + 1), "--resume", "--quiet"]) == 0
     assert load_checkpoint(run).step == ck.step + 1
+
+
+def test_cli_eval_nll_writes_terms(tmp_path, capsys):
+    run = tmp_path / "run"
+    Trainer(tiny_cfg(steps=2), run, quiet=True).run()
+    assert main(["eval", "nll", str(run), "--n", "4", "--batch-size", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "bits/dim" in out
+    rows = (run / "eval" / "nll_terms.csv").read_text().splitlines()
+    assert rows[0] == "t,bits" and len(rows) == 1 + 41  # T = 40 terms and the prior
+    total = sum(float(r.split(",")[1]) for r in rows[1:])
+    assert f"{total:.4f}" in out
+    from PIL import Image
+
+    with Image.open(run / "eval" / "nll_terms.png") as im:
+        assert im.size[0] > 100
+    assert main(["eval", "nll", str(run), "--n", "0"]) != 0
