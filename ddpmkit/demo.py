@@ -85,6 +85,9 @@ def run_demo(out=None, train_seconds: float | None = None, quiet: bool = False, 
     files["forward diffusion"] = plots.plot_forward(forward_images("digits"), out / "forward.png")
     files["training loss"] = plots.plot_loss(out / "metrics.csv", out / "loss.png")
     files["checkpoint"] = res["checkpoint"]
+    from .report import write_report
+
+    files["report"] = write_report(out)
     log(f"demo: done in {time.perf_counter() - t_start:.0f} s. Files:")
     width = max(len(k) for k in files)
     for k, v in files.items():

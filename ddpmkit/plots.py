@@ -504,8 +504,11 @@ def plot_schedule(path, T: int = 1000) -> Path:
             ax.margins(x=0)
         axes[1, 1].axhline(0.0, color="0.4", lw=0.8, ls="--")
         # The cosine log-SNR plunges at the very last step (alpha_bar -> 0); keep the informative range.
-        lo = float(scheds["linear"].log_snr()[-1])
-        axes[1, 1].set_ylim(lo - 2.5, None)
+        # (At small T the linear schedule itself reaches alpha_bar = 0, so only finite values count.)
+        snr = scheds["linear"].log_snr().double()
+        snr = snr[torch.isfinite(snr)]
+        if snr.numel():
+            axes[1, 1].set_ylim(float(snr.min()) - 2.5, None)
         for ax in axes[1]:
             ax.set_xlabel("timestep t")
         axes[0, 0].legend(loc="upper left")
