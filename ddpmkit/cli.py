@@ -58,6 +58,7 @@ _TRAIN_HELP = {
     "num_samples": "images in each sample grid",
     "sample_steps": "DDIM steps for the sample grids",
     "keep": "checkpoints to keep",
+    "skip_nonfinite": "skip a step whose loss or gradient norm is NaN, inf or above 1e6, instead of stopping",
     "device": "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps",
     "precision": "auto (bf16 autocast on CUDA), fp32 or bf16",
     "compile": "torch.compile the model",
@@ -238,6 +239,16 @@ def cmd_eval(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------- report
+def cmd_report(args) -> int:
+    from .generate import check_run
+    from .report import write_report
+
+    check_run(args.run_dir)
+    print(write_report(args.run_dir, args.out))
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="ddpmkit",
@@ -297,6 +308,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", default=None, metavar="DIR", help="where the per-term CSV and plot go "
                                                              "(default: RUN_DIR/eval)")
     e.set_defaults(func=cmd_eval)
+
+    r = sub.add_parser("report", help="write one self-contained report.html of a run",
+                       description="One HTML page with the configuration, curves, samples, GIFs and figures of a "
+                                   "run, every picture embedded, viewable offline.")
+    r.add_argument("run_dir", metavar="RUN_DIR")
+    r.add_argument("--out", default=None, metavar="FILE", help="output file (default: RUN_DIR/report.html)")
+    r.set_defaults(func=cmd_report)
 
     pl = sub.add_parser("plot", help="draw the schedules, the forward process or a run's training curves",
                         description="Pictures: `plot schedule`, `plot forward`, `plot loss RUN_DIR`.")
