@@ -213,11 +213,16 @@ def cmd_plot(args) -> int:
 
 # ---------------------------------------------------------------------------------------------- eval
 def cmd_eval(args) -> int:
-    from .evaluate import evaluate_nll, write_terms_csv
     from .generate import check_run
-    from .plots import plot_bpd_terms
 
     check_run(args.run_dir)
+    if args.what == "fid":
+        return _eval_fid(args)
+    from .evaluate import evaluate_nll, write_terms_csv
+    from .plots import plot_bpd_terms
+
+    args.n = 256 if args.n is None else args.n
+    args.batch_size = 16 if args.batch_size is None else args.batch_size
     for name in ("n", "batch_size"):
         if getattr(args, name) < 1:
             raise CLIError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
@@ -236,6 +241,30 @@ def cmd_eval(args) -> int:
           f"weights, {res['seconds']:.1f} s")
     print(f"terms: {csv_path}")
     print(f"plot:  {png}")
+    return 0
+
+
+def _eval_fid(args) -> int:
+    from .fid import evaluate_fid
+
+    n = 50_000 if args.n is None else args.n
+    if n < 2 or (args.batch_size is not None and args.batch_size < 1):
+        raise CLIError("--n must be at least 2 and --batch-size positive")
+    args.variance = args.variance or "small"
+    opt = _sample_options(args, ema=args.ema)
+    res = evaluate_fid(args.run_dir, n=n, reference=args.reference, data_dir=args.data_dir, features=args.features,
+                       inception_path=args.inception, download=args.download, sample_options=opt,
+                       batch_size=args.batch_size, seed=args.seed)
+    sampler = (f"ddpm, {res['variance']} variance" if res["sampler"] == "ddpm" else
+               f"ddim, {res['steps']} steps, eta {res['eta']:g}, {res['spacing']} spacing")
+    print(f"FID ({res['features']} features): {res['fid']:.3f} for {res['n']} samples ({sampler}) against "
+          f"{res['n_reference']} images of {res['reference']}; sampling {res['sample_seconds']:.1f} s, "
+          f"scoring {res['score_seconds']:.1f} s")
+    if "noise_floor" in res:
+        floor = f"{res['noise_floor']:.3f} ({res['noise_floor_n']} held-out real digits)"
+        if "noise_floor_at_n" in res:
+            floor += f", {res['noise_floor_at_n']:.3f} at n = {res['n']}"
+        print(f"noise floor, real against real: {floor}")
     return 0
 
 
@@ -291,22 +320,41 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_sample)
 
-    e = sub.add_parser("eval", help="measure a run: the variational bound in bits/dim",
+    e = sub.add_parser("eval", help="measure a run: bits/dim (nll) or FID (fid)",
                        description="`eval nll RUN_DIR`: the variational bound (DDPM eq. 5) in bits/dim, term by "
-                                   "term as in the official DDPM code.")
-    e.add_argument("what", choices=["nll"])
+                                   "term as in the official DDPM code. `eval fid RUN_DIR`: the Frechet distance of "
+                                   "samples to a reference set, with Inception features or, offline for the "
+                                   "digits, the features of a small digits classifier.")
+    e.add_argument("what", choices=["nll", "fid"])
     e.add_argument("run_dir", metavar="RUN_DIR")
-    e.add_argument("--data", default=None, help="data source (default: the run's own)")
-    e.add_argument("--split", default="test", help="train or test; digits and folders have only train "
-                                                  "(default: test)")
-    e.add_argument("--n", type=int, default=256, help="number of images (default: 256)")
-    e.add_argument("--batch-size", type=int, default=16, help="images per batch (default: 16)")
-    e.add_argument("--variance", default=None, help="decoder variance: small or large (default: small)")
+    e.add_argument("--n", type=int, default=None, help="images: nll 256, fid 50000 samples (default)")
+    e.add_argument("--batch-size", type=int, default=None, help="images per batch (default: nll 16, fid 64)")
     e.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
                    help="use the EMA weights (default: on)")
     e.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    e.add_argument("--out", default=None, metavar="DIR", help="where the per-term CSV and plot go "
+    g = e.add_argument_group("nll")
+    g.add_argument("--data", default=None, help="data source (default: the run's own)")
+    g.add_argument("--split", default="test", help="train or test; digits and folders have only train "
+                                                  "(default: test)")
+    g.add_argument("--out", default=None, metavar="DIR", help="where the per-term CSV and plot go "
                                                              "(default: RUN_DIR/eval)")
+    f = e.add_argument_group("fid")
+    f.add_argument("--features", default="inception", choices=["inception", "digits"],
+                   help="Inception pool features, or the digits classifier's (default: inception)")
+    f.add_argument("--reference", default=None, help="reference images: cifar10-train (default for inception), "
+                                                     "cifar10-test, digits, or a data source")
+    f.add_argument("--data-dir", default=None, metavar="DIR", help="folder with CIFAR-10 for the reference")
+    f.add_argument("--inception", default=None, metavar="PATH",
+                   help="inception-2015-12-05.pt (default: in the cache folder)")
+    f.add_argument("--download", action="store_true", help="download the Inception network when it is absent")
+    f.add_argument("--sampler", default="ddim", help="ddpm or ddim (default: ddim)")
+    f.add_argument("--steps", type=int, default=None, help="DDIM steps (default: 50)")
+    f.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default: 0)")
+    f.add_argument("--spacing", default="uniform", help="DDIM spacing (default: uniform)")
+    f.add_argument("--clip", action=argparse.BooleanOptionalAction, default=True,
+                   help="clip the predicted x0 (default: on)")
+    e.add_argument("--variance", default=None, help="small or large: the NLL decoder's variance, or DDPM's "
+                                                    "sampling variance for fid (default: small)")
     e.set_defaults(func=cmd_eval)
 
     r = sub.add_parser("report", help="write one self-contained report.html of a run",

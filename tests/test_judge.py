@@ -1,4 +1,4 @@
-"""Tests of the digits judge (bench/digits_judge.py): the Frechet distance, coverage, the judge, its cache, its CLI."""
+"""Tests of the digits judge (ddpmkit/judge.py, bench/digits_judge.py): the Frechet distance, coverage, the judge, its cache, its CLI."""
 
 from __future__ import annotations
 
@@ -13,11 +13,13 @@ import numpy as np
 import pytest
 import torch
 
-_PATH = Path(__file__).resolve().parents[1] / "bench" / "digits_judge.py"
+from ddpmkit import judge as dj  # the judge itself
+
+_PATH = Path(__file__).resolve().parents[1] / "bench" / "digits_judge.py"  # its table and command line
 _spec = importlib.util.spec_from_file_location("digits_judge", _PATH)
-dj = importlib.util.module_from_spec(_spec)
-sys.modules.setdefault("digits_judge", dj)
-_spec.loader.exec_module(dj)
+cli = importlib.util.module_from_spec(_spec)
+sys.modules.setdefault("digits_judge", cli)
+_spec.loader.exec_module(cli)
 
 FAST_EPOCHS = 5  # enough for > 95% held-out accuracy; the CLI's default trains longer
 
@@ -187,7 +189,7 @@ def test_folder_of_pngs_and_cli(judge, cache_dir, tmp_path, capsys):
     with pytest.raises(dj.JudgeError, match="530x530"):
         dj.load_png_dir(d, pattern="*.png")
 
-    rc = dj.main([str(d), "--epochs", str(FAST_EPOCHS), "--cache-dir", str(cache_dir),
+    rc = cli.main([str(d), "--epochs", str(FAST_EPOCHS), "--cache-dir", str(cache_dir),
                   "--json", str(tmp_path / "out.json")])
     captured = capsys.readouterr()
     assert rc == 0
@@ -202,7 +204,7 @@ def test_folder_of_pngs_and_cli(judge, cache_dir, tmp_path, capsys):
 
 
 def test_cli_bad_folder_is_one_line(cache_dir, tmp_path, capsys):
-    rc = dj.main([str(tmp_path / "missing"), "--epochs", str(FAST_EPOCHS), "--cache-dir", str(cache_dir)])
+    rc = cli.main([str(tmp_path / "missing"), "--epochs", str(FAST_EPOCHS), "--cache-dir", str(cache_dir)])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and err[0].startswith("error: no such directory")
     big = tmp_path / "big"
@@ -210,7 +212,7 @@ def test_cli_bad_folder_is_one_line(cache_dir, tmp_path, capsys):
     from PIL import Image
 
     Image.new("L", (32, 32)).save(big / "a.png")
-    rc = dj.main([str(big), "--epochs", str(FAST_EPOCHS), "--cache-dir", str(cache_dir)])
+    rc = cli.main([str(big), "--epochs", str(FAST_EPOCHS), "--cache-dir", str(cache_dir)])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "32x32" in err[0]
 

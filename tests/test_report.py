@@ -57,3 +57,30 @@ def test_report_renders_in_headless_chromium(reported_run, tmp_path):
         px = np.asarray(im.convert("L"), dtype=np.float64)
     assert px.shape == (1600, 1000)
     assert px.std() > 10  # not blank: text, curves and samples
+
+
+def _nonblank_png(path):
+    with Image.open(path) as im:
+        px = np.asarray(im.convert("L"), dtype=np.float64)
+    assert px.std() > 5, path
+    return px.shape
+
+
+def test_plot_commands_write_pictures(reported_run, tmp_path, capsys):
+    assert main(["plot", "schedule", "--T", "100", "--out", str(tmp_path / "s.png")]) == 0
+    assert main(["plot", "forward", "--t", "0,10,50,99", "--T", "100", "--out", str(tmp_path / "f.png")]) == 0
+    assert main(["plot", "loss", str(reported_run), "--out", str(tmp_path / "l.png")]) == 0
+    for name in ["s.png", "f.png", "l.png"]:
+        h, w = _nonblank_png(tmp_path / name)
+        assert h > 200 and w > 200
+    img = tmp_path / "one.png"
+    Image.fromarray((np.random.default_rng(0).random((40, 60, 3)) * 255).astype(np.uint8)).save(img)
+    assert main(["plot", "forward", "--image", str(img), "--out", str(tmp_path / "g.png")]) == 0
+    _nonblank_png(tmp_path / "g.png")
+    # the sampling GIF of the fixture: 4 DDIM steps, each recorded, plus the initial noise
+    with Image.open(reported_run / "ddim.gif") as im:
+        assert im.n_frames == 5
+    capsys.readouterr()
+    assert main(["plot", "loss", str(tmp_path)]) != 0  # not a run: one clear line
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
