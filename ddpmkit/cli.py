@@ -191,6 +191,12 @@ def cmd_demo(args) -> int:
 
 # ---------------------------------------------------------------------------------------------- plot
 def cmd_plot(args) -> int:
+    from .schedule import NoiseSchedule
+
+    try:
+        NoiseSchedule.linear(args.T)
+    except ValueError as e:
+        raise CLIError(f"--T: {e}") from None
     from . import plots
 
     if args.what == "schedule":

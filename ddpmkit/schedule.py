@@ -112,8 +112,9 @@ class NoiseSchedule:
         T = _check_T(T)
         scale = 1000.0 / T
         betas = np.linspace(scale * beta_start, scale * beta_end, T, dtype=np.float64)
-        if betas[-1] > 1:
-            raise ValueError(f"T={T} is too small for the linear schedule: beta_T = {betas[-1]:.3g} > 1")
+        if betas[-1] >= 1:
+            raise ValueError(f"T={T} is too small for the linear schedule: beta_T = {betas[-1]:.3g} >= 1 "
+                             f"(T must be at least 21)")
         return cls.from_betas(betas, kind="linear")
 
     @classmethod

@@ -21,7 +21,7 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
 def reported_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("report") / "run"
     cfg = config_from_preset("digits", image_size=8, base_channels=8, channel_mults=(1, 2), num_res_blocks=1,
-                             num_groups=4, T=20, batch_size=8, steps=4, log_every=1, num_samples=4,
+                             num_groups=4, T=40, batch_size=8, steps=4, log_every=1, num_samples=4,
                              sample_steps=4, checkpoint_every=4, sample_every=100)
     Trainer(cfg, run, quiet=True).run()
     assert main(["sample", str(run), "--steps", "4", "--n", "4", "--gif", str(run / "ddim.gif"), "--quiet"]) == 0

@@ -28,6 +28,9 @@ def test_linear_scaled_by_1000_over_T():
     assert s.betas[-1].item() == pytest.approx(0.08, rel=1e-6)
     with pytest.raises(ValueError):
         NoiseSchedule.linear(10)  # beta_T = 2 > 1
+    with pytest.raises(ValueError, match="at least 21"):
+        NoiseSchedule.linear(20)  # beta_T = 1: alpha_bar_T = 0, x0 no longer recoverable from eps
+    assert NoiseSchedule.linear(21).alpha_bar[-1].item() > 0
 
 
 def test_cosine_closed_form_and_max_beta_only_at_last_step():
