@@ -37,6 +37,13 @@ __all__ = ["TrainConfig", "PRESETS", "config_from_preset", "Trainer", "NonFinite
 
 NUM_BUCKETS = 10  # metrics.csv reports the loss in T/10 timestep buckets
 
+# A finite gradient norm above this is treated like a non-finite one. The norm is measured before clipping;
+# on a healthy run it stays within O(0.01 .. 100) (the unit-variance eps targets bound the loss), so 1e6 is
+# four orders of magnitude beyond any sane value and never fires by accident, while a norm that large
+# only comes from a numerical blow-up (an overflow on its way to inf) whose direction is meaningless even
+# once clipped, and it would inflate Adam's second moment for thousands of steps.
+MAX_GRAD_NORM = 1e6
+
 
 class NonFiniteError(DdpmkitError):
     """The loss or the gradient norm became NaN or infinite."""
@@ -87,6 +94,7 @@ class TrainConfig:
     num_samples: int = 64
     sample_steps: int = 50
     keep: int = 3
+    skip_nonfinite: bool = False  # skip a step with a non-finite loss or an exploding gradient norm, not stop
     # hardware
     device: str = "auto"
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 elsewhere
@@ -351,6 +359,8 @@ class Trainer:
         self.gen = torch.Generator(device=self.device)  # timesteps and noise of the training batches
         self.gen.manual_seed(cfg.seed + 1)
         self.step = 0
+        self.skipped_steps = 0  # steps skipped by skip_nonfinite, over the whole run
+        self.last_step_skipped = False
         self.wall_offset = 0.0
         self.forward = torch.compile(self.model) if cfg.compile else self.model
 
@@ -368,6 +378,7 @@ class Trainer:
         state = {
             "step": self.step,
             "ema_updates": self.ema.num_updates,
+            "skipped_steps": self.skipped_steps,
             "wall_s": self.wall_offset + (time.perf_counter() - self._t0 if hasattr(self, "_t0") else 0.0),
             "torch_rng": torch.get_rng_state(),
             "gen": self.gen.get_state(),
@@ -387,6 +398,7 @@ class Trainer:
             self.ema.load_state_dict(ckpt.ema_state if ckpt.ema_state is not None else ckpt.model_state,
                                      st.get("ema_updates", 0))
             self.step = int(st["step"])
+            self.skipped_steps = int(st.get("skipped_steps", 0))
             self.wall_offset = float(st.get("wall_s", 0.0))
             torch.set_rng_state(st["torch_rng"])
             self.gen.set_state(st["gen"].cpu().to(torch.uint8))
@@ -425,13 +437,30 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
-            what = "loss" if not torch.isfinite(loss) else "gradient norm"
-            raise NonFiniteError(
-                f"the {what} became {loss.item() if what == 'loss' else grad_norm.item()} at step {self.step + 1}; "
-                f"training stopped and the last checkpoint in {self.run_dir / 'checkpoints'} is intact "
-                f"(try a lower --lr or a longer --warmup)")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)  # the norm before clipping
+        loss_ok, norm_ok = bool(torch.isfinite(loss)), bool(torch.isfinite(grad_norm))
+        self.last_step_skipped = False
+        if not (loss_ok and norm_ok and grad_norm.item() <= MAX_GRAD_NORM):
+            if not loss_ok:
+                what = f"the loss became {loss.item()}"
+            elif not norm_ok:
+                what = f"the gradient norm became {grad_norm.item()}"
+            else:
+                what = f"the gradient norm exploded to {grad_norm.item():.3g} (> {MAX_GRAD_NORM:.0e})"
+            if not cfg.skip_nonfinite:
+                raise NonFiniteError(
+                    f"{what} at step {self.step + 1}; training stopped and the last checkpoint in "
+                    f"{self.run_dir / 'checkpoints'} is intact (try a lower --lr, a longer --warmup, "
+                    f"or --skip-nonfinite)")
+            # Skip: no optimizer step, no EMA update, gradients dropped. The step counter still advances, so
+            # that the step stays the number of batches (and noise draws) consumed: the data order and the
+            # random streams of the following steps are those of a run without the fault, and resume is exact.
+            self.optimizer.zero_grad(set_to_none=True)
+            self.skipped_steps += 1
+            self.last_step_skipped = True
+            self.step += 1
+            self.log(f"warning: {what} at step {self.step}; step skipped ({self.skipped_steps} skipped so far)")
+            return losses.detach(), t, grad_norm.detach(), lr
         self.optimizer.step()
         self.ema.update(self.model)
         self.step += 1
@@ -490,11 +519,12 @@ class Trainer:
                     stop_reason = "time_limit"
                     break
                 losses, t, grad_norm, lr = self.train_step()
-                window_loss += losses.sum()
-                bucket = (t * NUM_BUCKETS) // cfg.T
-                bucket_sum.index_add_(0, bucket, losses.double())
-                bucket_n.index_add_(0, bucket, torch.ones_like(losses, dtype=torch.float64))
-                window_steps += 1
+                if not self.last_step_skipped:  # a skipped step's non-finite loss stays out of the metrics
+                    window_loss += losses.sum()
+                    bucket = (t * NUM_BUCKETS) // cfg.T
+                    bucket_sum.index_add_(0, bucket, losses.double())
+                    bucket_n.index_add_(0, bucket, torch.ones_like(losses, dtype=torch.float64))
+                    window_steps += 1
                 bar.update(1)
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                     last_loss = flush_window(lr, grad_norm)
