@@ -13,11 +13,13 @@ from pathlib import Path
 import torch
 
 from .checkpoint import load_model, load_schedule, read_config
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, DdpmkitError
 from .images import to_uint8
 from .sampling import SAMPLERS, SPACINGS, ddim_timesteps, num_model_calls, sample
 
 __all__ = ["SampleOptions", "generate"]
+
+GRID_MAX = 256  # samples shown in grid.png; the rest are written and dropped, so memory stays bounded
 
 
 @dataclass
@@ -63,7 +65,11 @@ def validate_options(opt: SampleOptions, T: int) -> None:
 
 def generate(run_or_checkpoint, out_dir, opt: SampleOptions, *, gif_path=None, device=None, progress=True,
              log=print) -> dict:
-    """Draw ``opt.n`` samples from a run and write them under ``out_dir``; returns paths and timings."""
+    """Draw ``opt.n`` samples from a run and write them under ``out_dir``; returns paths and timings.
+
+    Samples are written batch by batch and only the first ``GRID_MAX`` are kept (``result["images"]``, the grid), so
+    memory does not grow with ``n``. A CUDA out-of-memory error halves the batch size and retries, with a warning.
+    """
     from tqdm import tqdm
 
     from .plots import ChainRecorder, save_chain_gif, save_grid, save_images
@@ -84,27 +90,48 @@ def generate(run_or_checkpoint, out_dir, opt: SampleOptions, *, gif_path=None, d
     out_dir.mkdir(parents=True, exist_ok=True)
     g = torch.Generator(device="cpu").manual_seed(opt.seed)
     calls = num_model_calls(schedule, opt.sampler, steps)
-    recorder = ChainRecorder(calls, num_samples=min(opt.gif_samples, opt.n), num_frames=opt.gif_frames) \
-        if gif_path else None
-    samples = []
+    def new_recorder():
+        return ChainRecorder(calls, num_samples=min(opt.gif_samples, opt.n), num_frames=opt.gif_frames) \
+            if gif_path else None
+
+    recorder = new_recorder()
+    grid_images, files = [], []  # only the first GRID_MAX samples stay in memory, for the grid
+    batch_size = opt.batch_size
     t0 = time.perf_counter()
     with tqdm(total=opt.n, disable=not progress, unit="img", desc=f"{opt.sampler}") as bar:
         done = 0
         while done < opt.n:
-            b = min(opt.batch_size, opt.n - done)
-            x_T = torch.randn((b, *chw), generator=g)
-            if recorder is not None and done == 0:
-                recorder.initial(x_T)
-            x = sample(model, schedule, (b, *chw), sampler=opt.sampler, steps=steps, eta=opt.eta,
-                       spacing=opt.spacing, variance=opt.variance, clip_x0=opt.clip_x0, generator=g,
-                       callback=recorder if done == 0 else None, x_T=x_T.to(dev), objective=objective,
-                       device=dev)
-            samples.append(to_uint8(x.cpu()))
+            b = min(batch_size, opt.n - done)
+            state = g.get_state()
+            try:
+                x_T = torch.randn((b, *chw), generator=g)
+                if recorder is not None and done == 0:
+                    recorder.initial(x_T)
+                x = sample(model, schedule, (b, *chw), sampler=opt.sampler, steps=steps, eta=opt.eta,
+                           spacing=opt.spacing, variance=opt.variance, clip_x0=opt.clip_x0, generator=g,
+                           callback=recorder if done == 0 else None, x_T=x_T.to(dev), objective=objective,
+                           device=dev)
+            except torch.cuda.OutOfMemoryError:
+                if batch_size == 1:
+                    raise DdpmkitError(f"out of GPU memory on {dev} even at batch size 1") from None
+                batch_size = max(1, batch_size // 2)
+                log(f"warning: out of GPU memory on {dev}; retrying with batch size {batch_size} "
+                    f"(samples from here on differ from those of the larger batch)")
+                g.set_state(state)
+                if done == 0:
+                    recorder = new_recorder()
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                continue
+            u8 = to_uint8(x.cpu())
+            files += save_images(u8, out_dir, prefix="sample", start=done)
+            room = GRID_MAX - sum(len(i) for i in grid_images)
+            if room > 0:
+                grid_images.append(u8[:room])
             done += b
             bar.update(b)
     seconds = time.perf_counter() - t0
-    images = torch.cat(samples)
-    files = save_images(images, out_dir, prefix="sample")
+    images = torch.cat(grid_images)
     grid = save_grid(images, out_dir / "grid.png")
     result = {"n": opt.n, "seconds": seconds, "per_second": opt.n / max(seconds, 1e-9), "dir": out_dir,
               "grid": grid, "files": files, "images": images, "steps": calls}

@@ -437,3 +437,48 @@ def test_download_that_cannot_reach_the_host(tmp_path, monkeypatch, capsys):
     assert_one_line_error(argv, capsys, tmp_path, "could not download")
     # and without --download, a missing CIFAR-10 says where to put it
     assert_one_line_error(argv[:-len(TINY) - 1] + TINY, capsys, tmp_path, "cifar")
+
+
+def test_sampling_retries_out_of_memory_with_smaller_batches(tmp_path, capsys):
+    import ddpmkit.generate as gen
+    from ddpmkit.generate import SampleOptions, generate
+    from ddpmkit.train import Trainer, config_from_preset
+
+    run = tmp_path / "run"
+    cfg = config_from_preset("digits", image_size=8, base_channels=8, channel_mults=(1, 2), num_res_blocks=1,
+                             num_groups=4, T=40, batch_size=8, steps=1, num_samples=0, sample_steps=5)
+    Trainer(cfg, run, quiet=True).run()
+    real = gen.sample
+    sizes = []
+
+    def small_memory(model, schedule, shape, **kw):
+        sizes.append(shape[0])
+        if shape[0] > 3:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(model, schedule, shape, **kw)
+
+    messages = []
+    try:
+        gen.sample = small_memory
+        res = generate(run, tmp_path / "s", SampleOptions(sampler="ddim", steps=3, n=7, batch_size=8),
+                       progress=False, log=messages.append)
+    finally:
+        gen.sample = real
+    assert sizes[:3] == [7, 4, 2] and sum(s for s in sizes if s <= 3) == 7
+    assert any("retrying with batch size 4" in m for m in messages)
+    assert len(list((tmp_path / "s").glob("sample_*.png"))) == 7 and res["images"].shape[0] == 7
+
+
+def test_sampling_memory_is_bounded_by_the_grid(tmp_path, monkeypatch):
+    import ddpmkit.generate as gen
+    from ddpmkit.generate import SampleOptions, generate
+    from ddpmkit.train import Trainer, config_from_preset
+
+    run = tmp_path / "run"
+    cfg = config_from_preset("digits", image_size=8, base_channels=8, channel_mults=(1, 2), num_res_blocks=1,
+                             num_groups=4, T=40, batch_size=8, steps=1, num_samples=0, sample_steps=5)
+    Trainer(cfg, run, quiet=True).run()
+    monkeypatch.setattr(gen, "GRID_MAX", 5)
+    res = generate(run, tmp_path / "s", SampleOptions(sampler="ddim", steps=2, n=12, batch_size=4), progress=False)
+    assert res["images"].shape[0] == 5  # only the grid's samples are held
+    assert len(list((tmp_path / "s").glob("sample_*.png"))) == 12
