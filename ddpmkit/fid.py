@@ -371,20 +371,13 @@ def reference_stats(extractor, images: torch.Tensor, *, cache_dir=None, use_cach
 
 def _sample_batches(run_dir, opt, *, n: int, batch_size: int, seed: int, device, shape_check=None):
     """Batches of uint8 samples from the run (quantized before scoring); never more than one batch held."""
-    from .checkpoint import load_model, load_schedule, read_config
-    from .generate import _run_of, validate_options
+    from .checkpoint import read_config
+    from .generate import _run_of, load_for_sampling
     from .images import to_uint8
     from .sampling import sample
 
-    src = Path(run_dir)
-    config = read_config(_run_of(src))
-    objective = (config.get("diffusion") or {}).get("objective", "eps")
-    schedule = load_schedule(src)
-    validate_options(opt, schedule.T)
-    steps = opt.steps if opt.steps is not None else min(50, schedule.T)
-    model = load_model(src, ema=opt.ema).to(device)
-    mc = model.config
-    chw = (mc["in_channels"], mc["image_size"], mc["image_size"])
+    model, schedule, objective, steps, chw = load_for_sampling(run_dir, opt, device)
+    config = read_config(_run_of(Path(run_dir)))
     if shape_check is not None:
         shape_check(chw)
     g = torch.Generator(device="cpu").manual_seed(seed)

@@ -63,6 +63,22 @@ def validate_options(opt: SampleOptions, T: int) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {v}")
 
 
+def load_for_sampling(run_or_checkpoint, opt: SampleOptions, device):
+    """The run's model (on ``device``), schedule and objective, checked sampler options, and the image shape.
+
+    Returns ``(model, schedule, objective, steps, (C, H, W))``, where ``steps`` is the DDIM step count to use.
+    """
+    src = Path(run_or_checkpoint)
+    config = read_config(_run_of(src))
+    objective = (config.get("diffusion") or {}).get("objective", "eps")
+    schedule = load_schedule(src)
+    validate_options(opt, schedule.T)
+    steps = opt.steps if opt.steps is not None else min(50, schedule.T)
+    model = load_model(src, ema=opt.ema).to(device)
+    mc = model.config
+    return model, schedule, objective, steps, (mc["in_channels"], mc["image_size"], mc["image_size"])
+
+
 def generate(run_or_checkpoint, out_dir, opt: SampleOptions, *, gif_path=None, device=None, progress=True,
              log=print) -> dict:
     """Draw ``opt.n`` samples from a run and write them under ``out_dir``; returns paths and timings.
@@ -74,17 +90,8 @@ def generate(run_or_checkpoint, out_dir, opt: SampleOptions, *, gif_path=None, d
 
     from .plots import ChainRecorder, save_chain_gif, save_grid, save_images
 
-    src = Path(run_or_checkpoint)
-    config = read_config(_run_of(src))
-    objective = (config.get("diffusion") or {}).get("objective", "eps")
-    schedule = load_schedule(src)
-    validate_options(opt, schedule.T)
-    steps = opt.steps if opt.steps is not None else min(50, schedule.T)
-    model = load_model(src, ema=opt.ema)
     dev = torch.device(device) if device is not None else torch.device("cpu")
-    model = model.to(dev)
-    mc = model.config
-    chw = (mc["in_channels"], mc["image_size"], mc["image_size"])
+    model, schedule, objective, steps, chw = load_for_sampling(run_or_checkpoint, opt, dev)
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
