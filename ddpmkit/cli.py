@@ -132,9 +132,13 @@ def cmd_train(args) -> int:
     else:
         cfg = config_from_preset(args.preset, **overrides)
     trainer = Trainer(cfg, out, resume=args.resume, quiet=args.quiet)
-    print(f"training {out} on {trainer.device} ({trainer.model.num_parameters():,} parameters, "
-          f"{trainer.num_images:,} images), from step {trainer.step} to {cfg.steps}", file=sys.stderr)
+    main_rank = trainer.dist.is_main
+    if main_rank:
+        print(f"training {out} on {trainer.device} ({trainer.model.num_parameters():,} parameters, "
+              f"{trainer.num_images:,} images), from step {trainer.step} to {cfg.steps}", file=sys.stderr)
     res = trainer.run()
+    if not main_rank:
+        return 0
     how = "time limit reached" if res["stop"] == "time_limit" else "done"
     print(f"{how} at step {res['step']}: loss {res['loss']:.4f}, {res['seconds']:.0f} s")
     if res["checkpoint"]:

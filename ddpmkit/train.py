@@ -28,6 +28,8 @@ from .checkpoint import (
     write_config,
 )
 from .data import Batcher, load_dataset
+from . import distributed
+from .diffusion import sample_timesteps
 from .diffusion import OBJECTIVES, training_losses
 from .errors import CheckpointError, ConfigError, DdpmkitError
 from .schedule import NoiseSchedule
@@ -321,12 +323,29 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, quiet: bool = False,
                  log=None):
         cfg.validate()
+        world = distributed.current().world_size if distributed.current().enabled else distributed.env_world_size()
+        if cfg.batch_size % world:  # checked before joining the group: every rank stops here at once
+            raise ConfigError(f"--batch-size {cfg.batch_size} (the global batch) is not divisible by the "
+                              f"{world} processes of this run")
+        # Under torchrun (WORLD_SIZE > 1) join the process group; run() leaves it at the end, an error here too.
+        self.dist = distributed.join(pick_device(cfg.device))
+        try:
+            self._init(cfg, run_dir, resume, quiet, log)
+        except BaseException:
+            distributed.leave()
+            raise
+
+    def _init(self, cfg, run_dir, resume, quiet, log):
+        dctx = self.dist
         self.run_dir = Path(run_dir)
-        self.quiet = quiet
-        self.log = log or (lambda msg: print(msg, file=sys.stderr))
+        self.quiet = quiet or not dctx.is_main  # only rank 0 shows progress
+        quiet = self.quiet
+        base_log = log or (lambda msg: print(msg, file=sys.stderr))
+        self.log = base_log if dctx.is_main else (lambda msg: None)
         ckpt = None
         if resume:
-            prepare_run_dir(self.run_dir, resume=True)
+            # rank 0 checks the directory (a probe write) first; the other ranks only read from it
+            dctx.main_first(lambda: prepare_run_dir(self.run_dir, resume=True) if dctx.is_main else None)
             stored = TrainConfig.from_json(read_config(self.run_dir))
             changed = [k for k in _RESUME_LOCKED if getattr(stored, k) != getattr(cfg, k)]
             if changed:
@@ -338,11 +357,15 @@ class Trainer:
                 self.log(f"warning: checkpoint {p} is corrupt; resuming from {ckpt.path} instead")
         self.cfg = cfg
         self.device = pick_device(cfg.device)
+        if dctx.enabled and self.device.type == "cuda":
+            self.device = torch.device("cuda", dctx.local_rank)
         self.autocast_dtype = (torch.bfloat16 if (cfg.precision == "bf16" or
                                                    (cfg.precision == "auto" and self.device.type == "cuda"))
                                else None)
-        data = load_dataset(cfg.data, image_size=cfg.image_size, channels=cfg.channels, data_dir=cfg.data_dir,
-                            download=cfg.download, split="train", strict=cfg.strict, progress=not quiet)
+        # rank 0 loads (and downloads, if asked) first, so that ranks never race on the data directory
+        data = dctx.main_first(lambda: load_dataset(
+            cfg.data, image_size=cfg.image_size, channels=cfg.channels, data_dir=cfg.data_dir,
+            download=cfg.download, split="train", strict=cfg.strict, progress=not quiet))
         if data.images.shape[1:] != (cfg.channels, cfg.image_size, cfg.image_size):
             raise ConfigError(f"the data has shape {tuple(data.images.shape[1:])}, the model expects "
                               f"{(cfg.channels, cfg.image_size, cfg.image_size)}")
@@ -362,16 +385,30 @@ class Trainer:
         self.skipped_steps = 0  # steps skipped by skip_nonfinite, over the whole run
         self.last_step_skipped = False
         self.wall_offset = 0.0
-        self.forward = torch.compile(self.model) if cfg.compile else self.model
+        if dctx.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            # the same seed gives every rank the same initial weights; DDP also broadcasts rank 0's
+            self.ddp = DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        else:
+            self.ddp = self.model
+        self.forward = torch.compile(self.ddp) if cfg.compile else self.ddp
 
         if ckpt is not None:
             self._restore(ckpt)
             self.log(f"resuming {self.run_dir} from step {self.step} ({ckpt.path.name})")
-        else:
-            prepare_run_dir(self.run_dir, resume=False)
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-        write_config(self.run_dir, cfg.to_json())
-        self.metrics = MetricsLog(self.run_dir / "metrics.csv", resume_step=self.step if ckpt else None)
+
+        def prepare():  # rank 0 alone writes in the run directory
+            if not dctx.is_main:
+                return None
+            if ckpt is None:
+                prepare_run_dir(self.run_dir, resume=False)
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+            write_config(self.run_dir, cfg.to_json())
+            return MetricsLog(self.run_dir / "metrics.csv", resume_step=self.step if ckpt else None)
+
+        self.metrics = dctx.main_first(prepare)
 
     # ------------------------------------------------------------------ state
     def _train_state(self) -> dict:
@@ -413,7 +450,9 @@ class Trainer:
         for g in self.optimizer.param_groups:
             g["lr"] = _lr_at(self.cfg, self.step)
 
-    def save(self) -> Path:
+    def save(self) -> Path | None:
+        if not self.dist.is_main:
+            return None
         return save_checkpoint(
             self.run_dir, self.step,
             model_state=self.model.state_dict(),
@@ -429,24 +468,44 @@ class Trainer:
         lr = _lr_at(cfg, self.step)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
-        x0 = self.batcher.next_batch()
+        dctx = self.dist
+        x0 = self.batcher.next_batch(rank=dctx.rank, world_size=dctx.world_size)
+        # The timesteps and noise of the whole global batch come from one stream, drawn identically on every
+        # rank (t first, then the noise, as training_losses would draw them); each rank takes its slice. The
+        # run is then the same on any number of processes, up to the order of floating-point sums.
+        B, per = cfg.batch_size, x0.shape[0]
+        t_all = sample_timesteps(B, cfg.T, generator=self.gen, device=self.device)
+        noise_all = torch.randn((B,) + tuple(x0.shape[1:]), generator=self.gen, device=self.gen.device,
+                                dtype=x0.dtype).to(self.device)
+        lo = dctx.rank * per
         self.model.train()
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-            losses, t = training_losses(self.forward, self.schedule, x0, objective=cfg.objective, generator=self.gen)
-        loss = losses.mean()
+            losses, t = training_losses(self.forward, self.schedule, x0, objective=cfg.objective,
+                                        t=t_all[lo:lo + per], noise=noise_all[lo:lo + per])
+        loss = losses.mean()  # DDP averages the gradients over ranks: the gradient of the global mean
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+        # after DDP's all-reduce, so the norm and the clipping are the same on every rank
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)  # the norm before clipping
+        if dctx.enabled:  # every rank sees the losses of the whole global batch (for the check and the metrics)
+            losses = dctx.all_gather_cat(losses.detach())
+            t = dctx.all_gather_cat(t)
+            loss = losses.mean()
         loss_ok, norm_ok = bool(torch.isfinite(loss)), bool(torch.isfinite(grad_norm))
+        bad = not (loss_ok and norm_ok and grad_norm.item() <= MAX_GRAD_NORM)
+        if dctx.enabled:  # all ranks stop or skip together
+            bad = dctx.any(bad, self.device)
         self.last_step_skipped = False
-        if not (loss_ok and norm_ok and grad_norm.item() <= MAX_GRAD_NORM):
+        if bad:
             if not loss_ok:
                 what = f"the loss became {loss.item()}"
             elif not norm_ok:
                 what = f"the gradient norm became {grad_norm.item()}"
-            else:
+            elif grad_norm.item() > MAX_GRAD_NORM:
                 what = f"the gradient norm exploded to {grad_norm.item():.3g} (> {MAX_GRAD_NORM:.0e})"
+            else:
+                what = "a non-finite value appeared on another process"
             if not cfg.skip_nonfinite:
                 raise NonFiniteError(
                     f"{what} at step {self.step + 1}; training stopped and the last checkpoint in "
@@ -471,7 +530,7 @@ class Trainer:
         from .plots import save_grid
         from .sampling import ddim_sample
 
-        if self.cfg.num_samples <= 0:
+        if self.cfg.num_samples <= 0 or not self.dist.is_main:
             return None
         model = copy.deepcopy(self.model).eval()  # a copy draws nothing from the random generators
         model.load_state_dict(self.ema.state_dict())
@@ -483,6 +542,15 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> dict:
+        cfg = self.cfg
+        from tqdm import tqdm
+
+        try:
+            return self._run()
+        finally:
+            distributed.leave()  # the process group this trainer joined, if any, also on an error
+
+    def _run(self) -> dict:
         cfg = self.cfg
         from tqdm import tqdm
 
@@ -507,7 +575,8 @@ class Trainer:
                    "img_per_s": img_s, "wall_s": self.wall_offset + time.perf_counter() - self._t0}
             for i, (v, n) in enumerate(zip((bucket_sum / bucket_n.clamp(min=1)).tolist(), bucket_n.tolist())):
                 row[f"loss_t{i}"] = v if n > 0 else None
-            self.metrics.append(row)
+            if self.metrics is not None:  # rank 0 only
+                self.metrics.append(row)
             bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{img_s:.0f}", refresh=False)
             window_loss.zero_(), bucket_sum.zero_(), bucket_n.zero_()
             window_steps, window_t0 = 0, time.perf_counter()
@@ -515,7 +584,8 @@ class Trainer:
 
         try:
             while self.step < cfg.steps:
-                if cfg.time_limit is not None and time.perf_counter() - self._t0 >= cfg.time_limit:
+                if cfg.time_limit is not None and self.dist.any(time.perf_counter() - self._t0 >= cfg.time_limit,
+                                                                self.device):  # all ranks stop together
                     stop_reason = "time_limit"
                     break
                 losses, t, grad_norm, lr = self.train_step()
@@ -536,11 +606,14 @@ class Trainer:
                 last_loss = flush_window(lr, grad_norm)
         finally:
             bar.close()
-        if self.step > start_step or not any((self.run_dir / "checkpoints").glob("step_*")):
+        if not self.dist.is_main:
+            ckpt = None
+        elif self.step > start_step or not any((self.run_dir / "checkpoints").glob("step_*")):
             ckpt = self.save()
         else:
             ckpt = None
         grid = self.sample_grid()
+        self.dist.barrier()  # the other ranks wait for rank 0's last checkpoint and samples
         return {"step": self.step, "loss": last_loss, "stop": stop_reason, "checkpoint": ckpt, "grid": grid,
                 "seconds": time.perf_counter() - self._t0}
 
