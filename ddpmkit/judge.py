@@ -33,7 +33,6 @@ import inspect
 import json
 import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -430,26 +429,16 @@ class Judge:
 
 
 def _save_weights(net: nn.Module, path: Path, key: str, meta: dict, log=None) -> None:
-    from safetensors.torch import save_file
+    from .checkpoint import atomic_save_safetensors
 
-    tmp = None
+    state = {k: v.detach() for k, v in net.state_dict().items()}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".part")
-        os.close(fd)
-        state = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
-        save_file(state, tmp, metadata={"key": key, "format": f"ddpmkit-digits-judge-v{JUDGE_VERSION}", **meta})
-        os.replace(tmp, path)
-        tmp = None
-    except OSError as e:
+        atomic_save_safetensors(state, path,
+                                metadata={"key": key, "format": f"ddpmkit-digits-judge-v{JUDGE_VERSION}", **meta})
+    except (OSError, DdpmkitError) as e:  # a cache that cannot be written costs time next run, not a result
         if log is not None:
-            log(f"judge: could not cache the weights in {path} ({e.strerror or e})")
-    finally:
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
+            log(f"judge: could not cache the weights in {path} ({getattr(e, 'strerror', None) or e})")
 
 
 def _load_weights(net: nn.Module, path: Path, key: str) -> None:
