@@ -1145,7 +1145,8 @@ def load_model(run_dir_or_checkpoint, ema: bool = True, *, verify: bool = True):
 
 
 def load_schedule(run_dir_or_checkpoint):
-    """The run's NoiseSchedule, from ``config.json["diffusion"]`` ("schedule" and "T")."""
+    """The run's NoiseSchedule, from ``config.json["diffusion"]``: "schedule" (linear or cosine) and "T", or
+    explicit "betas" (the schedule of an imported model that is neither)."""
     from .schedule import NoiseSchedule
 
     kind, p = _classify(run_dir_or_checkpoint)
@@ -1159,6 +1160,11 @@ def load_schedule(run_dir_or_checkpoint):
     if type(diffusion) is not dict or "schedule" not in diffusion or "T" not in diffusion:
         raise CheckpointError(f"{cfg_path} has no 'diffusion' section with 'schedule' and 'T'")
     try:
+        if "betas" in diffusion:
+            schedule = NoiseSchedule.from_betas(diffusion["betas"], kind=str(diffusion["schedule"]))
+            if schedule.T != diffusion["T"]:
+                raise ValueError(f"{schedule.T} betas for T={diffusion['T']}")
+            return schedule
         return NoiseSchedule.from_name(diffusion["schedule"], diffusion["T"])
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{cfg_path}: bad diffusion settings: {e}") from e

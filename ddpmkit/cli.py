@@ -42,7 +42,9 @@ _TRAIN_HELP = {
     "objective": "what the network predicts: eps, x0 or v",
     "steps": "training steps",
     "time_limit": "stop after this many seconds of training (the run can be resumed)",
-    "batch_size": "images per step",
+    "batch_size": "images per optimizer step: the global batch, over all processes and micro-batches",
+    "grad_accum": "split each process's share of the batch into this many micro-batches, one forward and "
+                  "backward each, before one optimizer step: less memory, the same result",
     "lr": "Adam learning rate",
     "warmup": "linear learning-rate warm-up, in steps",
     "grad_clip": "clip the gradient norm to this (0: no clipping)",
@@ -288,6 +290,25 @@ def cmd_report(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------- diffusers
+def cmd_import_diffusers(args) -> int:
+    from .interop import import_diffusers
+
+    run = import_diffusers(args.source, args.out)
+    print(f"run: {run}")
+    print(f"sample with: ddpmkit sample {run} --sampler ddim --steps 50")
+    return 0
+
+
+def cmd_export_diffusers(args) -> int:
+    from .generate import check_run
+    from .interop import export_diffusers
+
+    check_run(args.run_dir)
+    export_diffusers(args.run_dir, args.out, ema=args.ema)
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="ddpmkit",
@@ -385,6 +406,26 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--t", default=None, metavar="T,T,...", help="timesteps for `plot forward`")
     pl.add_argument("--out", default=None, metavar="FILE", help="output PNG")
     pl.set_defaults(func=cmd_plot)
+
+    im = sub.add_parser("import-diffusers", help="turn a diffusers UNet2DModel (e.g. google/ddpm-cifar10-32) "
+                                                 "into a ddpmkit run",
+                        description="Read a diffusers UNet2DModel folder (config.json and safetensors or .bin "
+                                    "weights, with scheduler_config.json beside it or in scheduler/) or a hub id, "
+                                    "and write a ddpmkit run directory whose model gives the same outputs.")
+    im.add_argument("source", metavar="SOURCE", help="a local diffusers model folder, or a hub id when the hub "
+                                                     "can be reached")
+    im.add_argument("--out", required=True, metavar="RUN_DIR", help="the new run directory (must not exist or "
+                                                                    "be empty)")
+    im.set_defaults(func=cmd_import_diffusers)
+
+    ex = sub.add_parser("export-diffusers", help="write a run as a diffusers DDPMPipeline folder",
+                        description="Write a run's model and schedule as a diffusers DDPMPipeline folder "
+                                    "(model_index.json, unet/, scheduler/).")
+    ex.add_argument("run_dir", metavar="RUN_DIR")
+    ex.add_argument("--out", required=True, metavar="DIR", help="the new folder (must not exist or be empty)")
+    ex.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
+                    help="export the EMA weights (default: on)")
+    ex.set_defaults(func=cmd_export_diffusers)
     return p
 
 

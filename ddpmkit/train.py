@@ -7,6 +7,7 @@ exactly (weights, EMA, optimizer, step, every random state, the data order) goes
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import dataclasses
@@ -79,7 +80,8 @@ class TrainConfig:
     # optimisation
     steps: int = 5000
     time_limit: float | None = None  # seconds of training; the run ends at `steps` or here, whichever is first
-    batch_size: int = 32
+    batch_size: int = 32  # the global batch of one optimizer step, over all processes and micro-batches
+    grad_accum: int = 1  # micro-batches per step on each process (gradient accumulation)
     lr: float = 2e-3
     warmup: int = 50
     grad_clip: float = 1.0
@@ -147,8 +149,8 @@ class TrainConfig:
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
 
-        for name in ["image_size", "channels", "T", "steps", "batch_size", "log_every", "checkpoint_every",
-                     "sample_every", "keep", "sample_steps"]:
+        for name in ["image_size", "channels", "T", "steps", "batch_size", "grad_accum", "log_every",
+                     "checkpoint_every", "sample_every", "keep", "sample_steps"]:
             positive_int(name)
         if self.num_samples < 0:
             raise ConfigError(f"--num-samples must be >= 0, got {self.num_samples}")
@@ -182,7 +184,8 @@ PRESETS: dict[str, dict] = {
         base_channels=128, channel_mults=(1, 2, 2, 2), num_res_blocks=2, attention_resolutions=(16,),
         dropout=0.1, num_groups=32, num_heads=1,
         schedule="linear", T=1000, objective="eps",
-        steps=800_000, batch_size=128, lr=2e-4, warmup=5000, grad_clip=1.0, ema_decay=0.9999, ema_warmup=True,
+        steps=800_000, batch_size=128, grad_accum=1, lr=2e-4, warmup=5000, grad_clip=1.0, ema_decay=0.9999,
+        ema_warmup=True,
         log_every=100, checkpoint_every=10_000, sample_every=10_000, num_samples=64, sample_steps=100, keep=3,
     ),
     "digits": dict(
@@ -190,7 +193,8 @@ PRESETS: dict[str, dict] = {
         base_channels=16, channel_mults=(1, 2, 2), num_res_blocks=1, attention_resolutions=(),
         dropout=0.0, num_groups=8, num_heads=1,
         schedule="linear", T=1000, objective="eps",
-        steps=5000, batch_size=32, lr=2e-3, warmup=50, grad_clip=1.0, ema_decay=0.995, ema_warmup=True,
+        steps=5000, batch_size=32, grad_accum=1, lr=2e-3, warmup=50, grad_clip=1.0, ema_decay=0.995,
+        ema_warmup=True,
         log_every=25, checkpoint_every=500, sample_every=1000, num_samples=64, sample_steps=50, keep=3,
     ),
 }
@@ -273,6 +277,31 @@ class EMA:
         self.num_updates = int(num_updates)
 
 
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    # the splitmix64 finaliser: a bijection of 64-bit integers in which every input bit reaches every output bit
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def dropout_seed(seed: int, rank: int, step: int) -> int:
+    """The seed of the global generator (the dropout masks) on process ``rank`` for training step ``step``.
+
+    A hash of the three numbers, so that nearby seeds, ranks and steps give unrelated streams (``seed + rank``
+    would hand rank 1 of seed 0 the stream of rank 0 of seed 1).
+    """
+    return _splitmix64(_splitmix64(_splitmix64(seed & _MASK64) ^ rank) ^ step)
+
+
+def seed_dropout(seed: int, rank: int, step: int) -> None:
+    """Seed the global generators (CPU and every accelerator), which dropout draws from, for one rank and step."""
+    torch.manual_seed(dropout_seed(seed, rank, step))
+
+
 def _lr_at(cfg: TrainConfig, step: int) -> float:
     """Linear warm-up from lr/warmup to lr over the first `warmup` steps, then constant (DDPM appendix B)."""
     if cfg.warmup <= 0:
@@ -327,6 +356,11 @@ class Trainer:
         if cfg.batch_size % world:  # checked before joining the group: every rank stops here at once
             raise ConfigError(f"--batch-size {cfg.batch_size} (the global batch) is not divisible by the "
                               f"{world} processes of this run")
+        if (cfg.batch_size // world) % cfg.grad_accum:
+            raise ConfigError(f"--batch-size {cfg.batch_size} (the global batch) over {world} process"
+                              f"{'es' if world > 1 else ''} is {cfg.batch_size // world} images per process, "
+                              f"which --grad-accum {cfg.grad_accum} does not split evenly: use a batch size that "
+                              f"is a multiple of {world * cfg.grad_accum}")
         # Under torchrun (WORLD_SIZE > 1) join the process group; run() leaves it at the end, an error here too.
         self.dist = distributed.join(pick_device(cfg.device))
         try:
@@ -371,7 +405,8 @@ class Trainer:
                               f"{(cfg.channels, cfg.image_size, cfg.image_size)}")
         self.num_images = data.num_images
 
-        torch.manual_seed(cfg.seed)  # model initialisation and dropout draw from the global generator
+        # The same seed on every rank: identical initial weights. Dropout is reseeded per rank and step (train_step).
+        torch.manual_seed(cfg.seed)
         self.model = UNet(**cfg.model_config()).to(self.device)
         self.schedule = NoiseSchedule.from_name(cfg.schedule, cfg.T).to(self.device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr,
@@ -417,6 +452,7 @@ class Trainer:
             "ema_updates": self.ema.num_updates,
             "skipped_steps": self.skipped_steps,
             "wall_s": self.wall_offset + (time.perf_counter() - self._t0 if hasattr(self, "_t0") else 0.0),
+            # informative only: train_step reseeds the global generators from (seed, rank, step) at every step
             "torch_rng": torch.get_rng_state(),
             "gen": self.gen.get_state(),
             "batcher": self.batcher.state_dict(),
@@ -469,6 +505,10 @@ class Trainer:
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         dctx = self.dist
+        # Dropout masks come from a stream derived from (seed, rank, step), reseeded at every step: each rank
+        # draws its own masks (a shared seed would make them identical across ranks), a 1-process run stays
+        # reproducible, and a resume, on any number of processes, needs no per-rank state from the checkpoint.
+        seed_dropout(cfg.seed, dctx.rank, self.step)
         x0 = self.batcher.next_batch(rank=dctx.rank, world_size=dctx.world_size)
         # The timesteps and noise of the whole global batch come from one stream, drawn identically on every
         # rank (t first, then the noise, as training_losses would draw them); each rank takes its slice. The
@@ -478,13 +518,29 @@ class Trainer:
         noise_all = torch.randn((B,) + tuple(x0.shape[1:]), generator=self.gen, device=self.gen.device,
                                 dtype=x0.dtype).to(self.device)
         lo = dctx.rank * per
+        t_rank, noise_rank = t_all[lo:lo + per], noise_all[lo:lo + per]
+        # Gradient accumulation: the rank's share in K micro-batches, each loss scaled by 1/K so that the summed
+        # gradient is that of the mean over the share (and, after DDP's average over ranks, of the global mean).
+        # DDP all-reduces only in the last backward; the earlier ones accumulate locally under no_sync().
+        K = cfg.grad_accum
+        m = per // K
         self.model.train()
-        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-            losses, t = training_losses(self.forward, self.schedule, x0, objective=cfg.objective,
-                                        t=t_all[lo:lo + per], noise=noise_all[lo:lo + per])
-        loss = losses.mean()  # DDP averages the gradients over ranks: the gradient of the global mean
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        parts_losses, parts_t = [], []
+        for k in range(K):
+            sl = slice(k * m, (k + 1) * m)
+            sync = k == K - 1 or not dctx.enabled
+            with contextlib.nullcontext() if sync else self.ddp.no_sync():
+                with torch.autocast(self.device.type, dtype=self.autocast_dtype,
+                                    enabled=self.autocast_dtype is not None):
+                    losses_k, t_k = training_losses(self.forward, self.schedule, x0[sl], objective=cfg.objective,
+                                                    t=t_rank[sl], noise=noise_rank[sl])
+                (losses_k.mean() / K).backward()
+            parts_losses.append(losses_k.detach())
+            parts_t.append(t_k)
+        losses = parts_losses[0] if K == 1 else torch.cat(parts_losses)
+        t = parts_t[0] if K == 1 else torch.cat(parts_t)
+        loss = losses.mean()
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
         # after DDP's all-reduce, so the norm and the clipping are the same on every rank
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)  # the norm before clipping

@@ -27,7 +27,7 @@ from torch import nn
 
 from .errors import ConfigError
 
-__all__ = ["UNet", "timestep_embedding", "UNET_PRESETS", "unet_from_preset"]
+__all__ = ["UNet", "timestep_embedding", "UNET_PRESETS", "DOWNSAMPLE_PADDINGS", "unet_from_preset"]
 
 # The official code normalises with tf.contrib group_norm, whose epsilon is 1e-6 (PyTorch's default is 1e-5).
 _GN_EPS = 1e-6
@@ -45,6 +45,10 @@ UNET_PRESETS: dict[str, dict] = {
         "dropout": 0.1,
         "num_groups": 32,
         "num_heads": 1,
+        "norm_eps": 1e-6,
+        "downsample_padding": "symmetric",
+        "flip_sin_to_cos": False,
+        "freq_shift": 1.0,
     },
     # 16x16 grayscale digits, chosen for quality per CPU-second: of 10 widths/depths trained for the same
     # CPU time (60 s, batch 64), this one reached the lowest held-out eps-MSE. 267,313 parameters.
@@ -59,31 +63,42 @@ UNET_PRESETS: dict[str, dict] = {
         "dropout": 0.0,
         "num_groups": 8,
         "num_heads": 1,
+        "norm_eps": 1e-6,
+        "downsample_padding": "symmetric",
+        "flip_sin_to_cos": False,
+        "freq_shift": 1.0,
     },
 }
 
 
-def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+def timestep_embedding(t: torch.Tensor, dim: int, *, flip_sin_to_cos: bool = False,
+                       freq_shift: float = 1.0) -> torch.Tensor:
     """Sinusoidal embedding of timesteps ``t`` [B] (integer or float) -> float32 [B, dim].
 
     DDPM appendix B / official ``get_timestep_embedding``: with ``half = dim // 2``,
-    ``freq_k = exp(-ln(10000) * k / (half - 1))`` for k = 0..half-1, the embedding is
-    ``[sin(t * freq), cos(t * freq)]`` (sines first), zero-padded by one column when ``dim`` is odd.
+    ``freq_k = exp(-ln(10000) * k / (half - freq_shift))`` for k = 0..half-1 (``freq_shift = 1`` in DDPM), the
+    embedding is ``[sin(t * freq), cos(t * freq)]`` (sines first; cosines first with ``flip_sin_to_cos``),
+    zero-padded by one column when ``dim`` is odd. The two options exist to load models trained with the other
+    conventions (``freq_shift = 0`` and cosines first are common in later models).
     """
     if dim < 4:
         raise ValueError(f"timestep embedding dim must be >= 4, got {dim}")
     half = dim // 2
+    if not half - freq_shift > 0:
+        raise ValueError(f"timestep embedding freq_shift must be below dim // 2 = {half}, got {freq_shift}")
     k = torch.arange(half, device=t.device, dtype=torch.float32)
-    freqs = torch.exp(k * (-math.log(10000.0) / (half - 1)))  # Transformer positional encoding, as in DDPM
+    # Transformer positional encoding, as in DDPM
+    freqs = torch.exp(k * (-math.log(10000.0) / (half - freq_shift)))
     args = t.to(torch.float32)[:, None] * freqs[None, :]
-    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+    parts = [torch.cos(args), torch.sin(args)] if flip_sin_to_cos else [torch.sin(args), torch.cos(args)]
+    emb = torch.cat(parts, dim=1)
     if dim % 2:
         emb = F.pad(emb, (0, 1))  # official code: zero-pad an odd width
     return emb
 
 
-def _group_norm(channels: int, num_groups: int) -> nn.GroupNorm:
-    return nn.GroupNorm(num_groups, channels, eps=_GN_EPS)  # DDPM appendix B: group normalisation
+def _group_norm(channels: int, num_groups: int, eps: float = _GN_EPS) -> nn.GroupNorm:
+    return nn.GroupNorm(num_groups, channels, eps=eps)  # DDPM appendix B: group normalisation
 
 
 class ResBlock(nn.Module):
@@ -93,12 +108,13 @@ class ResBlock(nn.Module):
     The caller passes ``SiLU(temb)`` already computed, since every block applies the same SiLU.
     """
 
-    def __init__(self, in_ch: int, out_ch: int, temb_ch: int, dropout: float, num_groups: int):
+    def __init__(self, in_ch: int, out_ch: int, temb_ch: int, dropout: float, num_groups: int,
+                 eps: float = _GN_EPS):
         super().__init__()
-        self.norm1 = _group_norm(in_ch, num_groups)
+        self.norm1 = _group_norm(in_ch, num_groups, eps)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.temb_proj = nn.Linear(temb_ch, out_ch)
-        self.norm2 = _group_norm(out_ch, num_groups)
+        self.norm2 = _group_norm(out_ch, num_groups, eps)
         self.dropout = dropout
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         # official code: a 1x1 conv ("nin") on the skip path only when the channel count changes
@@ -121,10 +137,10 @@ class AttnBlock(nn.Module):
     Works on the [B, H*W, C] token view, which costs no copy when the input is channels_last.
     """
 
-    def __init__(self, ch: int, num_heads: int, num_groups: int):
+    def __init__(self, ch: int, num_heads: int, num_groups: int, eps: float = _GN_EPS):
         super().__init__()
         self.num_heads = num_heads
-        self.norm = _group_norm(ch, num_groups)
+        self.norm = _group_norm(ch, num_groups, eps)
         self.qkv = nn.Linear(ch, 3 * ch)  # the three 1x1 convs ("nin") of the official code, fused
         self.proj = nn.Linear(ch, ch)
 
@@ -152,15 +168,21 @@ class ResAttnBlock(nn.Module):
 
 
 class Downsample(nn.Module):
-    """Stride-2 3x3 conv (official ``downsample`` with_conv=True)."""
+    """Stride-2 3x3 conv (official ``downsample`` with_conv=True).
 
-    def __init__(self, ch: int):
+    ``padding="symmetric"`` pads one pixel on every side. ``"asymmetric"`` pads one pixel on the bottom and the
+    right only, which is what the official TF code's 'SAME' padding does for a stride-2 3x3 conv on an even side,
+    and what the published DDPM checkpoints were trained with. Both give the same shapes and parameters.
+    """
+
+    def __init__(self, ch: int, padding: str = "symmetric"):
         super().__init__()
-        # The official TF code pads 'SAME' (one pixel, bottom/right only); symmetric padding gives the same
-        # shapes and parameter count and is what PyTorch ports commonly use.
-        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+        self.asymmetric = padding == "asymmetric"
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=0 if self.asymmetric else 1)
 
     def forward(self, x: torch.Tensor, temb_act: torch.Tensor | None = None) -> torch.Tensor:
+        if self.asymmetric:
+            x = F.pad(x, (0, 1, 0, 1))
         return self.conv(x)
 
 
@@ -189,6 +211,11 @@ class UNet(nn.Module):
         dropout: dropout rate inside every ResBlock, in [0, 1).
         num_groups: GroupNorm groups; every width must be divisible by it.
         num_heads: attention heads; every attention width must be divisible by it.
+        norm_eps: GroupNorm epsilon (1e-6, the official code's).
+        downsample_padding: ``symmetric`` (the default) or ``asymmetric`` (bottom/right, the official code's
+            'SAME'); see :class:`Downsample`.
+        flip_sin_to_cos, freq_shift: time-embedding conventions; see :func:`timestep_embedding`. The defaults
+            are DDPM's.
     """
 
     def __init__(
@@ -203,20 +230,27 @@ class UNet(nn.Module):
         dropout: float = 0.1,
         num_groups: int = 32,
         num_heads: int = 1,
+        norm_eps: float = _GN_EPS,
+        downsample_padding: str = "symmetric",
+        flip_sin_to_cos: bool = False,
+        freq_shift: float = 1.0,
     ):
         super().__init__()
         cfg = _validate(
             image_size=image_size, in_channels=in_channels, out_channels=out_channels,
             base_channels=base_channels, channel_mults=channel_mults, num_res_blocks=num_res_blocks,
             attention_resolutions=attention_resolutions, dropout=dropout, num_groups=num_groups,
-            num_heads=num_heads,
+            num_heads=num_heads, norm_eps=norm_eps, downsample_padding=downsample_padding,
+            flip_sin_to_cos=flip_sin_to_cos, freq_shift=freq_shift,
         )
         self.config = cfg  # plain JSON-serialisable constructor arguments; UNet.from_config(cfg) rebuilds
         ch, mults, groups = cfg["base_channels"], cfg["channel_mults"], cfg["num_groups"]
         attn_res, heads, p = set(cfg["attention_resolutions"]), cfg["num_heads"], cfg["dropout"]
+        eps = cfg["norm_eps"]
         temb_ch = 4 * ch  # DDPM appendix B / official code: time embedding width 4 * ch
         self.num_levels = len(mults)
         self.base_channels = ch
+        self._temb_kw = {"flip_sin_to_cos": cfg["flip_sin_to_cos"], "freq_shift": cfg["freq_shift"]}
 
         # official code: dense(ch -> 4ch), nonlinearity, dense(4ch -> 4ch)
         self.time_embed = nn.Sequential(nn.Linear(ch, temb_ch), nn.SiLU(), nn.Linear(temb_ch, temb_ch))
@@ -229,34 +263,34 @@ class UNet(nn.Module):
         for level, mult in enumerate(mults):
             out = ch * mult
             for _ in range(cfg["num_res_blocks"]):
-                attn = AttnBlock(out, heads, groups) if res in attn_res else None
-                self.down.append(ResAttnBlock(ResBlock(cur, out, temb_ch, p, groups), attn))
+                attn = AttnBlock(out, heads, groups, eps) if res in attn_res else None
+                self.down.append(ResAttnBlock(ResBlock(cur, out, temb_ch, p, groups, eps), attn))
                 cur = out
                 skip_chs.append(cur)
             if level != len(mults) - 1:
-                self.down.append(Downsample(cur))
+                self.down.append(Downsample(cur, cfg["downsample_padding"]))
                 skip_chs.append(cur)
                 res //= 2
 
         # Middle: ResBlock, attention, ResBlock (official code; attention here at every configuration).
-        self.mid_res1 = ResBlock(cur, cur, temb_ch, p, groups)
-        self.mid_attn = AttnBlock(cur, heads, groups)
-        self.mid_res2 = ResBlock(cur, cur, temb_ch, p, groups)
+        self.mid_res1 = ResBlock(cur, cur, temb_ch, p, groups, eps)
+        self.mid_attn = AttnBlock(cur, heads, groups, eps)
+        self.mid_res2 = ResBlock(cur, cur, temb_ch, p, groups, eps)
 
         # Up path: num_res_blocks + 1 ResBlocks per level, each eating one skip connection.
         self.up = nn.ModuleList()
         for level in reversed(range(len(mults))):
             out = ch * mults[level]
             for _ in range(cfg["num_res_blocks"] + 1):
-                attn = AttnBlock(out, heads, groups) if res in attn_res else None
-                self.up.append(ResAttnBlock(ResBlock(cur + skip_chs.pop(), out, temb_ch, p, groups), attn))
+                attn = AttnBlock(out, heads, groups, eps) if res in attn_res else None
+                self.up.append(ResAttnBlock(ResBlock(cur + skip_chs.pop(), out, temb_ch, p, groups, eps), attn))
                 cur = out
             if level != 0:
                 self.up.append(Upsample(cur))
                 res *= 2
         assert not skip_chs
 
-        self.norm_out = _group_norm(cur, groups)
+        self.norm_out = _group_norm(cur, groups, eps)
         self.conv_out = nn.Conv2d(cur, cfg["out_channels"], 3, padding=1)
         # Which up modules take a skip connection, precomputed to keep forward free of type checks.
         self._up_takes_skip = tuple(isinstance(m, ResAttnBlock) for m in self.up)
@@ -288,7 +322,7 @@ class UNet(nn.Module):
         elif t.shape != (B,):
             raise ValueError(f"t must be a scalar or have shape [{B}], got {list(t.shape)}")
 
-        emb = timestep_embedding(t, self.base_channels).to(self.conv_in.weight.dtype)
+        emb = timestep_embedding(t, self.base_channels, **self._temb_kw).to(self.conv_in.weight.dtype)
         temb_act = F.silu(self.time_embed(emb))  # SiLU(temb), shared by every ResBlock's projection
 
         h = self.conv_in(x)
@@ -330,7 +364,13 @@ _DEFAULTS = {
     "dropout": 0.1,
     "num_groups": 32,
     "num_heads": 1,
+    "norm_eps": _GN_EPS,
+    "downsample_padding": "symmetric",
+    "flip_sin_to_cos": False,
+    "freq_shift": 1.0,
 }
+
+DOWNSAMPLE_PADDINGS = ("symmetric", "asymmetric")
 
 
 def unet_from_preset(name: str, **overrides) -> UNet:
@@ -369,6 +409,19 @@ def _validate(**kw) -> dict:
     p = kw["dropout"]
     if isinstance(p, bool) or not isinstance(p, Real) or not 0.0 <= float(p) < 1.0:
         raise ConfigError(f"UNet dropout must be a number in [0, 1), got {p!r}")
+    eps = kw["norm_eps"]
+    if isinstance(eps, bool) or not isinstance(eps, Real) or not 0.0 < float(eps) < 1.0:
+        raise ConfigError(f"UNet norm_eps must be a number in (0, 1), got {eps!r}")
+    pad = kw["downsample_padding"]
+    if pad not in DOWNSAMPLE_PADDINGS:
+        raise ConfigError(f"UNet downsample_padding must be one of {', '.join(DOWNSAMPLE_PADDINGS)}, got {pad!r}")
+    flip = kw["flip_sin_to_cos"]
+    if not isinstance(flip, bool):
+        raise ConfigError(f"UNet flip_sin_to_cos must be true or false, got {flip!r}")
+    shift = kw["freq_shift"]
+    if isinstance(shift, bool) or not isinstance(shift, Real) or not math.isfinite(shift) \
+            or not float(shift) < ch // 2:
+        raise ConfigError(f"UNet freq_shift must be a number below base_channels // 2 = {ch // 2}, got {shift!r}")
 
     factor = 2 ** (len(mults) - 1)
     if image_size % factor:
@@ -395,4 +448,8 @@ def _validate(**kw) -> dict:
         "dropout": float(p),
         "num_groups": groups,
         "num_heads": heads,
+        "norm_eps": float(eps),
+        "downsample_padding": pad,
+        "flip_sin_to_cos": flip,
+        "freq_shift": float(shift),
     }

@@ -20,7 +20,8 @@ TINY = ["--image-size", "8", "--base-channels", "8", "--channel-mults", "1,2", "
         "--sample-steps", "5", "--log-every", "1", "--checkpoint-every", "2", "--quiet"]
 
 # Measured: the largest difference of any weight between 1 and 2 processes after 4 steps is ~3e-8 (float32
-# summation order in the gradient all-reduce). 1e-5 leaves a wide margin and still catches any real error
+# summation order in the gradient all-reduce), also with --grad-accum 2 on the 2 processes (2 images per
+# micro-batch against 8 in one batch on 1 process). 1e-5 leaves a wide margin and still catches any real error
 # (a wrong slice of the batch or of the noise moves weights by ~1e-3 at this learning rate).
 TOL = 1e-5
 
@@ -83,6 +84,23 @@ def test_two_ranks_give_the_weights_of_one(runs):
     assert [r.split(",")[0] for r in m1] == [r.split(",")[0] for r in m2]
     for a, b in zip(m1[1:], m2[1:]):
         assert abs(float(a.split(",")[1]) - float(b.split(",")[1])) < 1e-4
+
+
+def test_two_ranks_with_grad_accum_give_the_weights_of_one_rank_without(runs):
+    # 2 ranks x 2 micro-batches of 2 images against 1 rank x 1 batch of 8: the same weights and logged metrics
+    r = torchrun(*TINY, "--steps", "4", "--grad-accum", "2", "--out", str(runs / "two_accum"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    one, two = load_checkpoint(runs / "one"), load_checkpoint(runs / "two_accum")
+    assert one.step == two.step == 4
+    assert max_diff(one.model_state, two.model_state) < TOL
+    assert max_diff(one.ema_state, two.ema_state) < TOL
+    assert torch.equal(one.train_state["gen"], two.train_state["gen"])
+    m1 = [r.split(",") for r in (runs / "one" / "metrics.csv").read_text().splitlines()[1:]]
+    m2 = [r.split(",") for r in (runs / "two_accum" / "metrics.csv").read_text().splitlines()[1:]]
+    assert [a[0] for a in m1] == [b[0] for b in m2] == ["1", "2", "3", "4"]
+    for a, b in zip(m1, m2):  # loss of the global batch; the gradient norm of its mean (not K times it)
+        assert abs(float(a[1]) - float(b[1])) < 1e-4
+        assert float(b[3]) == pytest.approx(float(a[3]), rel=1e-4)
 
 
 def test_only_rank_zero_writes(runs):

@@ -250,3 +250,139 @@ def test_cli_eval_nll_writes_terms(tmp_path, capsys):
     with Image.open(run / "eval" / "nll_terms.png") as im:
         assert im.size[0] > 100
     assert main(["eval", "nll", str(run), "--n", "0"]) != 0
+
+
+# ---------------------------------------------------------------------------- gradient accumulation, dropout
+ACCUM = ["--image-size", "8", "--base-channels", "8", "--channel-mults", "1,2", "--num-res-blocks", "1",
+         "--num-groups", "4", "--T", "40", "--batch-size", "8", "--dropout", "0", "--num-samples", "0",
+         "--sample-steps", "5", "--log-every", "1", "--checkpoint-every", "2", "--quiet"]
+
+# Measured: after 4 steps the largest difference of any weight (and EMA weight) between --grad-accum 1 and 2
+# (also 4 and 8) is ~3e-8, float32 summation order in the accumulated gradients. 1e-5 leaves a wide margin and
+# still catches a real error (a wrong slice of the batch or of the noise moves weights by ~1e-4 .. 1e-3 here).
+ACCUM_TOL = 1e-5
+
+
+def _max_diff(a, b) -> float:
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+
+
+def _metrics(run):
+    rows = [r.split(",") for r in (run / "metrics.csv").read_text().splitlines()[1:]]
+    return [(int(r[0]), float(r[1]), float(r[3])) for r in rows]  # step, loss, grad_norm
+
+
+def test_grad_accum_gives_the_weights_of_one_batch(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(["train", *ACCUM, "--steps", "4", "--out", str(one)]) == 0
+    assert main(["train", *ACCUM, "--steps", "4", "--grad-accum", "2", "--out", str(two)]) == 0
+    assert json.loads((two / "config.json").read_text())["train"]["grad_accum"] == 2
+    a, b = load_checkpoint(one), load_checkpoint(two)
+    assert a.step == b.step == 4
+    assert _max_diff(a.model_state, b.model_state) < ACCUM_TOL
+    assert _max_diff(a.ema_state, b.ema_state) < ACCUM_TOL
+    k = next(k for k in a.model_state if k.endswith("conv_in.weight"))
+    assert not torch.equal(a.model_state[k], a.ema_state[k])  # not vacuous: the weights moved
+    assert torch.equal(a.train_state["gen"], b.train_state["gen"])  # the same noise draws
+    # the logged loss is that of the whole batch, and the gradient (norm) is that of its mean, not K times it
+    # (a gradient K times too large barely moves the weights: Adam and the clipping hide its scale)
+    ma, mb = _metrics(one), _metrics(two)
+    assert [r[0] for r in ma] == [r[0] for r in mb] == [1, 2, 3, 4]
+    for (_, la, ga), (_, lb, gb) in zip(ma, mb):
+        assert lb == pytest.approx(la, rel=1e-4) and gb == pytest.approx(ga, rel=1e-4)
+
+
+def test_grad_accum_resumes_exactly_and_old_configs_load_as_one(tmp_path):
+    straight, split, old = tmp_path / "straight", tmp_path / "split", tmp_path / "old"
+    assert main(["train", *ACCUM, "--steps", "4", "--grad-accum", "2", "--out", str(straight)]) == 0
+    # resume keeps the run's grad_accum from config.json
+    assert main(["train", *ACCUM, "--steps", "2", "--grad-accum", "2", "--out", str(split)]) == 0
+    assert main(["train", "--out", str(split), "--resume", "--steps", "4", "--quiet"]) == 0
+    assert json.loads((split / "config.json").read_text())["train"]["grad_accum"] == 2
+    a, b = load_checkpoint(straight), load_checkpoint(split)
+    for k in a.model_state:
+        assert torch.equal(a.model_state[k], b.model_state[k]), k
+        assert torch.equal(a.ema_state[k], b.ema_state[k]), k
+    # a config.json written before grad_accum existed resumes with 1 (the same run up to summation order)
+    assert main(["train", *ACCUM, "--steps", "2", "--grad-accum", "2", "--out", str(old)]) == 0
+    cfg = json.loads((old / "config.json").read_text())
+    del cfg["train"]["grad_accum"]
+    (old / "config.json").write_text(json.dumps(cfg))
+    assert main(["train", "--out", str(old), "--resume", "--steps", "4", "--quiet"]) == 0
+    assert json.loads((old / "config.json").read_text())["train"]["grad_accum"] == 1
+    c = load_checkpoint(old)
+    assert c.step == 4 and _max_diff(a.model_state, c.model_state) < ACCUM_TOL
+
+
+@pytest.mark.parametrize("extra,world,match", [
+    (["--grad-accum", "0"], None, "--grad-accum must be a positive integer, got 0"),
+    (["--grad-accum", "-2"], None, "--grad-accum must be a positive integer, got -2"),
+    (["--grad-accum", "3"], None, "--batch-size 8 (the global batch) over 1 process is 8 images per process, "
+                                  "which --grad-accum 3 does not split evenly: use a batch size that is a "
+                                  "multiple of 3"),
+    # checked before joining the process group, so WORLD_SIZE alone (no torchrun) is enough to reach it
+    (["--grad-accum", "8"], "2", "--batch-size 8 (the global batch) over 2 processes is 4 images per process, "
+                                 "which --grad-accum 8 does not split evenly: use a batch size that is a "
+                                 "multiple of 16"),
+])
+def test_bad_grad_accum_is_one_clear_error(tmp_path, capsys, monkeypatch, extra, world, match):
+    if world is not None:
+        monkeypatch.setenv("WORLD_SIZE", world)
+    run = tmp_path / "run"
+    rc = main(["train", *ACCUM, "--steps", "2", "--out", str(run), *extra])
+    err = capsys.readouterr().err.strip()
+    assert rc != 0
+    assert err == "ddpmkit: error: " + match
+    assert not run.exists()
+
+
+def test_dropout_differs_per_rank_but_initial_weights_do_not(tmp_path):
+    from ddpmkit.train import seed_dropout
+
+    cfg = tiny_cfg(dropout=0.5)
+    a = Trainer(cfg, tmp_path / "a", quiet=True)
+    seed_dropout(cfg.seed, 1, 0)  # what rank 1 leaves in the global generator must not reach the initialisation
+    b = Trainer(cfg, tmp_path / "b", quiet=True)
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    g = torch.Generator().manual_seed(3)
+    x, t = torch.randn((4, 1, 8, 8), generator=g), torch.randint(0, 40, (4,), generator=g)
+
+    # the dropout masks: the zeros of what enters each ResBlock's conv2 (dropout is applied right before it;
+    # the network's output cannot show them, its last convolutions start at zero)
+    masks = []
+    convs = [m.conv2 for m in a.model.modules() if hasattr(m, "conv2") and hasattr(m, "dropout")]
+    assert convs
+    for c in convs:
+        c.register_forward_pre_hook(lambda mod, args: masks.append(args[0] == 0))
+
+    def drawn(rank, step):  # what train_step does on `rank` at `step`: reseed, then a forward pass
+        masks.clear()
+        seed_dropout(cfg.seed, rank, step)
+        a.model.train()
+        with torch.no_grad():
+            a.model(x, t)
+        m = torch.cat([v.flatten() for v in masks])
+        assert 0.3 < m.float().mean().item() < 0.7  # dropout 0.5 is on
+        return m
+
+    assert torch.equal(drawn(0, 0), drawn(0, 0))  # repeatable
+    assert not torch.equal(drawn(0, 0), drawn(1, 0))  # another rank: other masks
+    assert not torch.equal(drawn(0, 0), drawn(0, 1))  # another step: other masks
+    assert not torch.equal(drawn(0, 0), drawn(1, 1))
+
+
+def test_dropout_on_one_process_is_reproducible(tmp_path, monkeypatch):
+    import ddpmkit.train as train_mod
+
+    calls = []
+    real = train_mod.seed_dropout
+    monkeypatch.setattr(train_mod, "seed_dropout", lambda *a: (calls.append(a), real(*a))[1])
+    runs = []
+    for name in ("a", "b"):
+        tr = Trainer(tiny_cfg(dropout=0.5), tmp_path / name, quiet=True)
+        for _ in range(3):
+            tr.train_step()
+        runs.append({k: v.clone() for k, v in tr.model.state_dict().items()})
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+    assert calls == [(0, 0, 0), (0, 0, 1), (0, 0, 2)] * 2  # (seed, rank, step): reseeded at every step

@@ -117,6 +117,41 @@ def test_timestep_embedding_large_t_and_width():
     assert torch.allclose(e[0].double(), ref, atol=1e-4)
 
 
+def test_timestep_embedding_other_conventions():
+    # freq_shift=0: freqs = exp(-ln(1e4) k / half); dim 4, t=1 -> freqs [1, 0.01]; flip puts the cosines first
+    e = timestep_embedding(torch.tensor([1]), 4, flip_sin_to_cos=True, freq_shift=0.0)
+    assert e[0].tolist() == pytest.approx([math.cos(1.0), math.cos(0.01), math.sin(1.0), math.sin(0.01)], abs=1e-6)
+    with pytest.raises(ValueError, match="freq_shift"):
+        timestep_embedding(torch.tensor([1]), 4, freq_shift=2.0)
+
+
+def test_asymmetric_downsample_pads_bottom_right_only():
+    # TF 'SAME' for a stride-2 3x3 conv on an even side: output pixel (i, j) reads input rows 2i..2i+2 and
+    # columns 2j..2j+2, zero beyond the bottom/right edge; symmetric padding reads rows 2i-1..2i+1 instead
+    torch.manual_seed(0)
+    model = UNet(image_size=8, base_channels=8, channel_mults=(1, 2), num_res_blocks=1, attention_resolutions=(),
+                 num_groups=4, downsample_padding="asymmetric")
+    with torch.no_grad():  # the zero-initialised output convs would hide any difference
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    down = next(m for m in model.down if type(m).__name__ == "Downsample")
+    x = torch.randn(1, 8, 8, 8)
+    w, b = down.conv.weight, down.conv.bias
+    xp = torch.zeros(1, 8, 9, 9)
+    xp[:, :, :8, :8] = x
+    ref = torch.empty(1, 8, 4, 4)
+    for i in range(4):
+        for j in range(4):
+            patch = xp[0, :, 2 * i:2 * i + 3, 2 * j:2 * j + 3]
+            ref[0, :, i, j] = (w * patch).sum(dim=(1, 2, 3)) + b
+    assert torch.allclose(down(x), ref, atol=1e-5)
+    sym = UNet(**{**model.config, "downsample_padding": "symmetric"})
+    sym.load_state_dict(model.state_dict())  # the same parameters, a different model
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        assert not torch.allclose(sym(x, torch.tensor([5, 9])), model(x, torch.tensor([5, 9])))
+
+
 def test_float_and_scalar_timesteps_match_integer_ones():
     model = _randomise(UNet(**TINY)).eval()
     x, t = _inputs(model)
@@ -257,6 +292,10 @@ def test_attention_heads():
         (dict(out_channels=2.5), "out_channels"),
         (dict(image_size=True), "image_size"),
         (dict(base_channels=2, num_groups=1), "base_channels"),
+        (dict(norm_eps=0.0), "norm_eps"),
+        (dict(downsample_padding="same"), "downsample_padding"),
+        (dict(flip_sin_to_cos=1), "flip_sin_to_cos"),
+        (dict(freq_shift=32), "freq_shift"),
     ],
 )
 def test_bad_configs_raise_config_error(kw, fragment):
