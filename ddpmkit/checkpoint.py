@@ -1085,7 +1085,8 @@ def _strip_wrappers(state: Mapping[str, Any], expected: Mapping[str, Any]) -> Ma
     return state
 
 
-def _check_matches(state: Mapping[str, Any], expected: Mapping[str, torch.Tensor], what: str) -> None:
+def check_state_matches(state: Mapping[str, Any], expected: Mapping[str, torch.Tensor], what: str) -> None:
+    """CheckpointError naming the missing, unexpected and mis-shaped keys of ``state`` against ``expected``."""
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     shapes = [
@@ -1136,7 +1137,7 @@ def load_model(run_dir_or_checkpoint, ema: bool = True, *, verify: bool = True):
     what = f"the {'EMA' if use_ema else 'model'} weights of checkpoint {ck.path}"
     expected = model.state_dict()
     state = _strip_wrappers(state, expected)
-    _check_matches(state, expected, what)
+    check_state_matches(state, expected, what)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:

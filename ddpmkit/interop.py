@@ -41,8 +41,8 @@ import numpy as np
 import torch
 
 from . import __version__
-from .checkpoint import (CONFIG_NAME, _check_matches, atomic_save_safetensors, atomic_write_json, load_model, load_safetensors,
-                         prepare_run_dir, read_config, save_checkpoint, write_config)
+from .checkpoint import (CONFIG_NAME, atomic_save_safetensors, atomic_write_json, check_state_matches, load_model,
+                         load_safetensors, prepare_run_dir, read_config, save_checkpoint, write_config)
 from .errors import CheckpointError, ConfigError
 from .unet import UNet
 
@@ -488,7 +488,7 @@ def import_diffusers(source: str, out_dir, *, log=print) -> Path:
     diffusion = diffusion_from_scheduler(scfg)
     state = state_from_diffusers(_load_weights(model_dir), cfg)
     model = UNet.from_config(cfg)
-    _check_matches(state, model.state_dict(), f"the weights in {model_dir}")
+    check_state_matches(state, model.state_dict(), f"the weights in {model_dir}")
     model.load_state_dict(state, strict=True)
 
     run = prepare_run_dir(out_dir, resume=False)
