@@ -75,6 +75,10 @@ def load_for_sampling(run_or_checkpoint, opt: SampleOptions, device):
     validate_options(opt, schedule.T)
     steps = opt.steps if opt.steps is not None else min(50, schedule.T)
     model = load_model(src, ema=opt.ema).to(device)
+    if torch.device(device).type == "cpu":
+        # channels_last on the CPU: side by side on an AVX2 CPU, DDIM over the CIFAR-10 model took 15-19% less
+        # time, over the small digits model the same time (bench/bench_sampling_vs_diffusers.py --channels-last)
+        model = model.to(memory_format=torch.channels_last)
     mc = model.config
     return model, schedule, objective, steps, (mc["in_channels"], mc["image_size"], mc["image_size"])
 
