@@ -343,3 +343,10 @@ def test_a_bin_that_is_not_just_tensors_is_refused(tmp_path, capsys):
 
     torch.save({"conv_in.weight": torch.zeros(1), "x": Planted()}, tmp_path / "m" / "diffusion_pytorch_model.bin")
     _bad(["import-diffusers", str(tmp_path / "m"), "--out", str(tmp_path / "r")], capsys, ".bin")
+
+
+def test_diffusers_leading_spacing_is_our_uniform_when_s_divides_t():
+    for S in (10, 50, 100, 250):
+        sched = DDIMScheduler()  # timestep_spacing="leading", steps_offset=0: the DDIM paper's range(0, T, T // S)
+        sched.set_timesteps(S)
+        assert sched.timesteps.tolist()[::-1] == list(ddim_timesteps(1000, S, "uniform")), S
