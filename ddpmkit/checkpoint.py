@@ -1002,16 +1002,28 @@ def load_checkpoint(path_or_run_dir, *, verify: bool = True, map_location="cpu")
 # ============================================================================ run directories
 
 
+def read_json_object(path) -> dict:
+    """A JSON file that must hold an object (duplicate keys refused); CheckpointError naming the file otherwise."""
+    path = Path(path)
+    obj = _read_json(path)
+    if type(obj) is not dict:
+        raise CheckpointError(f"{path} does not hold a JSON object")
+    return obj
+
+
+def run_dir_of(path) -> Path:
+    """The run directory of ``path``: itself when it holds a config.json, else RUN for RUN/checkpoints/step_N."""
+    p = Path(path)
+    return p if (p / CONFIG_NAME).is_file() else p.parent.parent
+
+
 def read_config(run_dir) -> dict:
     """The run's config.json as a dict; CheckpointError if it is missing or not valid JSON."""
     run_dir = _require_dir(run_dir)
     path = run_dir / CONFIG_NAME
     if not path.is_file():
         raise CheckpointError(f"{run_dir} is not a ddpmkit run directory (no {CONFIG_NAME})")
-    config = _read_json(path)
-    if type(config) is not dict:
-        raise CheckpointError(f"{path} does not hold a JSON object")
-    return config
+    return read_json_object(path)
 
 
 def write_config(run_dir, config: Mapping) -> Path:

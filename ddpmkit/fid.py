@@ -371,13 +371,13 @@ def reference_stats(extractor, images: torch.Tensor, *, cache_dir=None, use_cach
 
 def _sample_batches(run_dir, opt, *, n: int, batch_size: int, seed: int, device, shape_check=None):
     """Batches of uint8 samples from the run (quantized before scoring); never more than one batch held."""
-    from .checkpoint import read_config
-    from .generate import _run_of, load_for_sampling
+    from .checkpoint import read_config, run_dir_of
+    from .generate import load_for_sampling
     from .images import to_uint8
     from .sampling import sample
 
     model, schedule, objective, steps, chw = load_for_sampling(run_dir, opt, device)
-    config = read_config(_run_of(Path(run_dir)))
+    config = read_config(run_dir_of(run_dir))
     if shape_check is not None:
         shape_check(chw)
     g = torch.Generator(device="cpu").manual_seed(seed)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import load_model, load_schedule, read_config
+from .checkpoint import load_model, load_schedule, read_config, run_dir_of
 from .errors import CheckpointError, ConfigError, DdpmkitError
 from .images import to_uint8
 from .sampling import SAMPLERS, SPACINGS, ddim_timesteps, num_model_calls, sample
@@ -36,11 +36,6 @@ class SampleOptions:
     ema: bool = True
     gif_samples: int = 8
     gif_frames: int = 40
-
-
-def _run_of(path: Path) -> Path:
-    p = Path(path)
-    return p if (p / "config.json").is_file() else p.parent.parent
 
 
 def validate_options(opt: SampleOptions, T: int) -> None:
@@ -69,7 +64,7 @@ def load_for_sampling(run_or_checkpoint, opt: SampleOptions, device):
     Returns ``(model, schedule, objective, steps, (C, H, W))``, where ``steps`` is the DDIM step count to use.
     """
     src = Path(run_or_checkpoint)
-    config = read_config(_run_of(src))
+    config = read_config(run_dir_of(src))
     objective = (config.get("diffusion") or {}).get("objective", "eps")
     schedule = load_schedule(src)
     validate_options(opt, schedule.T)
@@ -157,7 +152,7 @@ def default_out_dir(run_dir, opt: SampleOptions) -> Path:
         tag = f"ddpm-{opt.variance}"
     else:
         tag = f"ddim-{opt.steps if opt.steps is not None else 50}-eta{opt.eta:g}-{opt.spacing}"
-    return _run_of(Path(run_dir)) / "samples" / f"{tag}-seed{opt.seed}"
+    return run_dir_of(Path(run_dir)) / "samples" / f"{tag}-seed{opt.seed}"
 
 
 def check_run(path) -> None:
@@ -165,4 +160,4 @@ def check_run(path) -> None:
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"{p} does not exist")
-    read_config(_run_of(p))
+    read_config(run_dir_of(p))

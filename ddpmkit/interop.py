@@ -32,7 +32,6 @@ Inside a ResNet block ``temb_proj`` is ``time_emb_proj`` and ``skip`` is ``conv_
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any, Mapping
@@ -41,8 +40,8 @@ import numpy as np
 import torch
 
 from . import __version__
-from .checkpoint import (CONFIG_NAME, atomic_save_safetensors, atomic_write_json, check_state_matches, load_model,
-                         load_safetensors, prepare_run_dir, read_config, save_checkpoint, write_config)
+from .checkpoint import (atomic_save_safetensors, atomic_write_json, check_state_matches, load_model, load_safetensors,
+                         prepare_run_dir, read_config, read_json_object, run_dir_of, save_checkpoint, write_config)
 from .errors import CheckpointError, ConfigError
 from .unet import UNet
 
@@ -404,16 +403,9 @@ def state_to_diffusers(state: Mapping[str, torch.Tensor], cfg: Mapping) -> dict[
 # ---------------------------------------------------------------------------------------------- files
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from e
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON: {e}") from e
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{path} does not hold a JSON object")
-    return obj
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -436,8 +428,7 @@ def resolve_source(source: str) -> Path:
     try:
         return Path(snapshot_download(str(source), allow_patterns=["*.json", "*.safetensors", "*.bin"]))
     except Exception as e:  # network, authentication, missing repository: all end the same way for the user
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"could not download {source} from the hub ({reason}); download it where the hub "
+        raise CheckpointError(f"could not download {source} from the hub ({_first_line(e)}); download it where the hub "
                               "can be reached and pass its local folder") from None
 
 
@@ -464,8 +455,7 @@ def _load_weights(model_dir: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(binf, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, ValueError, EOFError) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"cannot read the weights in {binf}: {reason}") from None
+        raise CheckpointError(f"cannot read the weights in {binf}: {_first_line(e)}") from None
     except Exception as e:  # the unpickler refuses anything but tensors and containers
         raise CheckpointError(f"cannot read the weights in {binf} safely: {type(e).__name__}") from None
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -481,10 +471,10 @@ def import_diffusers(source: str, out_dir, *, log=print) -> Path:
     """
     root = resolve_source(source)
     model_dir = _find_model_dir(root)
-    dcfg = _read_json(model_dir / "config.json")
+    dcfg = read_json_object(model_dir / "config.json")
     cfg = unet_config_from_diffusers(dcfg)
     sched_path = _find_scheduler(root, model_dir)
-    scfg = _read_json(sched_path) if sched_path is not None else {}
+    scfg = read_json_object(sched_path) if sched_path is not None else {}
     diffusion = diffusion_from_scheduler(scfg)
     state = state_from_diffusers(_load_weights(model_dir), cfg)
     model = UNet.from_config(cfg)
@@ -515,7 +505,7 @@ def export_diffusers(run_dir, out_dir, *, ema: bool = True, log=print) -> Path:
     """Write a ddpmkit run as a diffusers ``DDPMPipeline`` folder: ``model_index.json``, ``unet/`` (config and
     safetensors weights) and ``scheduler/scheduler_config.json``. ``out_dir`` must not exist or be empty."""
     model = load_model(run_dir, ema=ema)
-    config = read_config(run_dir if (Path(run_dir) / CONFIG_NAME).is_file() else Path(run_dir).parent.parent)
+    config = read_config(run_dir_of(run_dir))
     diffusion = config.get("diffusion") or {}
     dcfg = diffusers_config_from_unet(model.config)
     scfg = scheduler_from_diffusion(diffusion)
