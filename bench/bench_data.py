@@ -23,7 +23,7 @@ from ddpmkit.data import Batcher, load_dataset
 
 
 class _SmallConvNet(nn.Module):
-    """Stand-in for the U-Net when ``ddpmkit.unet`` is not available: a few convolutions, t ignored."""
+    """Stand-in for the U-Net when ``ddpmkit.models.unet`` is not available: a few convolutions, t ignored."""
 
     def __init__(self, channels: int, width: int = 64):
         super().__init__()
@@ -40,9 +40,9 @@ class _SmallConvNet(nn.Module):
 
 def make_model(image_size: int, channels: int) -> tuple[nn.Module, str]:
     try:
-        from ddpmkit.unet import UNet
+        from ddpmkit.models.unet import UNet
     except ImportError:
-        return _SmallConvNet(channels), "small conv net (ddpmkit.unet not found)"
+        return _SmallConvNet(channels), "small conv net (ddpmkit.models.unet not found)"
     cfg = dict(base_channels=32, channel_mults=(1, 2), num_res_blocks=1, attention_resolutions=(),
                dropout=0.0, num_groups=8)
     model = UNet(image_size, channels, **cfg)

@@ -28,6 +28,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import digits_judge as dj  # noqa: E402
 
+from ddpmkit.metrics.digits import DEFAULT_EPOCHS, DEFAULT_SEED, DigitsError  # noqa: E402
+
 SAMPLERS = (("DDPM", "samples_ddpm"), ("DDIM", "samples_ddim"))
 
 
@@ -54,8 +56,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="where to run the demo (default: a new temporary folder, kept)")
     p.add_argument("--train-seconds", type=float, default=None, help="passed to ddpmkit demo")
     p.add_argument("--n", type=int, default=None, help="samples per sampler, passed to ddpmkit demo")
-    p.add_argument("--seed", type=int, default=dj.DEFAULT_SEED, help="seed of the judge")
-    p.add_argument("--epochs", type=int, default=dj.DEFAULT_EPOCHS, help="training epochs of the judge")
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of the judge")
+    p.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS, help="training epochs of the judge")
     p.add_argument("--cache-dir", default=None, help="judge cache (default $DDPMKIT_CACHE or ~/.cache/ddpmkit)")
     a = p.parse_args(argv)
     if a.epochs < 1:
@@ -67,20 +69,20 @@ def main(argv=None) -> int:
         if a.dir is not None:
             root = Path(a.dir).expanduser()
             if not root.is_dir():
-                raise dj.JudgeError(f"no such directory: {root}")
+                raise DigitsError(f"no such directory: {root}")
         else:
             root = Path(a.out).expanduser() if a.out else Path(tempfile.mkdtemp(prefix="ddpmkit-quality-")) / "demo"
             if root.exists() and any(root.iterdir()):
-                raise dj.JudgeError(f"{root} is not empty; give an empty or new folder, or judge it with --dir")
+                raise DigitsError(f"{root} is not empty; give an empty or new folder, or judge it with --dir")
             demo_rc = run_demo(root, a.train_seconds, a.n)
         found = [(name, root / sub) for name, sub in SAMPLERS
                  if (root / sub).is_dir() and any((root / sub).glob("*.png"))]
         if not found:
-            raise dj.JudgeError(f"no samples in {root}/samples_ddpm/ or {root}/samples_ddim/"
+            raise DigitsError(f"no samples in {root}/samples_ddpm/ or {root}/samples_ddim/"
                                 + (f" (ddpmkit demo exited with status {demo_rc})" if demo_rc else ""))
-        judge, rows = dj.judge_dirs([d for _, d in found], labels=[f"{name} ({d.name})" for name, d in found],
+        _, rows = dj.judge_dirs([d for _, d in found], labels=[f"{name} ({d.name})" for name, d in found],
                                     seed=a.seed, epochs=a.epochs, cache_dir=a.cache_dir)
-    except dj.JudgeError as e:
+    except DigitsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"demo folder: {root}")

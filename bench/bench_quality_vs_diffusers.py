@@ -14,7 +14,7 @@ contenders use the same N, and the "real, n=N" row gives the floor at that N.
 
 * ddpmkit: ``Trainer`` with ``config_from_preset("digits")`` (267,313 parameters; Adam lr 2e-3 with a 50-step
   warm-up, batch 32, gradient clipping 1.0, EMA 0.995 with warm-up), stepped with ``Trainer.train_step``,
-  as ``ddpmkit train --preset digits`` runs it; sampled with ``ddpmkit.sampling.ddim_sample``.
+  as ``ddpmkit train --preset digits`` runs it; sampled with ddpmkit's DDIM sampler.
 * diffusers: ``UNet2DModel`` with block_out_channels (16, 32, 32), one layer per block, DownBlock2D and
   UpBlock2D x3, 8 norm groups (267,313 parameters too, with its mid-block attention, as ours has), trained the
   way diffusers' unconditional training example trains: AdamW lr 1e-4, betas (0.95, 0.999), weight decay
@@ -102,12 +102,13 @@ class Ours:
         return copy.deepcopy(self.trainer.ema.state_dict())
 
     def sample(self, snap, x_T: torch.Tensor, steps: int) -> torch.Tensor:
-        from ddpmkit.sampling import ddim_sample
-        from ddpmkit.unet import UNet
+        from ddpmkit.diffusion import Denoiser
+        from ddpmkit.samplers import sample
+        from ddpmkit.models.unet import UNet
 
         model = UNet(**self.cfg.model_config()).eval()
         model.load_state_dict(snap)
-        return ddim_sample(model, self.trainer.schedule, tuple(x_T.shape), steps=steps, eta=0.0, x_T=x_T)
+        return sample(Denoiser(model, self.trainer.schedule), x_T, sampler="ddim", steps=steps, eta=0.0)
 
 
 class Peer:
@@ -254,6 +255,8 @@ def main(argv=None) -> int:
 
     import digits_judge as dj
 
+    from ddpmkit.metrics.digits import DigitsClassifier
+
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
     concurrent = not args.sequential and len(cores) >= 2
     how = (f"concurrently, pinned to cores {cores[0]} and {cores[1]}, 1 thread each" if concurrent else
@@ -276,8 +279,8 @@ def main(argv=None) -> int:
         res = {name: torch.load(paths[name]) for name in CONTENDERS}
     print(f"training and sampling took {time.perf_counter() - t0:.0f} s wall; load average {os.getloadavg()[0]:.2f}")
 
-    judge = dj.Judge.load_or_train(log=lambda m: print(m, file=sys.stderr))
-    dj.describe_judge(judge)
+    judge = DigitsClassifier.load_or_train(log=lambda m: print(m, file=sys.stderr))
+    dj.describe_classifier(judge)
     rows, fd = judge.reference_rows(ns=[args.n]), {}
     for i, minutes in enumerate(args.minutes):
         for name in CONTENDERS:

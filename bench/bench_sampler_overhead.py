@@ -4,7 +4,7 @@
     python bench/bench_sampler_overhead.py --preset digits --n 256   # the small digits model (seconds)
     python bench/bench_sampler_overhead.py --n 8 --steps 5 --rounds 2 --threads 1   # a quick smoke test
 
-Times ``ddpmkit.sampling.ddim_sample`` (eta 0) over ``unet_from_preset(--preset)`` (in channels_last, as
+Times ``ddpmkit.samplers.sample(..., sampler="ddim")`` (eta 0, through a Denoiser) over ``unet_from_preset(--preset)`` (in channels_last, as
 ``ddpmkit sample`` runs it on the CPU, unless ``--nchw``) and, alternating with it
 (forwards then DDIM, then DDIM then forwards, ...), ``--forwards`` standalone network forwards at the same
 batch under ``torch.inference_mode``. The overhead is the DDIM wall time over (steps x one forward): 1.00
@@ -32,9 +32,10 @@ import torch  # noqa: E402
 
 from bench_sampling_vs_diffusers import TimedCalls, forward_timer, our_model, overhead_lines, timed  # noqa: E402
 from bench_train_vs_diffusers import all_cores  # noqa: E402
-from ddpmkit.sampling import ddim_sample  # noqa: E402
-from ddpmkit.schedule import NoiseSchedule  # noqa: E402
-from ddpmkit.unet import UNET_PRESETS  # noqa: E402
+from ddpmkit.diffusion import Denoiser  # noqa: E402
+from ddpmkit.samplers import sample  # noqa: E402
+from ddpmkit.diffusion import NoiseSchedule  # noqa: E402
+from ddpmkit.models.unet import UNET_PRESETS  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -75,7 +76,7 @@ def main(argv=None) -> int:
                 fwd += [timed(forward) for _ in range(args.forwards)]
                 continue
             wrapped.seconds = 0.0
-            ddim.append(timed(lambda: ddim_sample(wrapped, schedule, shape, steps=args.steps, x_T=x_T)))
+            ddim.append(timed(lambda: sample(Denoiser(wrapped, schedule), x_T, sampler="ddim", steps=args.steps)))
             inside.append(wrapped.seconds)
             print(f"  round {r + 1} DDIM {ddim[-1]:8.3f} s, {(1 - inside[-1] / ddim[-1]) * 100:5.2f}% of it "
                   f"outside the network calls   load {os.getloadavg()[0]:.2f}", flush=True)

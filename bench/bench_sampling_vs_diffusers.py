@@ -5,7 +5,7 @@
     python bench/bench_sampling_vs_diffusers.py --nchw               # ddpmkit's model in NCHW, not channels_last
     python bench/bench_sampling_vs_diffusers.py --peer-channels-last # diffusers' model in channels_last too
 
-Ours is ``ddpmkit.sampling.ddim_sample`` (eta 0, uniform spacing) over ``unet_from_preset("cifar10")`` in
+Ours is ``ddpmkit.samplers.sample(Denoiser(...), sampler="ddim")`` (eta 0, uniform spacing) over ``unet_from_preset("cifar10")`` in
 channels_last, as ``ddpmkit sample`` runs it on the CPU (``--nchw``: in the default layout). The peer is the
 loop a diffusers user writes (the one its DDIMPipeline runs): ``DDIMScheduler.set_timesteps(steps)``, then
 ``unet(x, t).sample`` and ``scheduler.step(eps, t, x, eta=0).prev_sample`` for each timestep, under
@@ -13,8 +13,8 @@ loop a diffusers user writes (the one its DDIMPipeline runs): ``DDIMScheduler.se
 diffusers' ``UNet2DModel`` in the configuration of google/ddpm-cifar10-32 (linear betas, clipped x0, the
 same 35,746,307 parameters). Both visit the same timesteps (0, 1000/S, ... for S steps, last step to
 alpha_bar = 1) from the same x_T; the script first checks on a small model that diffusers' scheduler loop
-(with ``use_clipped_model_output=True``, the noise implied by the clipped x0, which ``ddim_sample`` uses; the
-timed loop keeps diffusers' default) and ``ddim_sample`` give the same samples from the same network.
+(with ``use_clipped_model_output=True``, the noise implied by the clipped x0, which the Denoiser gives; the
+timed loop keeps diffusers' default) and ours give the same samples from the same network.
 
 The two contenders alternate (ours, diffusers, diffusers, ours, ...) for ``--rounds`` rounds, after one
 untimed forward each; the speed ratio is the median over the rounds of each round's diffusers/ours wall-time
@@ -53,9 +53,10 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from bench_train_vs_diffusers import all_cores, diffusers_cifar10_unet, quiet_diffusers  # noqa: E402
-from ddpmkit.sampling import ddim_sample  # noqa: E402
-from ddpmkit.schedule import NoiseSchedule  # noqa: E402
-from ddpmkit.unet import unet_from_preset  # noqa: E402
+from ddpmkit.diffusion import Denoiser  # noqa: E402
+from ddpmkit.samplers import sample  # noqa: E402
+from ddpmkit.diffusion import NoiseSchedule  # noqa: E402
+from ddpmkit.models.unet import unet_from_preset  # noqa: E402
 
 
 def our_model(preset: str, channels_last: bool, seed: int = 0):
@@ -73,7 +74,7 @@ def our_model(preset: str, channels_last: bool, seed: int = 0):
 
 def ours_sampler(model, schedule: NoiseSchedule, steps: int):
     def run(x_T: torch.Tensor) -> torch.Tensor:
-        return ddim_sample(model, schedule, tuple(x_T.shape), steps=steps, eta=0.0, x_T=x_T)
+        return sample(Denoiser(model, schedule), x_T, sampler="ddim", steps=steps, eta=0.0)
     return run
 
 
@@ -96,12 +97,12 @@ def diffusers_sampler(unet, steps: int, *, output=lambda o: o.sample, clipped_ep
 
 
 def check_same_ddim(steps: int = 10) -> float:
-    """Max |difference| between ddim_sample and diffusers' DDIM loop over the same small network."""
+    """Max |difference| between our DDIM and diffusers' DDIM loop over the same small network."""
     model = our_model("digits", False, seed=1)
     sched = NoiseSchedule.from_name("linear", 1000)
     x_T = torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(2))
     a = ours_sampler(model, sched, steps)(x_T)
-    # ddim_sample takes the noise implied by the clipped x0 (use_clipped_model_output in diffusers' terms)
+    # the Denoiser gives the noise implied by the clipped x0 (use_clipped_model_output in diffusers' terms)
     b = diffusers_sampler(model, steps, output=lambda o: o, clipped_eps=True)(x_T)
     return float((a - b).abs().max())
 
@@ -170,7 +171,7 @@ def main(argv=None) -> int:
           f"{platform.processor() or platform.machine()}, {args.threads} threads, load average "
           f"{os.getloadavg()[0]:.2f}")
     diff = check_same_ddim()
-    print(f"same DDIM: max |ddim_sample - diffusers DDIMScheduler loop| over one small network = {diff:.2e}")
+    print(f"same DDIM: max |ddpmkit DDIM - diffusers DDIMScheduler loop| over one small network = {diff:.2e}")
 
     ours = our_model("cifar10", not args.nchw, args.seed)
     torch.manual_seed(args.seed)

@@ -93,9 +93,8 @@ def worker(args) -> dict:
     name = args.worker
     levers = name == "ddpmkit" or args.peer_levers
     if name == "ddpmkit":
-        from ddpmkit.diffusion import training_losses
-        from ddpmkit.schedule import NoiseSchedule
-        from ddpmkit.unet import unet_from_preset
+        from ddpmkit.diffusion import NoiseSchedule, training_losses
+        from ddpmkit.models import unet_from_preset
     else:
         quiet_diffusers()
         from diffusers import DDPMScheduler

@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from ddpmkit.unet import unet_from_preset
+from ddpmkit.models import unet_from_preset
 
 
 def peak_rss_mib() -> float:

@@ -9,7 +9,7 @@ finished and its final weights, EMA and optimizer state are compared with an uni
 configuration and seed (bit-identical on the CPU: a checkpoint holds every random state and the data order).
 
     OMP_NUM_THREADS=1 python bench/crash_safety.py [--kills 20] [--steps 600] [--checkpoint-every 2]
-                                                   [--max-delay 2.0] [--seed 0] [--workdir DIR]
+                                                   [--max-delay 2.0] [--seed 0] [--keep 3] [--workdir DIR]
 
 A kill lands a random time (uniform in [0, --max-delay] s) after the process has shown progress past the
 step it started from and at least one checkpoint exists (a run killed before its first checkpoint has
@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from ddpmkit.checkpoint import list_checkpoints, load_checkpoint, verify_checkpoint  # noqa: E402
+from ddpmkit.store.checkpoint import list_checkpoints, load_checkpoint, verify_checkpoint  # noqa: E402
 from ddpmkit.errors import CheckpointError  # noqa: E402
 
 TINY = ["--image-size", "8", "--base-channels", "8", "--channel-mults", "1,2", "--num-res-blocks", "1",
@@ -50,9 +50,9 @@ def _env() -> dict:
     return env
 
 
-def _cmd(out: Path, steps: int, checkpoint_every: int, seed: int, resume: bool) -> list[str]:
+def _cmd(out: Path, steps: int, checkpoint_every: int, seed: int, resume: bool, keep: int = 3) -> list[str]:
     cmd = [sys.executable, "-m", "ddpmkit", "train", "--out", str(out), "--steps", str(steps),
-           "--checkpoint-every", str(checkpoint_every), "--seed", str(seed)] + TINY
+           "--checkpoint-every", str(checkpoint_every), "--seed", str(seed), "--keep", str(keep)] + TINY
     return cmd + (["--resume"] if resume else [])
 
 
@@ -103,7 +103,7 @@ def _states_equal(a, b) -> tuple[bool, float]:
 
 
 def run_crash_safety(workdir: Path, *, kills: int = 20, steps: int = 800, checkpoint_every: int = 2,
-                     max_delay: float = 2.0, seed: int = 0, log=print) -> dict:
+                     max_delay: float = 2.0, seed: int = 0, keep: int = 3, log=print) -> dict:
     workdir = Path(workdir)
     rng = random.Random(seed)
     env = _env()
@@ -125,7 +125,7 @@ def run_crash_safety(workdir: Path, *, kills: int = 20, steps: int = 800, checkp
     done_early = False
     for k in range(kills):
         resume = crashed.exists()
-        proc = subprocess.Popen(_cmd(crashed, steps, checkpoint_every, seed, resume), env=env,
+        proc = subprocess.Popen(_cmd(crashed, steps, checkpoint_every, seed, resume, keep), env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         deadline = time.time() + 300
         while time.time() < deadline and proc.poll() is None:
@@ -166,7 +166,7 @@ def run_crash_safety(workdir: Path, *, kills: int = 20, steps: int = 800, checkp
         log(f"kill {k + 1:2d}: last step done {progress:4d}, resumes from {resumed_from:4d} "
             f"(lost {lost[-1]}), {n_ck} checkpoints on disk, {bad} unreadable")
 
-    r = subprocess.run(_cmd(crashed, steps, checkpoint_every, seed, crashed.exists()), env=env,
+    r = subprocess.run(_cmd(crashed, steps, checkpoint_every, seed, crashed.exists(), keep), env=env,
                        capture_output=True, text=True)
     if r.returncode != 0:
         raise RuntimeError(f"the final resume failed: {r.stderr.strip()}")
@@ -193,6 +193,7 @@ def main(argv=None) -> int:
     p.add_argument("--checkpoint-every", type=int, default=2)
     p.add_argument("--max-delay", type=float, default=2.0, help="seconds; kill delay is uniform in [0, this]")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--keep", type=int, default=3, help="checkpoints kept (a kill can land in the pruning)")
     p.add_argument("--workdir", default=None, help="where the two runs go (default: a temporary folder)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -200,7 +201,7 @@ def main(argv=None) -> int:
     workdir = Path(args.workdir) if args.workdir else Path(tmp := tempfile.mkdtemp(prefix="crash_safety-"))
     try:
         r = run_crash_safety(workdir, kills=args.kills, steps=args.steps, checkpoint_every=args.checkpoint_every,
-                             max_delay=args.max_delay, seed=args.seed)
+                             max_delay=args.max_delay, seed=args.seed, keep=args.keep)
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -1,24 +1,24 @@
 """An independent judge of generated digits: a small CNN trained on the real digits, never on samples.
 
-The judge itself (network, training, cache, features) lives in ``ddpmkit.judge``; this script is its
-table and command line.
+The classifier itself (network, training, cache, features) lives in ``ddpmkit.metrics.digits``; this script
+is its table and command line.
 
-The judge is a classifier trained on the 1,797 scikit-learn digits at 16x16 (``load_dataset("digits")``,
+The classifier is trained on the 1,797 scikit-learn digits at 16x16 (``load_dataset("digits")``,
 scaled to [-1, 1] as ddpmkit scales them), with random shifts of up to 2 pixels as augmentation. A
 stratified 20% of the digits (359) is held out to measure its accuracy (about 99%). Its weights are cached as
 safetensors under ``$DDPMKIT_CACHE`` (or ``~/.cache/ddpmkit``) in ``judge-<key>.safetensors``, where the
-key hashes the judge's version, its training code, its settings (seed, epochs) and the digits themselves,
+key hashes the classifier's version, its training code, its settings (seed, epochs) and the digits themselves,
 so that a second run loads it instantly and a change to any of these trains a new one.
 
 For a set of images (uint8 [N, 1, 16, 16], or a folder of PNG files) it reports
 
-* ``confidence`` - the mean of the largest softmax probability (how sure the judge is that each is a digit);
+* ``confidence`` - the mean of the largest softmax probability (how sure the classifier is that each is a digit);
 * ``coverage``   - how many of the 10 classes receive at least a third of their fair share (N / 10 / 3)
   of the predictions, and ``entropy``, the entropy of the predicted-class histogram divided by log(10)
   (1.0 = every class equally often);
-* ``fd``         - the Frechet distance between Gaussians fitted to the judge's penultimate features
-  (64 after a ReLU) of the set and of the reference: like FID, with this judge in place of InceptionV3
-  ("FDD"). The reference is the judge's *training split* (1,438 real digits), so that the held-out
+* ``fd``         - the Frechet distance between Gaussians fitted to the classifier's penultimate features
+  (64 after a ReLU) of the set and of the reference: like FID, with this classifier in place of InceptionV3
+  ("FDD"). The reference is the classifier's *training split* (1,438 real digits), so that the held-out
   split (359 real digits) measured against it gives an honest floor. A Frechet distance estimated from
   N samples is biased upwards by roughly 1/N (with 64 features, the floor is about 7 at N = 359 but
   about 80 at N = 64); compare sets of equal size, and read a set of N samples against the "real, n=N"
@@ -30,8 +30,8 @@ which is why the table has noise rows.
 
     python bench/digits_judge.py DIR [DIR ...] [--seed 0] [--epochs 20] [--no-cache] [--json PATH]
 
-prints the judge's held-out accuracy and a table: the reference rows (real held-out digits, real digits
-at each N seen, Gaussian noise, uniform noise), then one row per folder. The first run trains the judge
+prints the classifier's held-out accuracy and a table: the reference rows (real held-out digits, real digits
+at each N seen, Gaussian noise, uniform noise), then one row per folder. The first run trains the classifier
 (20 epochs of a 50k-parameter CNN on one CPU thread, about 25-50 s), later runs load it from the cache.
 """
 
@@ -47,21 +47,19 @@ try:
 except ImportError:  # run from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ddpmkit.judge import (  # noqa: E402,F401  (re-exported for the scripts and tests that use them)
-    COVERAGE_SHARE, DEFAULT_EPOCHS, DEFAULT_SEED, FEATURE_DIM, IMAGE_SIZE, JUDGE_VERSION, NUM_CLASSES,
-    TEST_FRACTION, DigitsFeatures, Judge, JudgeError, JudgeNet, Row, class_coverage, class_entropy,
-    default_cache_dir, feature_stats, frechet_distance, load_png_dir, noise_images, random_shift,
-    real_digits, stratified_split, to_float,
+from ddpmkit.errors import DdpmkitError  # noqa: E402
+from ddpmkit.metrics.digits import (  # noqa: E402
+    DEFAULT_EPOCHS, DEFAULT_SEED, DigitsClassifier, DigitsRow, load_png_dir,
 )
 
-__all__ = ["describe_judge", "format_table", "judge_dirs", "main"]
+__all__ = ["describe_classifier", "format_table", "judge_dirs", "main"]
 
 
 # --------------------------------------------------------------------------------------------------
 # The table
 
 
-def format_table(rows: list[Row]) -> str:
+def format_table(rows: list[DigitsRow]) -> str:
     w = max([len("source")] + [len(r.source) for r in rows])
     lines = [f"{'source':<{w}}  {'N':>5}  {'confidence':>10}  {'coverage':>8}  {'entropy':>7}  {'FD':>9}"]
     for r in rows:
@@ -70,33 +68,35 @@ def format_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def judge_dirs(dirs, *, judge: Judge | None = None, seed: int = DEFAULT_SEED, epochs: int = DEFAULT_EPOCHS,
-               cache_dir=None, use_cache: bool = True, log=print, labels=None,
-               pattern: str | None = None) -> tuple[Judge, list[Row]]:
-    """Judge each folder of PNGs (see ``load_png_dir``); return the judge and the rows (reference rows first)."""
+def judge_dirs(dirs, *, classifier: DigitsClassifier | None = None, seed: int = DEFAULT_SEED,
+               epochs: int = DEFAULT_EPOCHS, cache_dir=None, use_cache: bool = True, log=print, labels=None,
+               pattern: str | None = None) -> tuple[DigitsClassifier, list[DigitsRow]]:
+    """Judge each folder of PNGs (see ``load_png_dir``); return the classifier and the rows (reference rows
+    first)."""
     sets = [(labels[i] if labels else str(d), load_png_dir(d, pattern=pattern)) for i, d in enumerate(dirs)]
-    if judge is None:
-        judge = Judge.load_or_train(seed=seed, epochs=epochs, cache_dir=cache_dir, use_cache=use_cache, log=log)
-    describe_judge(judge, log)
-    rows = judge.reference_rows(ns=[x.shape[0] for _, x in sets])
-    rows += [judge.evaluate(x, name) for name, x in sets]
-    return judge, rows
+    if classifier is None:
+        classifier = DigitsClassifier.load_or_train(seed=seed, epochs=epochs, cache_dir=cache_dir,
+                                                    use_cache=use_cache, log=log)
+    describe_classifier(classifier, log)
+    rows = classifier.reference_rows(ns=[x.shape[0] for _, x in sets])
+    rows += [classifier.evaluate(x, name) for name, x in sets]
+    return classifier, rows
 
 
-def describe_judge(judge: Judge, log=print) -> None:
-    how = "loaded from the cache" if judge.from_cache else f"trained in {judge.train_seconds:.1f} s"
-    log(f"judge: {how} (seed {judge.seed}, {judge.epochs} epochs, key {judge.key}); held-out accuracy "
-        f"{judge.test_accuracy:.4f} on {len(judge.test_idx)} digits; FD reference: the "
-        f"{len(judge.train_idx)} real digits of its training split")
+def describe_classifier(clf: DigitsClassifier, log=print) -> None:
+    how = "loaded from the cache" if clf.from_cache else f"trained in {clf.train_seconds:.1f} s"
+    log(f"digits classifier: {how} (seed {clf.seed}, {clf.epochs} epochs, key {clf.key}); held-out accuracy "
+        f"{clf.test_accuracy:.4f} on {len(clf.test_idx)} digits; FD reference: the "
+        f"{len(clf.train_idx)} real digits of its training split")
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Judge folders of generated 16x16 digits with a CNN trained on "
                                             "the real digits: confidence, class coverage, Frechet distance.")
     p.add_argument("dirs", nargs="*", metavar="DIR", help="folders of 16x16 PNG samples")
-    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of the judge (split, init, batches)")
-    p.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS, help="training epochs of the judge")
-    p.add_argument("--cache-dir", default=None, help="where judge weights are cached "
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of the classifier (split, init, batches)")
+    p.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS, help="training epochs of the classifier")
+    p.add_argument("--cache-dir", default=None, help="where the classifier's weights are cached "
                                                      "(default $DDPMKIT_CACHE or ~/.cache/ddpmkit)")
     p.add_argument("--no-cache", action="store_true", help="train afresh and do not write the cache")
     p.add_argument("--pattern", default=None, help="which files of each DIR to judge (default: sample_*.png "
@@ -106,23 +106,16 @@ def main(argv=None) -> int:
     if a.epochs < 1:
         p.error("--epochs must be at least 1")
     try:  # the table goes to stdout, everything else to stderr
-        judge, rows = judge_dirs(a.dirs, seed=a.seed, epochs=a.epochs, cache_dir=a.cache_dir,
-                                 use_cache=not a.no_cache, log=lambda m: print(m, file=sys.stderr),
-                                 pattern=a.pattern)
-    except JudgeError as e:
+        clf, rows = judge_dirs(a.dirs, seed=a.seed, epochs=a.epochs, cache_dir=a.cache_dir,
+                               use_cache=not a.no_cache, log=lambda m: print(m, file=sys.stderr),
+                               pattern=a.pattern)
+    except DdpmkitError as e:  # a bad folder or image (DigitsError), an unwritable cache, ...
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except Exception as e:
-        from ddpmkit.errors import DdpmkitError
-
-        if isinstance(e, DdpmkitError):
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        raise
     print(format_table(rows))
     if a.json:
-        Path(a.json).write_text(json.dumps({"judge": {"seed": judge.seed, "epochs": judge.epochs,
-                                                      "key": judge.key, "test_accuracy": judge.test_accuracy},
+        Path(a.json).write_text(json.dumps({"judge": {"seed": clf.seed, "epochs": clf.epochs,
+                                                      "key": clf.key, "test_accuracy": clf.test_accuracy},
                                             "rows": [r.as_dict() for r in rows]}, indent=2) + "\n")
     return 0
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
 from pathlib import Path
 
@@ -22,51 +21,6 @@ class _Parser(argparse.ArgumentParser):
 
 
 # ---------------------------------------------------------------------------------------------- train
-_TRAIN_HELP = {
-    "data": "data source: digits, cifar10, folder:PATH or a path to a folder of images",
-    "data_dir": "folder that holds (or receives, with --download) cifar-10-batches-py or its archive",
-    "download": "download CIFAR-10 when it is absent",
-    "image_size": "image side in pixels",
-    "channels": "image channels: 1 (grayscale) or 3 (RGB)",
-    "flip": "random horizontal flips",
-    "strict": "fail on a corrupt image instead of skipping it",
-    "base_channels": "U-Net width of the first level",
-    "channel_mults": "U-Net width multipliers per level, comma-separated",
-    "num_res_blocks": "ResNet blocks per level",
-    "attention_resolutions": "feature-map sides with self-attention, comma-separated (empty: none)",
-    "dropout": "dropout rate in the ResNet blocks",
-    "num_groups": "GroupNorm groups",
-    "num_heads": "attention heads",
-    "schedule": "noise schedule: linear or cosine",
-    "T": "number of diffusion steps",
-    "objective": "what the network predicts: eps, x0 or v",
-    "steps": "training steps",
-    "time_limit": "stop after this many seconds of training (the run can be resumed)",
-    "batch_size": "images per optimizer step: the global batch, over all processes and micro-batches",
-    "grad_accum": "split each process's share of the batch into this many micro-batches, one forward and "
-                  "backward each, before one optimizer step: less memory, the same result",
-    "lr": "Adam learning rate",
-    "warmup": "linear learning-rate warm-up, in steps",
-    "grad_clip": "clip the gradient norm to this (0: no clipping)",
-    "adam_beta1": "Adam beta1",
-    "adam_beta2": "Adam beta2",
-    "weight_decay": "Adam weight decay",
-    "ema_decay": "EMA decay of the weights",
-    "ema_warmup": "warm the EMA decay up as min(decay, (1+n)/(10+n))",
-    "seed": "random seed of the run",
-    "log_every": "write a metrics.csv row every N steps",
-    "checkpoint_every": "save a checkpoint every N steps (and at the end)",
-    "sample_every": "save a sample grid from the EMA weights every N steps (and at the end)",
-    "num_samples": "images in each sample grid",
-    "sample_steps": "DDIM steps for the sample grids",
-    "keep": "checkpoints to keep",
-    "skip_nonfinite": "skip a step whose loss or gradient norm is NaN, inf or above 1e6, instead of stopping",
-    "device": "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps",
-    "precision": "auto (bf16 autocast on CUDA), fp32 or bf16",
-    "compile": "torch.compile the model",
-}
-
-
 def _int_tuple(s: str) -> tuple:
     s = s.strip()
     if s in ("", "none"):
@@ -77,49 +31,28 @@ def _int_tuple(s: str) -> tuple:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
 
 
-def _fmt_default(v):
-    if isinstance(v, tuple):
-        return ",".join(map(str, v)) or "none"
-    return v
-
-
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
-    from .train import PRESETS, TrainConfig
+    from .train.config import PRESETS, TrainConfig, describe_default, flag, settings
 
-    p.add_argument("--preset", default="digits", choices=list(PRESETS),
-                   help="starting configuration; every field below overrides it (default: digits)")
-    for f in dataclasses.fields(TrainConfig):
-        if f.name == "preset":
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        if f.name == "T":
-            flag = "--T"
-        base = f.default
-        per_preset = {name: pr.get(f.name, base) for name, pr in PRESETS.items()}
-        if len({repr(v) for v in per_preset.values()}) == 1:
-            default_txt = f"default: {_fmt_default(base if f.name not in PRESETS['digits'] else per_preset['digits'])}"
+    preset = TrainConfig.__dataclass_fields__["preset"]
+    p.add_argument("--preset", default=preset.default, choices=list(PRESETS),
+                   help=f"{preset.metadata['help']} (default: {preset.default})")
+    for f, kind in settings():  # one flag per TrainConfig field, its help and default from the field
+        kw = dict(default=None, help=f"{f.metadata['help']} ({describe_default(f.name)})")
+        if kind is bool:
+            p.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, **kw)
+        elif kind is tuple:
+            p.add_argument(flag(f.name), type=_int_tuple, metavar="N,N", **kw)
         else:
-            default_txt = "default: " + ", ".join(f"{k} {_fmt_default(v)}" for k, v in per_preset.items())
-        help_ = f"{_TRAIN_HELP.get(f.name, f.name)} ({default_txt})"
-        kind = type(base) if base is not None else None
-        if f.name in ("channel_mults", "attention_resolutions"):
-            p.add_argument(flag, type=_int_tuple, default=None, metavar="N,N", help=help_)
-        elif isinstance(base, bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
-        elif f.name == "time_limit":
-            p.add_argument(flag, type=float, default=None, metavar="SECONDS", help=help_)
-        elif f.name == "data_dir":
-            p.add_argument(flag, default=None, metavar="DIR", help=help_)
-        elif kind in (int, float, str):
-            p.add_argument(flag, type=kind, default=None, help=help_)
+            p.add_argument(flag(f.name), type=kind, metavar=f.metadata.get("metavar"), **kw)
     p.add_argument("--out", default=None, metavar="DIR", help="run directory (default: runs/<preset>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bar (for logs)")
 
 
 def cmd_train(args) -> int:
+    from .store.rundir import read_config
     from .train import TrainConfig, Trainer, config_from_preset
-    from .checkpoint import read_config
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"preset"}
     overrides = {k: getattr(args, k) for k in fields if getattr(args, k, None) is not None}
@@ -151,33 +84,63 @@ def cmd_train(args) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- sample
-def _add_sampler_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--sampler", default="ddim", help="ddpm or ddim (default: ddim)")
-    p.add_argument("--steps", type=int, default=None, help="DDIM steps, 1..T (default: 50); DDPM takes all T")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic, 1 DDPM-like (default: 0)")
-    p.add_argument("--spacing", default="uniform", help="DDIM timesteps: uniform, quadratic or trailing "
-                                                         "(default: uniform)")
-    p.add_argument("--variance", default="small", help="DDPM variance: small (beta_tilde) or large (beta) "
-                                                        "(default: small)")
+def _add_sampler_flags(p, variance: bool = True) -> None:
+    """--sampler, --steps, --spacing, every registered sampler's own options, --variance (unless told not to) and
+    --clip."""
+    from .diffusion import VARIANCES
+    from .samplers import SAMPLERS, SPACINGS, sampler_names
+
+    names = sampler_names()
+    described = "; ".join(f"{n}: {SAMPLERS[n].summary}" for n in names)
+    p.add_argument("--sampler", default="ddim", metavar="NAME",
+                   help=f"one of {', '.join(names)} (default: ddim). {described}")
+    defaults = ", ".join(f"{n} {'all T' if SAMPLERS[n].default_steps is None else SAMPLERS[n].default_steps}"
+                         for n in names)
+    p.add_argument("--steps", type=int, default=None, help=f"timesteps to visit, 1..T (default: {defaults})")
+    p.add_argument("--spacing", default=None, metavar="NAME",
+                   help=f"which timesteps: {', '.join(SPACINGS)} (default: the sampler's own, "
+                        + ", ".join(f"{n} {SAMPLERS[n].default_spacing}" for n in names) + ")")
+    owners: dict[str, list] = {}
+    for n in names:
+        for o in SAMPLERS[n].options:
+            owners.setdefault(o.name, []).append((n, o))
+    for name, pairs in sorted(owners.items()):
+        o = pairs[0][1]
+        p.add_argument(f"--{name.replace('_', '-')}", dest=f"sampler_{name}", type=o.type, default=None,
+                       metavar=name.upper(),
+                       help=f"{o.help} ({', '.join(n for n, _ in pairs)} only; default: {o.default:g})"
+                       if isinstance(o.default, float) else f"{o.help} (default: {o.default})")
+    if variance:
+        p.add_argument("--variance", default=None, metavar="NAME",
+                       help=f"reverse-process variance: {' or '.join(VARIANCES)} (beta_tilde or beta; default: the "
+                            "run's own, small unless it says otherwise)")
     p.add_argument("--clip", action=argparse.BooleanOptionalAction, default=True,
                    help="clip the predicted x0 to [-1, 1] (default: on)")
 
 
 def _sample_options(args, **extra):
+    """SampleOptions from the sampler flags; an option of another sampler is refused in one line."""
     from .generate import SampleOptions
+    from .samplers import SAMPLERS
 
-    return SampleOptions(sampler=args.sampler, steps=args.steps, eta=args.eta, spacing=args.spacing,
+    given = {k[len("sampler_"):]: v for k, v in vars(args).items() if k.startswith("sampler_") and v is not None}
+    info = SAMPLERS.get(args.sampler)
+    if info is not None:
+        takes = {o.name for o in info.options}
+        for name in given:
+            if name not in takes:
+                raise CLIError(f"--{name.replace('_', '-')} does not apply to the {args.sampler} sampler")
+    return SampleOptions(sampler=args.sampler, steps=args.steps, spacing=args.spacing, options=given,
                          variance=args.variance, clip_x0=args.clip, **extra)
 
 
 def cmd_sample(args) -> int:
-    from .generate import check_run, default_out_dir, generate
+    from .generate import default_out_dir, generate
 
-    check_run(args.checkpoint or args.run_dir)
+    source = args.checkpoint or args.run_dir
     opt = _sample_options(args, n=args.n, batch_size=args.batch_size, seed=args.seed, ema=args.ema)
-    out = Path(args.out) if args.out else default_out_dir(args.run_dir, opt)
-    res = generate(args.checkpoint or args.run_dir, out, opt, gif_path=args.gif, device=args.device,
-                   progress=not args.quiet)
+    out = Path(args.out) if args.out else default_out_dir(source, opt)
+    res = generate(source, out, opt, gif_path=args.gif, device=args.device, progress=not args.quiet)
     print(f"{res['n']} samples in {res['seconds']:.1f} s ({res['per_second']:.2f} samples/s, "
           f"{res['steps']} network calls per batch)")
     print(f"samples: {res['dir']}")
@@ -197,13 +160,13 @@ def cmd_demo(args) -> int:
 
 # ---------------------------------------------------------------------------------------------- plot
 def cmd_plot(args) -> int:
-    from .schedule import NoiseSchedule
+    from .diffusion import NoiseSchedule
 
     try:
         NoiseSchedule.linear(args.T)
     except ValueError as e:
         raise CLIError(f"--T: {e}") from None
-    from . import plots
+    from .viz import figures as plots
 
     if args.what == "schedule":
         path = plots.plot_schedule(args.out or "schedule.png", T=args.T)
@@ -225,13 +188,13 @@ def cmd_plot(args) -> int:
 
 # ---------------------------------------------------------------------------------------------- eval
 def cmd_eval(args) -> int:
-    from .generate import check_run
+    from .run import Run
 
-    check_run(args.run_dir)
+    Run.open(args.run_dir)  # a clear one-line error before any work when it is not a run
     if args.what == "fid":
         return _eval_fid(args)
-    from .evaluate import evaluate_nll, write_terms_csv
-    from .plots import plot_bpd_terms
+    from .metrics.nll import evaluate_nll, write_terms_csv
+    from .viz import plot_bpd_terms
 
     args.n = 256 if args.n is None else args.n
     args.batch_size = 16 if args.batch_size is None else args.batch_size
@@ -257,18 +220,19 @@ def cmd_eval(args) -> int:
 
 
 def _eval_fid(args) -> int:
-    from .fid import evaluate_fid
+    from .metrics.fid import evaluate_fid
 
     n = 50_000 if args.n is None else args.n
     if n < 2 or (args.batch_size is not None and args.batch_size < 1):
         raise CLIError("--n must be at least 2 and --batch-size positive")
-    args.variance = args.variance or "small"
     opt = _sample_options(args, ema=args.ema)
     res = evaluate_fid(args.run_dir, n=n, reference=args.reference, data_dir=args.data_dir, features=args.features,
                        inception_path=args.inception, download=args.download, sample_options=opt,
                        batch_size=args.batch_size, seed=args.seed)
-    sampler = (f"ddpm, {res['variance']} variance" if res["sampler"] == "ddpm" else
-               f"ddim, {res['steps']} steps, eta {res['eta']:g}, {res['spacing']} spacing")
+    opts = "".join(f", {k} {v:g}" if isinstance(v, float) else f", {k} {v}" for k, v in res["options"].items())
+    # DDPM is the one sampler here that reads the reverse variance
+    variance = f", {res['variance']} variance" if res["sampler"] == "ddpm" else ""
+    sampler = f"{res['sampler']}{variance}, {res['steps']} steps{opts}, {res['spacing']} spacing"
     print(f"FID ({res['features']} features): {res['fid']:.3f} for {res['n']} samples ({sampler}) against "
           f"{res['n_reference']} images of {res['reference']}; sampling {res['sample_seconds']:.1f} s, "
           f"scoring {res['score_seconds']:.1f} s")
@@ -282,10 +246,10 @@ def _eval_fid(args) -> int:
 
 # ---------------------------------------------------------------------------------------------- report
 def cmd_report(args) -> int:
-    from .generate import check_run
-    from .report import write_report
+    from .run import Run
+    from .viz.report import write_report
 
-    check_run(args.run_dir)
+    Run.open(args.run_dir)  # a one-line error when it is not a run
     print(write_report(args.run_dir, args.out))
     return 0
 
@@ -301,10 +265,8 @@ def cmd_import_diffusers(args) -> int:
 
 
 def cmd_export_diffusers(args) -> int:
-    from .generate import check_run
     from .interop import export_diffusers
 
-    check_run(args.run_dir)
     export_diffusers(args.run_dir, args.out, ema=args.ema)
     return 0
 
@@ -378,14 +340,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--inception", default=None, metavar="PATH",
                    help="inception-2015-12-05.pt (default: in the cache folder)")
     f.add_argument("--download", action="store_true", help="download the Inception network when it is absent")
-    f.add_argument("--sampler", default="ddim", help="ddpm or ddim (default: ddim)")
-    f.add_argument("--steps", type=int, default=None, help="DDIM steps (default: 50)")
-    f.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default: 0)")
-    f.add_argument("--spacing", default="uniform", help="DDIM spacing (default: uniform)")
-    f.add_argument("--clip", action=argparse.BooleanOptionalAction, default=True,
-                   help="clip the predicted x0 (default: on)")
-    e.add_argument("--variance", default=None, help="small or large: the NLL decoder's variance, or DDPM's "
-                                                    "sampling variance for fid (default: small)")
+    _add_sampler_flags(f, variance=False)
+    e.add_argument("--variance", default=None, metavar="NAME",
+                   help="small or large: the NLL decoder's variance, or the sampler's for fid (default: the run's "
+                        "own, small unless its config says otherwise)")
     e.set_defaults(func=cmd_eval)
 
     r = sub.add_parser("report", help="write one self-contained report.html of a run",

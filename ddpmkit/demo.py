@@ -58,7 +58,7 @@ def forward_images(data: str = "digits", image: str | None = None, data_dir=None
 
 
 def run_demo(out=None, train_seconds: float | None = None, quiet: bool = False, n: int = 64, log=print) -> dict:
-    from . import plots
+    from .viz import figures as plots
     from .generate import SampleOptions, generate
     from .train import Trainer, config_from_preset
 
@@ -85,7 +85,7 @@ def run_demo(out=None, train_seconds: float | None = None, quiet: bool = False, 
     files["forward diffusion"] = plots.plot_forward(forward_images("digits"), out / "forward.png")
     files["training loss"] = plots.plot_loss(out / "metrics.csv", out / "loss.png")
     files["checkpoint"] = res["checkpoint"]
-    from .report import write_report
+    from .viz.report import write_report
 
     files["report"] = write_report(out)
     log(f"demo: done in {time.perf_counter() - t_start:.0f} s. Files:")

@@ -5,6 +5,10 @@ class DdpmkitError(Exception):
     """Base class of every error caused by user input (a path, a file, a flag, a configuration)."""
 
 
+class FileError(DdpmkitError):
+    """A file cannot be read, written, parsed or downloaded (the durable-file helpers of ``ddpmkit.files``)."""
+
+
 class DataError(DdpmkitError):
     """A data source is missing, empty, corrupt, or too large."""
 

@@ -1,4 +1,5 @@
-"""Tests of ddpmkit.data: the three sources (with files written here in the real formats) and the Batcher."""
+"""Tests of ddpmkit.data: the three sources (with files written here in the real formats), their labels, and the
+Batcher."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pickle
 import struct
 import tarfile
 import urllib.error
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -17,10 +19,14 @@ import pytest
 import torch
 from PIL import Image
 
-from ddpmkit import data as D
 from ddpmkit.data import Batcher, DataWarning, ImageData, load_dataset
+from ddpmkit.data import sources as D
 from ddpmkit.errors import CheckpointError, ConfigError, DataError
 from ddpmkit.images import to_uint8
+
+# make_folder's mixed layout (images at the top level and in subfolders) is read without labels, with a warning
+# that test_folder_with_top_level_images_and_subfolders_is_unlabelled checks; elsewhere it is expected noise.
+pytestmark = pytest.mark.filterwarnings("ignore:.*top level as well as in subfolders:ddpmkit.data.DataWarning")
 
 # --------------------------------------------------------------------------------------------------
 # Writing CIFAR-10 files the way the official ones were written: Python 2, pickle protocol 2, where every
@@ -145,6 +151,7 @@ def test_digits_are_sklearns_digits():
     expect = np.round(ref.images * (255 / 16)).astype(np.uint8)
     assert np.array_equal(d.images[:, 0].numpy(), expect)
     assert np.array_equal(d.labels.numpy(), ref.target)
+    assert d.class_names == tuple(str(k) for k in ref.target_names) == tuple("0123456789") and d.num_classes == 10
 
 
 # --------------------------------------------------------------------------------------------------
@@ -165,6 +172,9 @@ def test_cifar_tree_train_and_test(tmp_path, batches, numpy_module):
     assert np.array_equal(tr.images.reshape(60, -1).numpy(), expect_x)
     te = load_dataset("cifar10", data_dir=tmp_path, split="test")
     assert te.images.shape == (12, 3, 32, 32) and te.labels.tolist() == batches["test_batch"][1]
+    names = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+    assert tr.class_names == te.class_names == names and tr.num_classes == 10
+    assert tr.labels.dtype == te.labels.dtype == torch.int64
 
 
 def test_cifar_known_pixel(tmp_path):
@@ -308,7 +318,7 @@ def test_cifar_download_network_failure(tmp_path, monkeypatch):
     def offline(*a, **k):
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
 
-    monkeypatch.setattr(D.urllib.request, "urlopen", offline)
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
     with pytest.raises(DataError, match="could not download .*by hand") as e:
         load_dataset("cifar10", data_dir=tmp_path / "d", download=True, progress=False)
     assert "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz" in str(e.value)
@@ -402,7 +412,9 @@ def test_folder_resize_and_center_crop(tmp_path):
     t = np.zeros((60, 20, 3), np.uint8)  # tall: the middle 20 rows are white
     t[20:40] = 255
     Image.fromarray(t).save(tmp_path / "tall.png")
-    d = load_dataset(str(tmp_path), image_size=10, cache_dir=tmp_path / "c", progress=False).images
+    data = load_dataset(str(tmp_path), image_size=10, cache_dir=tmp_path / "c", progress=False)
+    assert data.labels is None and data.class_names is None and data.num_classes is None  # a flat folder
+    d = data.images
     tall, wide = d[0], d[1]
     assert torch.equal(wide[:, :, 2:8], torch.tensor(GREEN, dtype=torch.uint8).view(3, 1, 1).expand(3, 10, 6))
     assert (tall[:, 2:8, :] == 255).all()
@@ -498,6 +510,120 @@ def test_folder_cache_env_default(tmp_path, monkeypatch):
     monkeypatch.setenv("DDPMKIT_CACHE", str(tmp_path / "envcache"))
     load_dataset(str(tmp_path), image_size=8, progress=False)
     assert len(list((tmp_path / "envcache" / "folders").glob("*.safetensors"))) == 1
+
+
+# --------------------------------------------------------------------------------------------------
+# Labels of a folder: one subfolder per class
+
+
+def make_class_folder(root: Path) -> dict[str, tuple[str, tuple[int, int, int]]]:
+    """Class subfolders (one nested deeper, one empty, one without images); returns rel path -> (class, colour)."""
+    files = {
+        "dog/1.png": ("dog", (200, 0, 0)),
+        "dog/2.png": ("dog", (190, 0, 0)),
+        "cat/a.png": ("cat", (0, 200, 0)),
+        "cat/indoor/sofa/b.png": ("cat", (0, 180, 0)),  # nested: still the class of its top-level subfolder
+        "Zebra/z.bmp": ("Zebra", (0, 0, 200)),  # upper case sorts first, as Python's sorted() and ImageFolder
+        "ant bee/x.png": ("ant bee", (90, 90, 90)),
+    }
+    for rel, (_, colour) in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (12, 12), colour).save(root / rel)
+    (root / "empty").mkdir()  # no images at all: not a class
+    (root / "notes").mkdir()
+    (root / "notes" / "readme.txt").write_text("not an image")  # no images either
+    return dict(sorted(files.items()))
+
+
+def test_folder_classes_rules():
+    fc = D.folder_classes
+    assert fc(["b/1.png", "a/x/2.png", "a/3.png", "C/4.png"]) == (("C", "a", "b"), [2, 1, 1, 0])
+    assert fc(["only/1.png", "only/2.png"]) == (("only",), [0, 0])  # one subfolder: one class
+    assert fc(["1.png", "2.png"]) == (None, None)  # flat
+    assert fc(["1.png", "a/2.png"]) == (None, None)  # mixed: unlabelled
+    assert fc([]) == (None, None)
+
+
+def test_folder_class_subfolders_are_labels(tmp_path):
+    root = tmp_path / "classes"
+    expect = make_class_folder(root)
+    d = load_dataset(str(root), image_size=8, cache_dir=tmp_path / "c", progress=False)
+    assert d.class_names == ("Zebra", "ant bee", "cat", "dog") and d.num_classes == 4
+    assert d.labels.dtype == torch.int64 and d.labels.shape == (len(expect),)
+    # images come in sorted path order; each label names the class of its file, checked by its colour
+    for img, y, (rel, (cls, colour)) in zip(d.images, d.labels.tolist(), expect.items()):
+        assert d.class_names[y] == cls, rel
+        assert img.float().mean(dim=(1, 2)).round().tolist() == list(colour), rel
+    assert "labels of 4 classes" in repr(d)
+
+
+def test_folder_labels_skip_unreadable_images_without_renumbering(tmp_path):
+    root = tmp_path / "classes"
+    make_class_folder(root)
+    (root / "aardvark").mkdir()
+    (root / "aardvark" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(100))
+    (root / "dog" / "broken.jpg").write_bytes(b"not a jpeg")
+    with pytest.warns(DataWarning, match="skipped 2 of 8"):
+        d = load_dataset(str(root), image_size=8, cache_dir=tmp_path / "c", progress=False)
+    # the class of an unreadable file stays a class, so the indices do not depend on decoding
+    assert d.class_names == ("Zebra", "aardvark", "ant bee", "cat", "dog")
+    assert d.num_images == 6 and sorted(d.labels.tolist()) == [0, 2, 3, 3, 4, 4]
+
+
+def test_folder_with_top_level_images_and_subfolders_is_unlabelled(tmp_path):
+    root = tmp_path / "mixed"
+    make_class_folder(root)
+    Image.new("RGB", (12, 12), RED).save(root / "stray.png")
+    with pytest.warns(DataWarning, match="top level as well as in subfolders.*without labels"):
+        d = load_dataset(str(root), image_size=8, cache_dir=tmp_path / "c", progress=False)
+    assert d.num_images == 7 and d.labels is None and d.class_names is None
+
+
+def test_folder_cache_round_trip_keeps_labels(tmp_path, monkeypatch):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    root, cache = tmp_path / "classes", tmp_path / "cache"
+    make_class_folder(root)
+    first = load_dataset(str(root), image_size=8, cache_dir=cache, progress=False)
+    [cached] = list((cache / "folders").glob("*.safetensors"))
+    with safe_open(str(cached), framework="pt") as f:
+        assert set(f.keys()) == {"images", "labels"}
+        meta = f.metadata()
+        assert meta["format"] == "ddpmkit-folder-cache-v2"
+        assert json.loads(meta["class_names"]) == list(first.class_names)
+
+    def failing(*a, **k):
+        raise AssertionError("decoded despite the cache")
+
+    monkeypatch.setattr(D, "_decode_image", failing)
+    again = load_dataset(str(root), image_size=8, cache_dir=cache, progress=False)
+    assert torch.equal(again.images, first.images) and torch.equal(again.labels, first.labels)
+    assert again.labels.dtype == torch.int64 and again.class_names == first.class_names
+    monkeypatch.undo()
+
+    # A cache written in the old format (no labels) is never read as an unlabelled folder: it is rebuilt.
+    save_file({"images": first.images}, str(cached), metadata={**meta, "format": "ddpmkit-folder-cache-v1"})
+    with pytest.warns(DataWarning, match="unreadable cache"):
+        rebuilt = load_dataset(str(root), image_size=8, cache_dir=cache, progress=False)
+    assert torch.equal(rebuilt.labels, first.labels) and rebuilt.class_names == first.class_names
+    # labels that do not fit the folder's classes are not trusted either
+    bad = first.labels.clone()
+    bad[0] = 99
+    save_file({"images": first.images, "labels": bad}, str(cached), metadata=meta)
+    with pytest.warns(DataWarning, match="unreadable cache"):
+        assert torch.equal(load_dataset(str(root), image_size=8, cache_dir=cache, progress=False).labels,
+                           first.labels)
+
+
+def test_image_data_checks_labels_against_class_names():
+    x = torch.zeros(3, 1, 4, 4, dtype=torch.uint8)
+    with pytest.raises(DataError, match="0..1"):
+        ImageData(x, torch.tensor([0, 1, 2]), "t", class_names=("a", "b"))
+    with pytest.raises(DataError, match="without labels"):
+        ImageData(x, None, "t", class_names=("a", "b"))
+    with pytest.raises(DataError, match="labels for 3 images"):
+        ImageData(x, torch.tensor([0, 1]), "t")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -610,3 +736,33 @@ def test_batcher_rank_slices_make_the_global_batch(world_size):
         assert all(p[0].shape[0] == 8 // world_size for p in parts)
         assert torch.equal(torch.cat([p[0] for p in parts]), xg)
         assert torch.equal(torch.cat([p[1] for p in parts]), yg)
+
+
+def test_batcher_labels_follow_their_images_through_flips_and_epochs():
+    # Distinct random images with class labels (not their indices): every served image, flipped or not,
+    # must come with the label of the one source image it equals, epoch after epoch.
+    x, _ = _ids(13, size=5, seed=2)
+    y = torch.tensor([3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9])
+    names = tuple("abcdefghij")
+    b = Batcher(ImageData(x, y, "t", class_names=names), 5, seed=1)  # labels and names come along
+    assert b.class_names == names
+    flat = x.flatten(1)
+    mirrored = x.flip(-1).flatten(1)
+    flips = 0
+    for _ in range(13):  # 65 images: five whole epochs, batches crossing epoch ends
+        xb, yb = b.next_batch(return_labels=True)
+        assert yb.dtype == torch.int64 and yb.shape == (5,)
+        for img, lab in zip(to_uint8(xb).flatten(1), yb):
+            same = (flat == img).all(1)
+            mirror = (mirrored == img).all(1)
+            src = torch.nonzero(same | mirror).flatten()
+            assert len(src) == 1
+            assert int(lab) == int(y[src[0]])
+            flips += int(mirror[src[0]] and not same[src[0]])
+    assert (b.epoch, b.position) == (4, 13) and 0 < flips < 65  # five epochs served, the last one whole
+    # labels= overrides an ImageData's labels (and then there are no class names to go with them)
+    b2 = Batcher(ImageData(x, y, "t", class_names=names), 5, labels=torch.arange(13))
+    xb, yb = b2.next_batch(return_labels=True)
+    assert b2.class_names is None and len(set(yb.tolist())) == 5
+    for img, i in zip(to_uint8(xb), yb):
+        assert torch.equal(img, x[i]) or torch.equal(img, x[i].flip(-1))

@@ -7,7 +7,6 @@ import torch
 
 from ddpmkit.diffusion import (
     model_variance,
-    p_mean_variance,
     predict_eps,
     predict_x0,
     q_posterior,
@@ -17,7 +16,7 @@ from ddpmkit.diffusion import (
     training_losses,
     training_target,
 )
-from ddpmkit.schedule import NoiseSchedule
+from ddpmkit.diffusion import Denoiser, NoiseSchedule
 
 
 @pytest.fixture(scope="module")
@@ -138,18 +137,18 @@ def test_model_variance_choices():
         model_variance(sched, "learned")
 
 
-def test_p_mean_matches_ddpm_eq_11():
+def test_denoiser_posterior_mean_matches_ddpm_eq_11():
     # DDPM eq. 11: mu = 1/sqrt(alpha_t) (x_t - beta_t / sqrt(1 - ab_t) eps)
     sched = NoiseSchedule.linear(1000)
     g = torch.Generator().manual_seed(4)
     xt = torch.randn(5, 2, 3, 3, generator=g)
     eps = torch.randn(5, 2, 3, 3, generator=g)
     t = torch.tensor([1, 10, 100, 500, 999])
-    mean, _, _, _ = p_mean_variance(sched, eps, xt, t, clip_x0=False)
+    mean, _, _ = Denoiser(lambda x, tt: eps, sched, clip_x0=False).p_mean_variance(xt, t)
     b = sched.betas.double()[t].view(-1, 1, 1, 1)
     ab = torch.cumprod(1 - sched.betas.double(), 0)[t].view(-1, 1, 1, 1)
     ref = (xt.double() - b / (1 - ab).sqrt() * eps.double()) / (1 - b).sqrt()
     torch.testing.assert_close(mean.double(), ref, rtol=1e-4, atol=1e-4)
     # clipping bounds x0_hat
-    _, _, _, x0 = p_mean_variance(sched, eps * 50, xt, t, clip_x0=True)
-    assert x0.abs().max().item() <= 1.0
+    _, _, pred = Denoiser(lambda x, tt: eps * 50, sched, clip_x0=True).p_mean_variance(xt, t)
+    assert pred.x0.abs().max().item() <= 1.0

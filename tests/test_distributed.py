@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from ddpmkit.checkpoint import list_checkpoints, load_checkpoint
-from ddpmkit.cli import main
+from conftest import tiny_flags
 
-TINY = ["--image-size", "8", "--base-channels", "8", "--channel-mults", "1,2", "--num-res-blocks", "1",
-        "--num-groups", "4", "--T", "40", "--batch-size", "8", "--dropout", "0", "--num-samples", "0",
-        "--sample-steps", "5", "--log-every", "1", "--checkpoint-every", "2", "--quiet"]
+from ddpmkit.cli import main
+from ddpmkit.store.checkpoint import list_checkpoints, load_checkpoint
+
+TINY = tiny_flags(dropout=0, num_samples=0, log_every=1, checkpoint_every=2)
 
 # Measured: the largest difference of any weight between 1 and 2 processes after 4 steps is ~3e-8 (float32
 # summation order in the gradient all-reduce), also with --grad-accum 2 on the 2 processes (2 images per
@@ -129,7 +129,7 @@ def test_batch_not_divisible_by_the_world_is_one_clear_error(tmp_path):
     assert r.returncode != 0
     assert "ddpmkit: error: --batch-size 7 (the global batch) is not divisible by the 2 processes" in r.stderr
     # (torchrun itself then prints its own report of the failed workers, with its launcher's traceback)
-    assert "ddpmkit.errors" not in r.stderr and 'train.py", line' not in r.stderr
+    assert "ddpmkit.errors" not in r.stderr and 'trainer.py", line' not in r.stderr
     assert not (tmp_path / "run").exists()
 
 

@@ -1,5 +1,6 @@
-"""Tests of FID (ddpmkit/fid.py): the Frechet distance, streaming statistics, the Inception plumbing with a
-TorchScript stand-in, the reference-statistics cache, the errors, and evaluate_fid end to end."""
+"""Tests of FID (ddpmkit/metrics/fid.py, inception.py): the Inception plumbing with a TorchScript stand-in, the
+reference-statistics cache, the errors, and evaluate_fid end to end. The Frechet distance and its statistics are
+tested in test_frechet.py."""
 
 from __future__ import annotations
 
@@ -7,83 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from ddpmkit import fid
 from ddpmkit.errors import DdpmkitError
+from ddpmkit.files import sha256_file
+from ddpmkit.metrics import fid, inception
+from ddpmkit.metrics.frechet import FidError
 from ddpmkit.generate import SampleOptions
-from ddpmkit.train import Trainer, config_from_preset
-
-# -- the Frechet distance
-
-
-def _closed_form_diag(mu1, s1, mu2, s2):
-    return float(((mu1 - mu2) ** 2).sum() + (s1 + s2 - 2 * np.sqrt(s1 * s2)).sum())
-
-
-def _psd_sqrt(a):
-    w, v = np.linalg.eigh(a)
-    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-
-
-def test_frechet_distance_of_diagonal_gaussians_matches_closed_form():
-    rng = np.random.default_rng(0)
-    for d in (1, 4, 32):
-        mu1, mu2 = rng.normal(size=d), rng.normal(size=d)
-        s1, s2 = rng.uniform(0.1, 3, size=d), rng.uniform(0.1, 3, size=d)
-        got = fid.frechet_distance(mu1, np.diag(s1), mu2, np.diag(s2))
-        assert got == pytest.approx(_closed_form_diag(mu1, s1, mu2, s2), rel=1e-9, abs=1e-9)
-
-
-def test_frechet_distance_rotated_and_non_commuting():
-    rng = np.random.default_rng(1)
-    d = 8
-    mu1, mu2 = rng.normal(size=d), rng.normal(size=d)
-    s1, s2 = rng.uniform(0.1, 3, size=d), rng.uniform(0.1, 3, size=d)
-    q, _ = np.linalg.qr(rng.normal(size=(d, d)))
-    got = fid.frechet_distance(q @ mu1, q @ np.diag(s1) @ q.T, q @ mu2, q @ np.diag(s2) @ q.T)
-    assert got == pytest.approx(_closed_form_diag(mu1, s1, mu2, s2), rel=1e-8)
-    # covariances that do not commute: tr (S1 S2)^(1/2) = tr (S1^(1/2) S2 S1^(1/2))^(1/2)
-    a, b = rng.normal(size=(d, d)), rng.normal(size=(d, d))
-    S1, S2 = a @ a.T + 0.1 * np.eye(d), b @ b.T + 0.1 * np.eye(d)
-    r1 = _psd_sqrt(S1)
-    expect = ((mu1 - mu2) ** 2).sum() + np.trace(S1 + S2 - 2 * _psd_sqrt(r1 @ S2 @ r1))
-    assert fid.frechet_distance(mu1, S1, mu2, S2) == pytest.approx(expect, rel=1e-8)
-
-
-def test_frechet_distance_singular_and_bad_inputs():
-    rng = np.random.default_rng(2)
-    f = rng.normal(size=(40, 6))
-    f[:, 2] = 0.0  # a feature that never fires
-    mu, sigma = f.mean(0), np.cov(f, rowvar=False)
-    assert fid.frechet_distance(mu, sigma, mu, sigma) == pytest.approx(0.0, abs=1e-6)
-    with pytest.raises(ValueError, match="imaginary"):
-        fid.frechet_distance(np.zeros(2), np.diag([1.0, -1.0]), np.zeros(2), np.eye(2))
-    with pytest.raises(ValueError, match="shapes"):
-        fid.frechet_distance(np.zeros(2), np.eye(2), np.zeros(3), np.eye(3))
-
-
-# -- streaming statistics
-
-
-def test_streaming_stats_equal_numpy():
-    rng = np.random.default_rng(3)
-    f = rng.normal(size=(1003, 12)) * rng.uniform(0.5, 2, size=12) + 1e3  # a large offset
-    rs = fid.RunningStats()
-    for i in range(0, len(f), 97):
-        rs.update(f[i:i + 97])
-    assert rs.n == 1003
-    np.testing.assert_allclose(rs.mean(), f.mean(0), rtol=1e-12)
-    np.testing.assert_allclose(rs.cov(), np.cov(f, rowvar=False), rtol=1e-9, atol=1e-10)
-
-    x = torch.from_numpy(rng.integers(0, 256, size=(50, 1, 2, 2), dtype=np.uint8))
-    mu, sigma, n = fid.feature_stats(lambda b: b.reshape(b.shape[0], -1).double().numpy(),
-                                     fid._batches(x, 7), total=50, progress=False)
-    ref = x.reshape(50, -1).double().numpy()
-    assert n == 50
-    np.testing.assert_allclose(mu, ref.mean(0))
-    np.testing.assert_allclose(sigma, np.cov(ref, rowvar=False), rtol=1e-10)
-    with pytest.raises(fid.FidError):
-        fid.RunningStats().cov()
-
+from conftest import tiny_run
 
 # -- the TorchScript stand-in for Inception
 
@@ -105,37 +35,37 @@ class _StandIn(torch.nn.Module):
 
 @pytest.fixture(scope="module")
 def standin(tmp_path_factory):
-    path = tmp_path_factory.mktemp("net") / fid.INCEPTION_FILENAME
+    path = tmp_path_factory.mktemp("net") / inception.INCEPTION_FILENAME
     torch.jit.save(torch.jit.script(_StandIn()), str(path))
     return path
 
 
 def test_inception_features_plumbing(standin):
-    ext = fid.InceptionFeatures(standin)
+    ext = inception.InceptionFeatures(standin)
     assert ext.key.startswith("inception-") and len(ext.sha256) == 64
     gray = torch.randint(0, 256, (5, 1, 9, 9), dtype=torch.uint8)
     f = ext(gray)
     assert f.dtype == np.float64 and f.shape == (5, 16)
     np.testing.assert_allclose(f, ext(gray.repeat(1, 3, 1, 1)))  # grayscale is repeated to 3 channels
-    with pytest.raises(fid.FidError, match="uint8"):
+    with pytest.raises(FidError, match="uint8"):
         ext(gray.float())
 
 
 def test_missing_inception_is_one_line_with_the_url(tmp_path, monkeypatch):
-    missing = tmp_path / "nowhere" / fid.INCEPTION_FILENAME
-    with pytest.raises(fid.InceptionMissingError) as ei:
-        fid.load_inception(missing)
+    missing = tmp_path / "nowhere" / inception.INCEPTION_FILENAME
+    with pytest.raises(inception.InceptionMissingError) as ei:
+        inception.load_inception(missing)
     msg = str(ei.value)
     assert isinstance(ei.value, DdpmkitError) and "\n" not in msg
-    assert fid.INCEPTION_URL in msg and fid.INCEPTION_URL.endswith(".pt") and str(missing) in msg
+    assert inception.INCEPTION_URL in msg and inception.INCEPTION_URL.endswith(".pt") and str(missing) in msg
     monkeypatch.setenv("DDPMKIT_CACHE", str(tmp_path / "cache"))
-    assert fid.default_inception_path() == tmp_path / "cache" / fid.INCEPTION_FILENAME
-    with pytest.raises(fid.InceptionMissingError):
-        fid.load_inception()
+    assert inception.default_inception_path() == tmp_path / "cache" / inception.INCEPTION_FILENAME
+    with pytest.raises(inception.InceptionMissingError):
+        inception.load_inception()
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a network")
-    with pytest.raises(fid.FidError, match="not a TorchScript network") as ei:
-        fid.load_inception(bad)
+    with pytest.raises(FidError, match="not a TorchScript network") as ei:
+        inception.load_inception(bad)
     assert "\n" not in str(ei.value)
 
 
@@ -147,10 +77,10 @@ def test_download_offline_fails_cleanly(tmp_path, monkeypatch):
         raise urllib.error.URLError("no network")
 
     monkeypatch.setattr(urllib.request, "urlopen", offline)
-    dest = tmp_path / fid.INCEPTION_FILENAME
-    with pytest.raises(fid.FidError, match="could not download") as ei:
-        fid.load_inception(dest, download=True)
-    assert "\n" not in str(ei.value) and fid.INCEPTION_URL in str(ei.value)
+    dest = tmp_path / inception.INCEPTION_FILENAME
+    with pytest.raises(FidError, match="could not download") as ei:
+        inception.load_inception(dest, download=True)
+    assert "\n" not in str(ei.value) and inception.INCEPTION_URL in str(ei.value)
     assert list(tmp_path.iterdir()) == []  # nothing half-written left behind
 
 
@@ -206,12 +136,9 @@ def test_reference_stats_cache(tmp_path, monkeypatch):
 
 
 def _tiny_run(root, image_size):
-    run = root / f"run{image_size}"
-    cfg = config_from_preset("digits", image_size=image_size, base_channels=8, channel_mults=(1, 2),
-                             num_res_blocks=1, num_groups=4, T=40, batch_size=8, steps=2, num_samples=0,
-                             checkpoint_every=2, sample_every=100, log_every=1, sample_steps=5)
-    Trainer(cfg, run, quiet=True).run()
-    return run
+    # conftest's tiny configuration as this file trained it before (no dropout, the digits preset's lr and warm-up)
+    return tiny_run(root, f"run{image_size}", image_size=image_size, steps=2, log_every=1, dropout=0.0, lr=2e-3,
+                    warmup=50)
 
 
 def test_evaluate_fid_with_the_stand_in(tmp_path, standin):
@@ -223,12 +150,15 @@ def test_evaluate_fid_with_the_stand_in(tmp_path, standin):
     assert r["fid"] > 0 and np.isfinite(r["fid"]) and r["n"] == 12 and r["n_reference"] == 1797
     assert r["features"] == "inception" and r["sampler"] == "ddim" and r["steps"] == 5 and r["eta"] == 0.0
     assert not r["reference_from_cache"] and r["sample_seconds"] > 0 and r["score_seconds"] > 0
-    assert r["inception_sha256"] == fid._sha256_file(standin)
+    assert r["inception_sha256"] == sha256_file(standin)
     again = fid.evaluate_fid(run, **kw)
     assert again["reference_from_cache"] and again["fid"] == pytest.approx(r["fid"], rel=1e-12)  # seeded
     other_seed = fid.evaluate_fid(run, **{**kw, "seed": 1})
     assert other_seed["fid"] != r["fid"]
-    with pytest.raises(fid.InceptionMissingError):
+    # sample i comes from the noise stream (seed, i): the batch size does not change the samples
+    other_batch = fid.evaluate_fid(run, **{**kw, "batch_size": 12})
+    assert other_batch["fid"] == pytest.approx(r["fid"], rel=1e-6)
+    with pytest.raises(inception.InceptionMissingError):
         fid.evaluate_fid(run, **{**kw, "inception_path": tmp_path / "missing.pt"})
     with pytest.raises(DdpmkitError, match="features"):
         fid.evaluate_fid(run, **{**kw, "features": "vgg"})

@@ -12,13 +12,14 @@ diffusers = pytest.importorskip("diffusers")
 from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from ddpmkit.checkpoint import load_model, load_schedule, read_config  # noqa: E402
+from ddpmkit.run import Run  # noqa: E402
+from ddpmkit.store import read_config  # noqa: E402
 from ddpmkit.cli import main  # noqa: E402
 from ddpmkit.errors import ConfigError  # noqa: E402
 from ddpmkit.interop import (diffusers_config_from_unet, diffusion_from_scheduler,  # noqa: E402
                              unet_config_from_diffusers)
-from ddpmkit.sampling import ddim_sample, ddim_timesteps, ddpm_sample  # noqa: E402
-from ddpmkit.unet import UNet  # noqa: E402
+from ddpmkit.models.unet import UNet  # noqa: E402
+from ddpmkit.samplers import sample, timesteps  # noqa: E402
 
 # The configuration of google/ddpm-cifar10-32, as published.
 CIFAR10_32 = dict(
@@ -80,7 +81,7 @@ def _compare(theirs: UNet2DModel, ours: UNet, size: int, batch: int = 2, seed: i
 
 def _import(src: Path, run: Path):
     assert main(["import-diffusers", str(src), "--out", str(run)]) == 0
-    return load_model(run)
+    return Run.open(run).load_model()
 
 
 def test_cifar10_32_configuration_imports_exactly(tmp_path, capsys):
@@ -96,7 +97,7 @@ def test_cifar10_32_configuration_imports_exactly(tmp_path, capsys):
     assert diff < TOL
     # no scheduler config beside the model: the paper's schedule, and the run says so
     assert "paper's defaults" in capsys.readouterr().out
-    assert load_schedule(tmp_path / "run").kind == "linear"
+    assert Run.open(tmp_path / "run").schedule.kind == "linear"
 
 
 def _to_old_attention_names(state: dict) -> dict:
@@ -147,7 +148,7 @@ def test_export_round_trip_loads_in_diffusers(tmp_path):
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    from ddpmkit.checkpoint import save_checkpoint, write_config
+    from ddpmkit.store import save_checkpoint, write_config
 
     run = tmp_path / "run"
     run.mkdir()
@@ -158,13 +159,13 @@ def test_export_round_trip_loads_in_diffusers(tmp_path):
     pipe = DDPMPipeline.from_pretrained(tmp_path / "out")
     assert pipe.scheduler.config.prediction_type == "v_prediction"
     assert pipe.scheduler.config.beta_schedule == "squaredcos_cap_v2"
-    torch.testing.assert_close(pipe.scheduler.alphas_cumprod, load_schedule(run).alpha_bar, rtol=1e-5, atol=1e-6)
-    diff = _compare(theirs, load_model(run), 16)
+    torch.testing.assert_close(pipe.scheduler.alphas_cumprod, Run.open(run).schedule.alpha_bar, rtol=1e-5, atol=1e-6)
+    diff = _compare(theirs, Run.open(run).load_model(), 16)
     print(f"export round trip max abs difference: {diff:.2e}")
     assert diff < TOL
     # and back again: import of the export is the same model, key for key
     back = _import(tmp_path / "out", tmp_path / "run2")
-    for k, v in load_model(run).state_dict().items():
+    for k, v in Run.open(run).load_model().state_dict().items():
         assert torch.equal(v, back.state_dict()[k]), k
     assert read_config(tmp_path / "run2")["diffusion"]["objective"] == "v"
 
@@ -181,14 +182,13 @@ def _diffusers_loop(unet, scheduler, x, steps, generator=None, **step_kw):
 @pytest.mark.parametrize("variance_type,ours", [("fixed_small", "small"), ("fixed_large", "large")])
 def test_ddpm_follows_diffusers_scheduler(tmp_path, variance_type, ours):
     theirs, pipe = _pipeline(tmp_path, MICRO, variance_type=variance_type, clip_sample=True)
-    model = _import(pipe, tmp_path / "run")
-    schedule = load_schedule(tmp_path / "run")
-    assert schedule.kind == "linear" and read_config(tmp_path / "run")["diffusion"]["variance"] == ours
+    _import(pipe, tmp_path / "run")
+    run = Run.open(tmp_path / "run")
+    assert run.schedule.kind == "linear" and run.variance == read_config(run.dir)["diffusion"]["variance"] == ours
     x_T = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(5))
     sched = DDPMScheduler.from_pretrained(pipe, subfolder="scheduler")
     a = _diffusers_loop(theirs, sched, x_T.clone(), 1000, generator=torch.Generator().manual_seed(9))
-    b = ddpm_sample(model, schedule, x_T.shape, variance=ours, clip_x0=True, x_T=x_T,
-                    generator=torch.Generator().manual_seed(9))
+    b = sample(run.denoiser(clip_x0=True), x_T, sampler="ddpm", noise=torch.Generator().manual_seed(9))
     diff = (a - b).abs().max().item()
     print(f"DDPM {variance_type}: max abs difference after 1000 steps {diff:.2e}")
     assert a.abs().max() > 0.5
@@ -204,17 +204,17 @@ def _ddim(pipe, clip_sample, **kw):
 @pytest.mark.parametrize("eta", [0.0, 0.5])
 def test_ddim_trailing_follows_diffusers_scheduler(tmp_path, clip, eta):
     theirs, pipe = _pipeline(tmp_path, TINY)
-    model = _import(pipe, tmp_path / "run")
-    schedule = load_schedule(tmp_path / "run")
+    _import(pipe, tmp_path / "run")
     x_T = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(6))
     sched = _ddim(pipe, clip)
     # diffusers re-derives the noise from the clipped x0 only when asked; ddpmkit always does (as DDIM eq. 12
     # reads with a clipped x0_hat), so ask it to
     a = _diffusers_loop(theirs, sched, x_T.clone(), 50, generator=torch.Generator().manual_seed(2), eta=eta,
                         use_clipped_model_output=clip)
-    assert list(sched.timesteps.numpy()[::-1]) == list(ddim_timesteps(1000, 50, "trailing"))
-    b = ddim_sample(model, schedule, x_T.shape, steps=50, eta=eta, spacing="trailing", clip_x0=clip, x_T=x_T,
-                    generator=torch.Generator().manual_seed(2))
+    assert list(sched.timesteps.numpy()[::-1]) == list(timesteps(1000, 50, "trailing"))
+    den = Run.open(tmp_path / "run").denoiser(clip_x0=clip)
+    b = sample(den, x_T, sampler="ddim", steps=50, eta=eta, spacing="trailing",
+               noise=torch.Generator().manual_seed(2))
     diff, scale = (a - b).abs().max().item(), max(1.0, a.abs().max().item())
     print(f"DDIM trailing, 50 steps, eta {eta}, clip {clip}: max abs difference {diff:.2e} at scale {scale:.3g}")
     # Measured: 1.5e-5 with clipping (|x| <= 1); 4e-4 to 9e-4 without, where this random network's x0_hat
@@ -229,17 +229,17 @@ def test_ddim_where_diffusers_steps_to_the_wrong_timestep(tmp_path):
     sub-sequence tau defines. With T = 1000 and S = 30 the trailing list steps by 33 or 34, so diffusers
     lands between the listed timesteps and its last step jumps from t = 32 to alpha_bar = 1 from t = -1."""
     theirs, pipe = _pipeline(tmp_path, TINY)
-    model = _import(pipe, tmp_path / "run")
-    schedule = load_schedule(tmp_path / "run")
+    _import(pipe, tmp_path / "run")
     sched = _ddim(pipe, False)
     sched.set_timesteps(30)
     listed = sched.timesteps.tolist()
-    assert listed == list(ddim_timesteps(1000, 30, "trailing"))[::-1]
+    assert listed == list(timesteps(1000, 30, "trailing"))[::-1]
     gaps = {a - b for a, b in zip(listed, listed[1:])}
     assert gaps == {33, 34} and 1000 // 30 == 33  # diffusers always steps by 33: the wrong target at a 34 gap
     x_T = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(7))
     a = _diffusers_loop(theirs, sched, x_T.clone(), 30)
-    b = ddim_sample(model, schedule, x_T.shape, steps=30, spacing="trailing", clip_x0=False, x_T=x_T)
+    den = Run.open(tmp_path / "run").denoiser(clip_x0=False)
+    b = sample(den, x_T, sampler="ddim", steps=30, spacing="trailing")
     assert (a - b).abs().max().item() > 1e-3  # they really differ; with S = 50 they agree to 1e-4 (above)
 
 
@@ -252,7 +252,7 @@ def test_schedules_translate_both_ways():
     # diffusers' own schedule equals ours for both named schedules
     for name, kind in (("linear", "linear"), ("squaredcos_cap_v2", "cosine")):
         s = DDPMScheduler(beta_schedule=name)
-        from ddpmkit.schedule import NoiseSchedule
+        from ddpmkit.diffusion import NoiseSchedule
 
         torch.testing.assert_close(s.alphas_cumprod, NoiseSchedule.from_name(kind, 1000).alpha_bar,
                                    rtol=1e-5, atol=1e-6)
@@ -349,4 +349,4 @@ def test_diffusers_leading_spacing_is_our_uniform_when_s_divides_t():
     for S in (10, 50, 100, 250):
         sched = DDIMScheduler()  # timestep_spacing="leading", steps_offset=0: the DDIM paper's range(0, T, T // S)
         sched.set_timesteps(S)
-        assert sched.timesteps.tolist()[::-1] == list(ddim_timesteps(1000, S, "uniform")), S
+        assert sched.timesteps.tolist()[::-1] == list(timesteps(1000, S, "uniform")), S

@@ -15,24 +15,16 @@ from pathlib import Path
 import pytest
 import torch
 
-import ddpmkit.checkpoint as C
-import ddpmkit.data as D
-import ddpmkit.train as train_mod
-from ddpmkit.checkpoint import list_checkpoints, load_checkpoint, verify_checkpoint
+from conftest import tiny_cfg, tiny_flags, tiny_run
+
+import ddpmkit.data.sources as D
+import ddpmkit.store.checkpoint as C
+import ddpmkit.train.trainer as train_mod
 from ddpmkit.cli import main
-from ddpmkit.train import NonFiniteError, Trainer, config_from_preset
+from ddpmkit.store.checkpoint import list_checkpoints, load_checkpoint, verify_checkpoint
+from ddpmkit.train import NonFiniteError, Trainer
 
-TINY = ["--image-size", "8", "--base-channels", "8", "--channel-mults", "1,2", "--num-res-blocks", "1",
-        "--num-groups", "4", "--T", "40", "--batch-size", "8", "--log-every", "2", "--num-samples", "0",
-        "--sample-steps", "5", "--sample-every", "1000", "--quiet"]
-
-
-def tiny_cfg(**kw):
-    base = dict(image_size=8, base_channels=8, channel_mults=(1, 2), num_res_blocks=1, num_groups=4, T=40,
-                batch_size=8, log_every=2, num_samples=0, sample_steps=5, checkpoint_every=2, sample_every=100,
-                dropout=0.1, steps=6, lr=1e-3, warmup=100)
-    base.update(kw)
-    return config_from_preset("digits", **base)
+TINY = tiny_flags(log_every=2, num_samples=0, sample_every=1000)
 
 
 def snapshot(root: Path) -> dict:
@@ -46,8 +38,10 @@ def snapshot(root: Path) -> dict:
 
 
 def _error_lines(stderr: str) -> str:
-    """stderr without the banner that `train` prints once the run has started ("training RUN on cpu ...")."""
-    return "\n".join(ln for ln in stderr.strip().splitlines() if not ln.startswith("training ")).strip()
+    """stderr without the banners that `train` prints once the run has started ("training RUN on cpu ...",
+    "resuming RUN from step N")."""
+    return "\n".join(ln for ln in stderr.strip().splitlines()
+                     if not ln.startswith(("training ", "resuming "))).strip()
 
 
 def assert_one_line_error(argv, capsys, root, match=None):
@@ -87,17 +81,19 @@ def poison_at(monkeypatch, steps: set, factor: float = float("nan")):
     return calls
 
 
-# ================================================================================= crash safety (slow)
-@pytest.mark.slow
-def test_crash_safety_sigkill_resume_bit_exact(tmp_path):
+# ================================================================================= crash safety
+def test_sigkill_then_resume_is_bit_exact(tmp_path):
+    # `ddpmkit train` killed by SIGKILL at random moments (inside a step, a save or the pruning of old
+    # checkpoints: --keep 2), resumed after each kill: every checkpoint on disk verifies, a resume loses at
+    # most the checkpoint interval, and the finished run equals an uninterrupted one bit for bit.
     path = Path(__file__).parents[1] / "bench" / "crash_safety.py"
     spec = importlib.util.spec_from_file_location("crash_safety", path)
     cs = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cs)
-    r = cs.run_crash_safety(tmp_path, kills=3, steps=120, checkpoint_every=2, max_delay=1.0, seed=1,
+    r = cs.run_crash_safety(tmp_path, kills=2, steps=120, checkpoint_every=2, max_delay=0.5, seed=1, keep=2,
                             log=lambda *a: None)
-    assert not r["done_early"] and r["kills"] == 3
-    assert r["resumes_ok"] == r["resumes"] == 3
+    assert not r["done_early"] and r["kills"] == 2  # each process died of the SIGKILL, not finished before it
+    assert r["resumes_ok"] == r["resumes"] == 2
     assert r["unreadable"] == 0
     assert 0 <= r["max_lost"] <= 2
     assert r["equal"] and r["max_abs_diff"] == 0.0 and r["final_steps"] == (120, 120)
@@ -185,18 +181,28 @@ def test_skip_nonfinite_run_saves_only_finite_checkpoints(tmp_path, monkeypatch)
 
 
 @pytest.mark.parametrize("factor,what", [(float("nan"), "loss became nan"), (1e30, "gradient norm")])
-def test_fault_without_skip_stops_and_checkpoints_stay_finite(tmp_path, monkeypatch, capsys, factor, what):
+def test_fault_without_skip_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys, factor, what):
+    # A fault on the first step after a resume (step 5): one line naming the fault, the step and the way out;
+    # no checkpoint after it, and those before it unchanged, byte for byte, and finite.
     run = tmp_path / "run"
-    poison_at(monkeypatch, {5}, factor)
-    rc = main(["train", "--out", str(run), "--steps", "8", "--checkpoint-every", "2"] + TINY)
+    assert main(["train", "--out", str(run), "--steps", "4", "--checkpoint-every", "2"] + TINY) == 0
+    before = snapshot(run / "checkpoints")
+    poison_at(monkeypatch, {1}, factor)
+    capsys.readouterr()
+    rc = main(["train", "--out", str(run), "--resume", "--steps", "8", "--quiet"])
     err = _error_lines(capsys.readouterr().err)
     assert rc != 0 and len(err.splitlines()) == 1 and "Traceback" not in err
     assert what in err and "at step 5" in err and "--skip-nonfinite" in err
+    assert snapshot(run / "checkpoints") == before
     cks = list_checkpoints(run)
-    assert [p.name for p in cks][-1] == "step_000000004"  # stopped at the step, no save after the fault
+    assert [p.name for p in cks] == ["step_000000002", "step_000000004"]  # nothing saved after the fault
     for p in cks:
         verify_checkpoint(p)
         assert all_finite(load_checkpoint(p))
+    # the same through the Python API: NonFiniteError
+    poison_at(monkeypatch, {1}, factor)
+    with pytest.raises(NonFiniteError, match=f"{what}.* at step 5"):
+        Trainer(tiny_cfg(steps=8), run, resume=True, quiet=True).run()
 
 
 def test_skip_nonfinite_flag_through_the_cli(tmp_path, monkeypatch, capsys):
@@ -222,14 +228,14 @@ def test_save_failing_midway_keeps_previous_checkpoint(tmp_path, monkeypatch, ca
     run = tmp_path / "run"
     real = C.atomic_write_bytes
 
-    def failing(path, data):
+    def failing(path, data, **kw):
         path = Path(path)
         # the checkpoint of step 4: its second file is cut off half way, as a full disk would
         if "step_000000004" in path.parent.name and path.name == "ema.safetensors":
             with open(path, "wb") as f:
                 f.write(bytes(memoryview(data).cast("B")[: len(data) // 2]))
             raise OSError(err_no, os.strerror(err_no), str(path))
-        return real(path, data)
+        return real(path, data, **kw)
 
     monkeypatch.setattr(C, "atomic_write_bytes", failing)
     rc = main(["train", "--out", str(run), "--steps", "6", "--checkpoint-every", "2"] + TINY)
@@ -254,8 +260,8 @@ def test_save_failing_midway_keeps_previous_checkpoint(tmp_path, monkeypatch, ca
 def runs(tmp_path_factory):
     """Two finished one-step runs of different architectures."""
     root = tmp_path_factory.mktemp("runs")
-    Trainer(tiny_cfg(steps=1), root / "a", quiet=True).run()
-    Trainer(tiny_cfg(steps=1, base_channels=12, num_groups=4), root / "b", quiet=True).run()
+    tiny_run(root, "a", steps=1)
+    tiny_run(root, "b", steps=1, base_channels=12, num_groups=4)
     return root
 
 
@@ -324,6 +330,7 @@ def test_bad_sampling_flags(runs, capsys):
         (["--n", "0"], "--n"),
     ]:
         assert_one_line_error(["sample", str(a), "--quiet", "--out", str(runs / "s")] + extra, capsys, runs, match)
+    assert_one_line_error(["sample", str(runs)], capsys, runs)  # the folder that holds runs is not one
 
 
 def test_run_dir_that_is_not_a_run(tmp_path, capsys):
@@ -371,10 +378,18 @@ def test_checkpoint_from_a_different_architecture(runs, tmp_path, capsys):
     assert_one_line_error(["train", "--out", str(work), "--resume", "--steps", "6", "--quiet"], capsys, tmp_path)
 
 
-def test_out_exists_without_resume(runs, tmp_path, capsys):
+def test_refuses_to_overwrite_without_resume(runs, tmp_path, capsys):
+    # a finished run, and a folder with something else in it: both left exactly as they were
     work = tmp_path / "a"
     shutil.copytree(runs / "a", work)
-    assert_one_line_error(["train", "--out", str(work), "--steps", "2"] + TINY, capsys, tmp_path, "--resume")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "precious.txt").write_text("keep me")
+    for out in (work, other):
+        err = assert_one_line_error(["train", "--out", str(out), "--steps", "2"] + TINY, capsys, tmp_path,
+                                    "already exists")
+        assert "--resume" in err
+    assert sorted(p.name for p in other.iterdir()) == ["precious.txt"]
 
 
 def test_unwritable_out(tmp_path, monkeypatch, capsys):
@@ -439,45 +454,35 @@ def test_download_that_cannot_reach_the_host(tmp_path, monkeypatch, capsys):
     assert_one_line_error(argv[:-len(TINY) - 1] + TINY, capsys, tmp_path, "cifar")
 
 
-def test_sampling_retries_out_of_memory_with_smaller_batches(tmp_path, capsys):
-    import ddpmkit.generate as gen
+def test_sampling_retries_out_of_memory_with_smaller_batches(tmp_path, monkeypatch):
+    import ddpmkit.samplers.batches as batches
     from ddpmkit.generate import SampleOptions, generate
-    from ddpmkit.train import Trainer, config_from_preset
 
-    run = tmp_path / "run"
-    cfg = config_from_preset("digits", image_size=8, base_channels=8, channel_mults=(1, 2), num_res_blocks=1,
-                             num_groups=4, T=40, batch_size=8, steps=1, num_samples=0, sample_steps=5)
-    Trainer(cfg, run, quiet=True).run()
-    real = gen.sample
+    run = tiny_run(tmp_path, steps=1)
+    opts = SampleOptions(sampler="ddim", steps=3, n=7, batch_size=8)
+    plenty = generate(run, tmp_path / "plenty", opts, progress=False)
+    real = batches.sample
     sizes = []
 
-    def small_memory(model, schedule, shape, **kw):
-        sizes.append(shape[0])
-        if shape[0] > 3:
+    def small_memory(denoiser, x_T, **kw):
+        sizes.append(x_T.shape[0])
+        if x_T.shape[0] > 3:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real(model, schedule, shape, **kw)
+        return real(denoiser, x_T, **kw)
 
+    monkeypatch.setattr(batches, "sample", small_memory)
     messages = []
-    try:
-        gen.sample = small_memory
-        res = generate(run, tmp_path / "s", SampleOptions(sampler="ddim", steps=3, n=7, batch_size=8),
-                       progress=False, log=messages.append)
-    finally:
-        gen.sample = real
+    res = generate(run, tmp_path / "s", opts, progress=False, log=messages.append)
     assert sizes[:3] == [7, 4, 2] and sum(s for s in sizes if s <= 3) == 7
     assert any("retrying with batch size 4" in m for m in messages)
     assert len(list((tmp_path / "s").glob("sample_*.png"))) == 7 and res["images"].shape[0] == 7
+    assert torch.equal(res["images"], plenty["images"])  # the retry does not change the images
 
 
 def test_sampling_memory_is_bounded_by_the_grid(tmp_path, monkeypatch):
     import ddpmkit.generate as gen
     from ddpmkit.generate import SampleOptions, generate
-    from ddpmkit.train import Trainer, config_from_preset
-
-    run = tmp_path / "run"
-    cfg = config_from_preset("digits", image_size=8, base_channels=8, channel_mults=(1, 2), num_res_blocks=1,
-                             num_groups=4, T=40, batch_size=8, steps=1, num_samples=0, sample_steps=5)
-    Trainer(cfg, run, quiet=True).run()
+    run = tiny_run(tmp_path, steps=1)
     monkeypatch.setattr(gen, "GRID_MAX", 5)
     res = generate(run, tmp_path / "s", SampleOptions(sampler="ddim", steps=2, n=12, batch_size=4), progress=False)
     assert res["images"].shape[0] == 5  # only the grid's samples are held

@@ -21,11 +21,27 @@ import numpy as np
 import pytest
 import torch
 
-from ddpmkit.sampling import ddim_sample, ddim_timesteps, ddpm_sample
-from ddpmkit.schedule import NoiseSchedule
+from ddpmkit.diffusion import Denoiser, NoiseSchedule
+from ddpmkit.samplers import sample
+from ddpmkit.samplers import timesteps as ddim_timesteps
 
 T = 1000
 MU, S = 0.3, 0.2
+
+
+def ddpm_sample(model, sched, shape, *, variance="small", clip_x0=True, objective="eps", generator=None,
+                x_T=None, callback=None, steps=None, spacing=None):
+    """DDPM through a Denoiser over ``model``, from ``x_T`` or from noise of ``shape`` drawn from ``generator``."""
+    den = Denoiser(model, sched, objective=objective, variance=variance, clip_x0=clip_x0)
+    return sample(den, shape if x_T is None else x_T, sampler="ddpm", steps=steps, spacing=spacing,
+                  noise=generator, callback=callback)
+
+
+def ddim_sample(model, sched, shape, *, steps, eta=0.0, spacing="uniform", clip_x0=True, objective="eps",
+                generator=None, x_T=None, callback=None):
+    den = Denoiser(model, sched, objective=objective, clip_x0=clip_x0)
+    return sample(den, shape if x_T is None else x_T, sampler="ddim", steps=steps, spacing=spacing, eta=eta,
+                  noise=generator, callback=callback)
 SHAPE = (4096, 1, 4, 4)
 
 
@@ -51,11 +67,15 @@ def gaussian_oracle(sched, mu=MU, s=S):
     return model
 
 
-def exact_law_ddpm(variance, mu=MU, s=S):
-    b, ab = paper_arrays()
+def exact_law_ddpm(variance, mu=MU, s=S, tau=None):
+    """The exact law of DDPM's output; ``tau`` (increasing) respaces it: the process over alpha_bar[tau]."""
+    _, ab_full = paper_arrays()
+    tau = np.arange(T) if tau is None else np.asarray(tau)
+    ab = ab_full[tau]
     abp = np.append(1.0, ab[:-1])
+    b = 1 - ab / abp                                                # Improved DDPM section 4
     m, V = 0.0, 1.0
-    for t in range(T - 1, -1, -1):
+    for t in range(len(tau) - 1, -1, -1):
         a = math.sqrt(ab[t])
         v = ab[t] * s * s + 1 - ab[t]
         c1 = math.sqrt(abp[t]) * b[t] / (1 - ab[t])               # DDPM eq. 7
@@ -103,6 +123,35 @@ def test_ddpm_gaussian_oracle(sched, variance):
     m, sd = exact_law_ddpm(variance)
     assert_matches(x, m, sd, f"ddpm-{variance}")
     assert abs(m - MU) < 0.005 and abs(sd / S - 1) < 0.025, (m, sd)
+
+
+@pytest.mark.parametrize("variance", ["small", "large"])
+@pytest.mark.parametrize("steps,spacing", [(10, "uniform"), (50, "uniform"), (37, "quadratic"), (25, "trailing")])
+def test_respaced_ddpm_gaussian_oracle(sched, variance, steps, spacing):
+    # DDPM at S < T: ancestral sampling of the process whose alpha_bar are those of the visited timesteps.
+    g = torch.Generator().manual_seed(16)
+    model = gaussian_oracle(sched)
+    calls = []
+
+    def counting(xt, t):
+        calls.append(int(t[0]))
+        return model(xt, t)
+
+    x = ddpm_sample(counting, sched, SHAPE, variance=variance, clip_x0=False, generator=g, steps=steps,
+                    spacing=spacing)
+    tau = ddim_timesteps(T, steps, spacing)
+    assert calls == list(tau[::-1])  # the network sees the original timesteps, one call each
+    m, sd = exact_law_ddpm(variance, tau=tau)
+    assert_matches(x, m, sd, f"ddpm-{variance} S={steps} {spacing}")
+    assert abs(m - MU) < 0.005
+
+
+def test_respaced_ddpm_at_every_step_is_the_paper_sampler(sched):
+    model = finite_set_oracle(sched, torch.tensor([[[[0.5, -0.5], [0.9, 0.0]]]]))
+    a = ddpm_sample(model, sched, (16, 1, 2, 2), generator=torch.Generator().manual_seed(4))
+    b = ddpm_sample(model, sched, (16, 1, 2, 2), generator=torch.Generator().manual_seed(4), steps=T,
+                    spacing="trailing")
+    assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("eta", [0.0, 1.0])
@@ -249,7 +298,11 @@ def test_bad_arguments(sched):
         ddim_sample(model, sched, (1, 1, 2, 2), steps=5, spacing="cubic")
     with pytest.raises(ValueError, match="variance"):
         ddpm_sample(model, sched, (1, 1, 2, 2), variance="medium")
-    with pytest.raises(ValueError, match="x_T"):
-        ddim_sample(model, sched, (2, 1, 2, 2), steps=5, x_T=torch.zeros(3, 1, 2, 2))
+    with pytest.raises(ValueError, match="shape"):
+        ddim_sample(model, sched, (2, 0, 2, 2), steps=5)
+    with pytest.raises(ValueError, match="sampler"):
+        sample(Denoiser(model, sched), (1, 1, 2, 2), sampler="euler")
+    with pytest.raises(ValueError, match="no option"):
+        sample(Denoiser(model, sched), (1, 1, 2, 2), sampler="ddpm", eta=1.0)
     with pytest.raises(ValueError, match="objective"):
         ddpm_sample(model, sched, (1, 1, 2, 2), objective="score")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from ddpmkit.schedule import NoiseSchedule
+from ddpmkit.diffusion import NoiseSchedule
 
 
 def test_linear_endpoints_and_alpha_bar_figure():

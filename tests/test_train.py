@@ -2,50 +2,29 @@
 
 import json
 import math
-import os
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from conftest import tiny_cfg, tiny_flags, tiny_run
 
-from ddpmkit.checkpoint import list_checkpoints, load_checkpoint, load_model, load_schedule
 from ddpmkit.cli import main
 from ddpmkit.errors import ConfigError
-from ddpmkit.plots import ChainRecorder
-from ddpmkit.sampling import ddpm_sample
-from ddpmkit.train import EMA, NonFiniteError, Trainer, config_from_preset
+from ddpmkit.run import Run
+from ddpmkit.store.checkpoint import list_checkpoints, load_checkpoint
+from ddpmkit.train import EMA, Trainer, config_from_preset
 
-TINY = ["--image-size", "8", "--base-channels", "8", "--channel-mults", "1,2", "--num-res-blocks", "1",
-        "--num-groups", "4", "--T", "40", "--batch-size", "8", "--log-every", "2", "--num-samples", "4",
-        "--sample-steps", "5", "--quiet"]
-
-
-def tiny_cfg(**kw):
-    base = dict(image_size=8, base_channels=8, channel_mults=(1, 2), num_res_blocks=1, num_groups=4, T=40,
-                batch_size=8, log_every=2, num_samples=4, sample_steps=5, checkpoint_every=3, sample_every=100,
-                dropout=0.1, steps=6, lr=1e-3, warmup=100)
-    base.update(kw)
-    return config_from_preset("digits", **base)
-
-
-def weights(run):
-    ck = load_checkpoint(run)
-    return ck
+TINY = tiny_flags(log_every=2, num_samples=4)
 
 
 def test_resume_is_bit_exact(tmp_path):
     # N steps straight against k steps, a resume, and N - k more: identical weights, EMA and optimizer state.
-    # Dropout is on so that the global random state must be restored too.
+    # Dropout is on so that the global random state must be restored too; the sample grid drawn at the end
+    # of the first part must not disturb it.
     straight = tmp_path / "straight"
-    Trainer(tiny_cfg(steps=6), straight, quiet=True).run()
+    Trainer(tiny_cfg(steps=6, num_samples=4, checkpoint_every=3), straight, quiet=True).run()
     split = tmp_path / "split"
-    Trainer(tiny_cfg(steps=4), split, quiet=True).run()
-    Trainer(tiny_cfg(steps=6), split, resume=True, quiet=True).run()
+    Trainer(tiny_cfg(steps=4, num_samples=4, checkpoint_every=3), split, quiet=True).run()
+    Trainer(tiny_cfg(steps=6, num_samples=4, checkpoint_every=3), split, resume=True, quiet=True).run()
     a, b = load_checkpoint(straight), load_checkpoint(split)
     assert a.step == b.step == 6
     for k in a.model_state:
@@ -63,7 +42,8 @@ def test_resume_is_bit_exact(tmp_path):
 
 def test_run_directory_contents(tmp_path):
     run = tmp_path / "run"
-    res = Trainer(tiny_cfg(steps=6, sample_every=4, keep=2), run, quiet=True).run()
+    res = Trainer(tiny_cfg(steps=6, sample_every=4, keep=2, num_samples=4, checkpoint_every=3), run,
+                  quiet=True).run()
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["model"]["base_channels"] == 8 and cfg["diffusion"] == {"schedule": "linear", "T": 40,
                                                                      "objective": "eps"}
@@ -100,42 +80,8 @@ def test_ema_warmup_formula():
     assert ema.current_decay() == 0.999
 
 
-def test_nonfinite_loss_stops_and_keeps_checkpoint(tmp_path, monkeypatch):
-    run = tmp_path / "run"
-    Trainer(tiny_cfg(steps=3), run, quiet=True).run()
-    before = {p.name: p.read_bytes() for p in (run / "checkpoints" / "step_000000003").iterdir()}
-    import ddpmkit.train as train_mod
-
-    real = train_mod.training_losses
-
-    def poisoned(model, schedule, x0, **kw):
-        losses, t = real(model, schedule, x0, **kw)
-        return losses * float("nan"), t
-
-    monkeypatch.setattr(train_mod, "training_losses", poisoned)
-    tr = Trainer(tiny_cfg(steps=6), run, resume=True, quiet=True)
-    with pytest.raises(NonFiniteError, match="loss became nan at step 4"):
-        tr.run()
-    after = {p.name: p.read_bytes() for p in (run / "checkpoints" / "step_000000003").iterdir()}
-    assert before == after
-    assert [p.name for p in list_checkpoints(run)] == ["step_000000003"]
-
-
-def test_refuses_to_overwrite_a_run(tmp_path, capsys):
-    run = tmp_path / "run"
-    run.mkdir()
-    (run / "precious.txt").write_text("keep me")
-    rc = main(["train", "--out", str(run), "--steps", "1"] + TINY)
-    err = capsys.readouterr().err
-    assert rc != 0 and "already exists" in err and "--resume" in err
-    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
-    assert sorted(p.name for p in run.iterdir()) == ["precious.txt"]
-    assert (run / "precious.txt").read_text() == "keep me"
-
-
 def test_resume_refuses_changed_architecture(tmp_path):
-    run = tmp_path / "run"
-    Trainer(tiny_cfg(steps=1), run, quiet=True).run()
+    run = tiny_run(tmp_path, steps=1)
     with pytest.raises(ConfigError, match="base_channels"):
         Trainer(tiny_cfg(steps=2, base_channels=12), run, resume=True, quiet=True)
     # a changed step count is safe
@@ -171,73 +117,29 @@ def test_cli_train_sample_resume_end_to_end(tmp_path, capsys):
 
 
 def test_sampling_uses_the_runs_own_schedule(tmp_path):
-    run = tmp_path / "run"
-    Trainer(tiny_cfg(steps=2, schedule="cosine", T=30), run, quiet=True).run()
-    sched = load_schedule(run)
-    assert sched.kind == "cosine" and sched.T == 30
+    from ddpmkit.diffusion import Denoiser
     from ddpmkit.generate import SampleOptions, generate
+    from ddpmkit.images import to_uint8
+    from ddpmkit.samplers import PerSampleNoise, sample
 
-    model = load_model(run)
+    run = tiny_run(tmp_path, steps=2, schedule="cosine", T=30)
+    sched = Run.open(run).schedule
+    assert sched.kind == "cosine" and sched.T == 30
+    model = Run.open(run).load_model()
     calls = []
 
     res = generate(run, tmp_path / "s", SampleOptions(sampler="ddpm", n=3, batch_size=3, seed=7), progress=False)
     assert res["steps"] == 30
     # the same chain, replayed by hand with the cosine schedule, gives the same pixels
-    g = torch.Generator().manual_seed(7)
-    x_T = torch.randn((3, 1, 8, 8), generator=g)
-    x = ddpm_sample(lambda x, t: (calls.append(1), model(x, t))[1], sched, (3, 1, 8, 8), generator=g, x_T=x_T)
-    from ddpmkit.images import to_uint8
+    counting = Denoiser(lambda x, t: (calls.append(1), model(x, t))[1], sched, "eps")
+    x = sample(counting, (3, 1, 8, 8), sampler="ddpm", noise=PerSampleNoise(7))
 
     assert len(calls) == 30
     assert torch.equal(to_uint8(x), res["images"])
 
 
-def test_sample_errors_are_one_line(tmp_path, capsys):
-    run = tmp_path / "run"
-    Trainer(tiny_cfg(steps=1), run, quiet=True).run()
-    cases = [
-        ["sample", str(run), "--sampler", "ddim", "--steps", "0"],
-        ["sample", str(run), "--sampler", "ddim", "--steps", "41"],
-        ["sample", str(run), "--sampler", "ddim", "--eta", "-1"],
-        ["sample", str(run), "--sampler", "euler"],
-        ["sample", str(run), "--batch-size", "0"],
-        ["sample", str(tmp_path / "nothing")],
-        ["sample", str(tmp_path)],
-        ["train", "--preset", "imagenet"],
-        ["train", "--out", str(tmp_path / "x"), "--image-size", "10", "--channel-mults", "1,2,2"],
-        ["train", "--out", str(tmp_path / "y"), "--batch-size", "0"],
-    ]
-    for argv in cases:
-        rc = main(argv)
-        err = capsys.readouterr().err.strip()
-        assert rc != 0, argv
-        assert len(err.splitlines()) == 1 and "Traceback" not in err, (argv, err)
-    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
-
-
-def test_sigkill_leaves_a_loadable_checkpoint(tmp_path):
-    run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "ddpmkit", "train", "--out", str(run), "--steps", "100000",
-           "--checkpoint-every", "1", "--keep", "2"] + TINY
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline and not (run.is_dir() and len(list_checkpoints(run)) >= 3):
-            time.sleep(0.2)
-        time.sleep(0.37)  # somewhere inside a step or a save
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-    ck = load_checkpoint(run)  # verifies every SHA-256
-    assert ck.step >= 3
-    assert main(["train", "--out", str(run), "--steps", str(ck.step + 1), "--resume", "--quiet"]) == 0
-    assert load_checkpoint(run).step == ck.step + 1
-
-
 def test_cli_eval_nll_writes_terms(tmp_path, capsys):
-    run = tmp_path / "run"
-    Trainer(tiny_cfg(steps=2), run, quiet=True).run()
+    run = tiny_run(tmp_path, steps=2)
     assert main(["eval", "nll", str(run), "--n", "4", "--batch-size", "4"]) == 0
     out = capsys.readouterr().out
     assert "bits/dim" in out
@@ -252,10 +154,32 @@ def test_cli_eval_nll_writes_terms(tmp_path, capsys):
     assert main(["eval", "nll", str(run), "--n", "0"]) != 0
 
 
+def test_labels_reach_the_loss_only_when_the_network_takes_them(tmp_path, monkeypatch):
+    # The place for class conditioning: Batcher -> train_step -> training_losses(cond=...). Nothing uses it
+    # yet (the U-Net has no class embedding), so the spy drops the labels before the network sees them.
+    import ddpmkit.train.trainer as train_mod
+    from ddpmkit.train import TrainConfig
+
+    seen = []
+    real = train_mod.training_losses
+
+    def spy(net, schedule, x0, *, cond=None, **kw):
+        seen.append(cond)
+        return real(net, schedule, x0, **kw)
+
+    monkeypatch.setattr(train_mod, "training_losses", spy)
+    Trainer(tiny_cfg(), tmp_path / "plain", quiet=True).train_step()
+    assert seen == [None]
+    seen.clear()
+    monkeypatch.setattr(TrainConfig, "class_cond", property(lambda self: True))
+    tr = Trainer(tiny_cfg(grad_accum=2), tmp_path / "cond", quiet=True)
+    tr.train_step()
+    assert len(seen) == 2 and all(y.dtype == torch.int64 and y.shape == (4,) for y in seen)  # per micro-batch
+    assert all(0 <= int(y.min()) and int(y.max()) <= 9 for y in seen)  # the digits' classes
+
+
 # ---------------------------------------------------------------------------- gradient accumulation, dropout
-ACCUM = ["--image-size", "8", "--base-channels", "8", "--channel-mults", "1,2", "--num-res-blocks", "1",
-         "--num-groups", "4", "--T", "40", "--batch-size", "8", "--dropout", "0", "--num-samples", "0",
-         "--sample-steps", "5", "--log-every", "1", "--checkpoint-every", "2", "--quiet"]
+ACCUM = tiny_flags(dropout=0, num_samples=0, log_every=1, checkpoint_every=2)
 
 # Measured: after 4 steps the largest difference of any weight (and EMA weight) between --grad-accum 1 and 2
 # (also 4 and 8) is ~3e-8, float32 summation order in the accumulated gradients. 1e-5 leaves a wide margin and
@@ -337,7 +261,7 @@ def test_bad_grad_accum_is_one_clear_error(tmp_path, capsys, monkeypatch, extra,
 
 
 def test_dropout_differs_per_rank_but_initial_weights_do_not(tmp_path):
-    from ddpmkit.train import seed_dropout
+    from ddpmkit.train.trainer import seed_dropout
 
     cfg = tiny_cfg(dropout=0.5)
     a = Trainer(cfg, tmp_path / "a", quiet=True)
@@ -373,7 +297,7 @@ def test_dropout_differs_per_rank_but_initial_weights_do_not(tmp_path):
 
 
 def test_dropout_on_one_process_is_reproducible(tmp_path, monkeypatch):
-    import ddpmkit.train as train_mod
+    import ddpmkit.train.trainer as train_mod
 
     calls = []
     real = train_mod.seed_dropout
@@ -386,3 +310,62 @@ def test_dropout_on_one_process_is_reproducible(tmp_path, monkeypatch):
         runs.append({k: v.clone() for k, v in tr.model.state_dict().items()})
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
     assert calls == [(0, 0, 0), (0, 0, 1), (0, 0, 2)] * 2  # (seed, rank, step): reseeded at every step
+
+
+# ---------------------------------------------------------------------------- settings: declared once
+def test_every_setting_is_a_field_with_a_default_and_a_help_and_a_flag():
+    import dataclasses
+
+    from ddpmkit.cli import build_parser
+    from ddpmkit.train import PRESETS, TrainConfig
+    from ddpmkit.train.config import flag, resume_locked, settings
+
+    parser = build_parser()
+    train = parser._subparsers._group_actions[0].choices["train"]
+    actions = {opt: a for a in train._actions for opt in a.option_strings}
+    for f, _ in settings():
+        assert f.metadata["help"], f.name
+        assert flag(f.name) in actions, f.name  # one flag per field, its help taken from the field
+        assert actions[flag(f.name)].help.startswith(f.metadata["help"]), f.name
+    assert {f.name for f, _ in settings()} | {"preset"} == {f.name for f in dataclasses.fields(TrainConfig)}
+    # the defaults are the digits preset; a preset names only fields
+    assert TrainConfig() == config_from_preset("digits")
+    for name, values in PRESETS.items():
+        assert set(values) <= {f.name for f in dataclasses.fields(TrainConfig)}, name
+    assert "base_channels" in resume_locked() and "steps" not in resume_locked() and "dropout" not in resume_locked()
+
+
+@pytest.mark.parametrize("preset", ["digits", "cifar10"])
+def test_the_presets_u_net_is_the_u_nets_preset(preset):
+    # the architecture's numbers live in ddpmkit.models (UNET_PRESETS); the training presets take them from there
+    from ddpmkit.models import UNET_PRESETS, UNet
+
+    cfg = config_from_preset(preset)
+    assert UNet(**cfg.model_config()).config == UNET_PRESETS[preset]
+    assert json.loads(json.dumps(cfg.to_json()))["model"] == cfg.model_config()
+
+
+def test_readme_settings_table_is_generated_from_the_fields():
+    from pathlib import Path
+
+    from ddpmkit.train import settings_table
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    begin = "<!-- settings table: generated by ddpmkit.train.settings_table() -->\n"
+    assert begin in readme
+    table = readme.split(begin, 1)[1].split("<!-- end of settings table -->", 1)[0]
+    assert table == settings_table(), ("README's settings table is stale: replace it with the output of "
+                                       "python -c 'from ddpmkit.train import settings_table; print(settings_table())'")
+
+
+def test_config_json_round_trips_and_old_configs_take_the_defaults():
+    from ddpmkit.train import TrainConfig
+
+    cfg = tiny_cfg(channel_mults=(1, 2), attention_resolutions=(4,), time_limit=5.0)
+    d = json.loads(json.dumps(cfg.to_json()))
+    assert TrainConfig.from_json(d) == cfg
+    del d["train"]["grad_accum"], d["train"]["skip_nonfinite"]  # written before those settings existed
+    old = TrainConfig.from_json(d)
+    assert old.grad_accum == 1 and old.skip_nonfinite is False
+    with pytest.raises(Exception, match="no 'train' section"):
+        TrainConfig.from_json({"model": {}})

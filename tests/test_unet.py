@@ -10,8 +10,9 @@ import torch
 from torch import nn
 
 from ddpmkit.errors import ConfigError
-from ddpmkit.schedule import NoiseSchedule
-from ddpmkit.unet import UNET_PRESETS, AttnBlock, UNet, timestep_embedding, unet_from_preset
+from ddpmkit.diffusion import NoiseSchedule
+from ddpmkit.models import UNET_PRESETS, UNet, timestep_embedding, unet_from_preset
+from ddpmkit.models.unet import AttnBlock
 
 
 
@@ -87,6 +88,16 @@ def test_bad_input_shapes_are_rejected():
         model(torch.randn(2, 3, 18, 18), torch.zeros(2, dtype=torch.long))  # 18 not divisible by 4
     with pytest.raises(ValueError):
         model(torch.randn(2, 3, 16, 16), torch.zeros(3, dtype=torch.long))  # t of the wrong length
+
+
+def test_class_labels_have_a_place_but_no_embedding_yet():
+    # forward(x, t, y): the place for class labels; this U-Net is unconditional, so a y is a clear error
+    model = UNet(image_size=8, in_channels=1, base_channels=8, channel_mults=(1, 2), num_res_blocks=1,
+                 attention_resolutions=(), num_groups=4).eval()
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([3, 7])
+    assert torch.equal(model(x, t), model(x, t, None))
+    with pytest.raises(ValueError, match="unconditional"):
+        model(x, t, torch.tensor([0, 1]))
 
 
 # ----------------------------------------------------------------------------- time embedding
@@ -323,6 +334,9 @@ def test_presets():
     for name, kw in UNET_PRESETS.items():
         assert set(kw) == set(UNet(**kw).config), name  # every constructor argument is spelled out
         json.dumps(kw)
+    # the constructor's defaults are the paper's CIFAR-10 model, and the cifar10 preset is derived from them
+    assert UNET_PRESETS["cifar10"] == UNet(image_size=32).config
+    assert UNET_PRESETS["digits"]["base_channels"] == 16 and UNET_PRESETS["digits"]["channel_mults"] == [1, 2, 2]
     digits = unet_from_preset("digits")
     assert digits.config["image_size"] == 16 and digits.config["in_channels"] == 1
     assert unet_from_preset("digits", dropout=0.2).config["dropout"] == 0.2

@@ -1,0 +1,167 @@
+"""A trained run: the one way from a path a user hands in to a model, a schedule and a Denoiser.
+
+``Run.open(path)`` accepts a run directory, ``RUN/checkpoints``, ``RUN/config.json``, a checkpoint directory
+``RUN/checkpoints/step_N`` or a file inside one; anything else is a one-line CheckpointError. The storage
+below it (``ddpmkit.store``) knows files and tensors; this module is where they meet the U-Net and the
+diffusion settings of ``config.json``.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .diffusion import NoiseSchedule
+from .errors import CheckpointError, DdpmkitError
+from .store.checkpoint import Checkpoint, check_state_matches, load_checkpoint, locate, strip_wrappers
+from .store.rundir import CONFIG_NAME, read_config
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .diffusion import Denoiser
+
+__all__ = ["Run"]
+
+
+class Run:
+    """A run directory and, optionally, one of its checkpoints.
+
+    ``dir`` is the run directory, ``config`` its config.json, ``checkpoint_dir`` the checkpoint the user
+    named (None: the newest intact one, found when the weights are loaded).
+    """
+
+    def __init__(self, dir, config: dict, checkpoint_dir=None):
+        self.dir = Path(dir)
+        self.config = config
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+
+    @classmethod
+    def open(cls, path) -> Run:
+        """The run of ``path``; CheckpointError (one line) when ``path`` is not a run or one of its checkpoints."""
+        where = locate(path)
+        if where.run_dir is None:
+            ck = where.checkpoint
+            raise CheckpointError(f"cannot use checkpoint {ck}: its run directory ({ck.parent.parent}) has no "
+                                  f"{CONFIG_NAME}")
+        return cls(where.run_dir, read_config(where.run_dir), where.checkpoint)
+
+    def __repr__(self) -> str:
+        at = f", checkpoint_dir={str(self.checkpoint_dir)!r}" if self.checkpoint_dir is not None else ""
+        return f"Run({str(self.dir)!r}{at})"
+
+    # ------------------------------------------------------------------ settings from config.json
+    @property
+    def config_path(self) -> Path:
+        return self.dir / CONFIG_NAME
+
+    def _section(self, name: str) -> dict[str, Any]:
+        section = self.config.get(name)
+        if type(section) is not dict:
+            raise CheckpointError(f"{self.config_path} has no '{name}' section")
+        return section
+
+    @property
+    def diffusion_config(self) -> dict[str, Any]:
+        """``config["diffusion"]`` (empty when absent)."""
+        section = self.config.get("diffusion")
+        return section if type(section) is dict else {}
+
+    @cached_property
+    def schedule(self) -> NoiseSchedule:
+        """The NoiseSchedule of ``config["diffusion"]``: "schedule" (linear or cosine) and "T", or explicit
+        "betas" (the schedule of an imported model that is neither)."""
+        diffusion = self.config.get("diffusion")
+        if type(diffusion) is not dict or "schedule" not in diffusion or "T" not in diffusion:
+            raise CheckpointError(f"{self.config_path} has no 'diffusion' section with 'schedule' and 'T'")
+        try:
+            if "betas" in diffusion:
+                schedule = NoiseSchedule.from_betas(diffusion["betas"], kind=str(diffusion["schedule"]))
+                if schedule.T != diffusion["T"]:
+                    raise ValueError(f"{schedule.T} betas for T={diffusion['T']}")
+                return schedule
+            return NoiseSchedule.from_name(diffusion["schedule"], diffusion["T"])
+        except (ValueError, TypeError) as e:
+            raise CheckpointError(f"{self.config_path}: bad diffusion settings: {e}") from e
+
+    @property
+    def objective(self) -> str:
+        """What the network predicts: ``config["diffusion"]["objective"]``, "eps" when absent."""
+        return self._setting("objective", "eps")
+
+    @property
+    def variance(self) -> str:
+        """The reverse-process variance: ``config["diffusion"]["variance"]``, "small" when absent."""
+        return self._setting("variance", "small")
+
+    def _setting(self, key: str, default: str) -> str:
+        value = self.diffusion_config.get(key, default)
+        if type(value) is not str:
+            raise CheckpointError(f"{self.config_path}: diffusion.{key} must be a string, got {value!r}")
+        return value
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the images the model makes, from ``config["model"]``."""
+        model = self._section("model")
+        try:
+            c, s = int(model["in_channels"]), int(model["image_size"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"the 'model' section of {self.config_path} lacks a valid in_channels and "
+                                  f"image_size ({e})") from e
+        return (c, s, s)
+
+    # ------------------------------------------------------------------ weights
+    def checkpoint(self, *, verify: bool = True, map_location="cpu",
+                   parts: tuple[str, ...] = ("model", "ema", "optimizer", "train")) -> Checkpoint:
+        """The checkpoint this run names (or its newest intact one), loaded and verified."""
+        return load_checkpoint(self.checkpoint_dir or self.dir, verify=verify, map_location=map_location,
+                               parts=parts)
+
+    def load_model(self, ema: bool = True, verify: bool = True):
+        """The run's U-Net with its EMA weights (``ema=True``, falling back to the raw weights when no EMA
+        was saved) or its raw weights, in eval mode on the CPU.
+
+        The architecture comes from ``config["model"]``. Keys and shapes are checked strictly; a mismatch is
+        a CheckpointError naming it.
+        """
+        ck = self.checkpoint(verify=verify, parts=("model", "ema"))
+        model_cfg = self._section("model")
+        from .models.unet import UNet  # the network code is imported only when a model is built
+
+        try:
+            model = UNet.from_config(model_cfg)
+        except (DdpmkitError, TypeError, ValueError, KeyError) as e:
+            raise CheckpointError(f"the 'model' section of {self.config_path} does not describe a valid U-Net: "
+                                  f"{e}") from e
+        use_ema = ema and ck.ema_state is not None
+        state = ck.ema_state if use_ema else ck.model_state
+        what = f"the {'EMA' if use_ema else 'model'} weights of checkpoint {ck.path}"
+        expected = model.state_dict()
+        state = strip_wrappers(state, expected)
+        check_state_matches(state, expected, what)
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            raise CheckpointError(f"{what} cannot be loaded into the model: {e}") from e
+        return model.to("cpu").eval()
+
+    def denoiser(self, ema: bool = True, variance: str | None = None, clip_x0: bool = True,
+                 device=None) -> Denoiser:
+        """A Denoiser over the run's model (on ``device``, default the CPU), schedule and objective.
+
+        ``variance`` defaults to the run's (``config["diffusion"]["variance"]`` or "small").
+        """
+        from .diffusion import Denoiser
+        from .diffusion.process import check_objective
+
+        schedule = self.schedule
+        objective = self.objective
+        try:
+            check_objective(objective)
+        except ValueError as e:
+            raise CheckpointError(f"{self.config_path}: bad diffusion settings: {e}") from e
+        variance = self.variance if variance is None else variance
+        net = self.load_model(ema=ema)
+        if device is not None:
+            net = net.to(device)
+        return Denoiser(net, schedule, objective=objective, variance=variance, clip_x0=clip_x0)

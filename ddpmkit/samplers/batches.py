@@ -1,0 +1,51 @@
+"""Many samples, batch by batch, with bounded memory: the loop behind ``ddpmkit sample`` and FID.
+
+Sample i (counted from ``start``) always comes from the noise stream (seed, i), so the images do not depend on the
+batch size, on the out-of-memory retry that halves it, or on how the indices are split between processes.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from ..errors import DdpmkitError
+from . import sample
+from .noise import PerSampleNoise
+
+__all__ = ["sample_batches"]
+
+
+def sample_batches(denoiser, *, n: int, shape: Sequence[int], sampler: str = "ddim", steps: int | None = None,
+                   spacing: str | None = None, seed: int = 0, batch_size: int = 64, start: int = 0,
+                   options: dict | None = None, on_first_batch: Callable | None = None,
+                   log: Callable = print) -> Iterator[tuple[int, torch.Tensor]]:
+    """Yield ``(index, x)`` for samples ``start .. start + n - 1``: x is float [b, C, H, W] in [-1, 1], index its first.
+
+    ``on_first_batch(x_T)``, when given, is called with the first batch's initial noise (again after a retry) and
+    returns the callback for that batch's sampler (a chain recorder, say), or None. A CUDA out-of-memory error
+    halves the batch size and retries, with a warning through ``log``; the images stay the same.
+    """
+    options = dict(options or {})
+    chw = tuple(int(s) for s in shape)
+    done = 0
+    while done < n:
+        b = min(batch_size, n - done)
+        noise = PerSampleNoise(seed, start + done)
+        try:
+            x_T = noise.initial((b, *chw), denoiser.device)
+            callback = on_first_batch(x_T) if (on_first_batch is not None and done == 0) else None
+            x = sample(denoiser, x_T, sampler=sampler, steps=steps, spacing=spacing, noise=noise,
+                       callback=callback, **options)
+        except torch.cuda.OutOfMemoryError:
+            if batch_size == 1:
+                raise DdpmkitError(f"out of GPU memory on {denoiser.device} even at batch size 1") from None
+            batch_size = max(1, batch_size // 2)
+            log(f"warning: out of GPU memory on {denoiser.device}; retrying with batch size {batch_size} "
+                f"(the samples stay the same)")
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            continue
+        yield start + done, x
+        done += b

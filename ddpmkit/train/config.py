@@ -1,0 +1,282 @@
+"""The settings of a training run, each declared once: a :class:`TrainConfig` field with its default and its help.
+
+Everything else is derived from the fields: the presets override them, the ``ddpmkit train`` flags and their
+help are generated from them (``cli.py``), so are the run's ``config.json``, the U-Net's constructor arguments
+(:meth:`TrainConfig.model_config`), the list of settings a resume may not change, and the README's table of
+settings (:func:`settings_table`, checked by a test).
+
+The defaults are the ``digits`` preset. The U-Net's numbers are not written here: they come from
+:data:`ddpmkit.models.UNET_PRESETS`, which the U-Net derives from its own constructor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+
+from .. import __version__
+from ..diffusion import OBJECTIVES, NoiseSchedule
+from ..errors import CheckpointError, ConfigError
+from ..models.unet import UNET_PRESETS, UNet
+
+__all__ = ["TrainConfig", "PRESETS", "config_from_preset", "flag", "settings", "preset_value", "show_value",
+           "settings_table", "resume_locked"]
+
+_NET = UNET_PRESETS["digits"]  # the default architecture
+
+
+def setting(default, help: str, *, locked: bool = False, unet: str | None = None, metavar: str | None = None):
+    """A :class:`TrainConfig` field.
+
+    help: the one-line meaning (the CLI's help and the README's table); locked: a resumed run may not change it
+    (it would be a different run); unet: the U-Net constructor argument it sets; metavar: the CLI's value name.
+    """
+    meta = {"help": help, "locked": locked}
+    if unet:
+        meta["unet"] = unet
+    if metavar:
+        meta["metavar"] = metavar
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a training run. ``config.json`` of a run holds all of it."""
+
+    preset: str = field(default="digits", metadata={"help": "starting configuration; every other setting "
+                                                             "overrides it"})
+    # data
+    data: str = setting("digits", "data source: digits, cifar10, folder:PATH or a path to a folder of images",
+                        locked=True)
+    data_dir: str | None = setting(None, "folder that holds (or receives, with --download) cifar-10-batches-py "
+                                         "or its archive", metavar="DIR")
+    download: bool = setting(False, "download CIFAR-10 when it is absent")
+    image_size: int = setting(_NET["image_size"], "image side in pixels", locked=True, unet="image_size")
+    channels: int = setting(_NET["in_channels"], "image channels: 1 (grayscale) or 3 (RGB)", locked=True,
+                            unet="in_channels")
+    flip: bool = setting(False, "random horizontal flips", locked=True)
+    strict: bool = setting(False, "fail on a corrupt image instead of skipping it")
+    # model: the U-Net's constructor arguments
+    base_channels: int = setting(_NET["base_channels"], "U-Net width of the first level", locked=True,
+                                 unet="base_channels")
+    channel_mults: tuple = setting(tuple(_NET["channel_mults"]), "U-Net width multipliers per level, "
+                                   "comma-separated", locked=True, unet="channel_mults")
+    num_res_blocks: int = setting(_NET["num_res_blocks"], "ResNet blocks per level", locked=True,
+                                  unet="num_res_blocks")
+    attention_resolutions: tuple = setting(tuple(_NET["attention_resolutions"]), "feature-map sides with "
+                                           "self-attention, comma-separated (empty: none)", locked=True,
+                                           unet="attention_resolutions")
+    dropout: float = setting(_NET["dropout"], "dropout rate in the ResNet blocks", unet="dropout")
+    num_groups: int = setting(_NET["num_groups"], "GroupNorm groups", locked=True, unet="num_groups")
+    num_heads: int = setting(_NET["num_heads"], "attention heads", locked=True, unet="num_heads")
+    # diffusion
+    schedule: str = setting("linear", "noise schedule: linear or cosine", locked=True)
+    T: int = setting(1000, "number of diffusion steps", locked=True)
+    objective: str = setting("eps", "what the network predicts: eps, x0 or v", locked=True)
+    # optimisation
+    steps: int = setting(5000, "training steps")
+    time_limit: float | None = setting(None, "stop after this many seconds of training (the run can be resumed)",
+                                       metavar="SECONDS")
+    batch_size: int = setting(32, "images per optimizer step: the global batch, over all processes and "
+                                  "micro-batches", locked=True)
+    grad_accum: int = setting(1, "split each process's share of the batch into this many micro-batches, one "
+                                 "forward and backward each, before one optimizer step: less memory, the same "
+                                 "result")
+    lr: float = setting(2e-3, "Adam learning rate")
+    warmup: int = setting(50, "linear learning-rate warm-up, in steps")
+    grad_clip: float = setting(1.0, "clip the gradient norm to this (0: no clipping)")
+    adam_beta1: float = setting(0.9, "Adam beta1")
+    adam_beta2: float = setting(0.999, "Adam beta2")
+    weight_decay: float = setting(0.0, "Adam weight decay")
+    ema_decay: float = setting(0.995, "EMA decay of the weights")
+    ema_warmup: bool = setting(True, "warm the EMA decay up as min(decay, (1+n)/(10+n))")
+    # bookkeeping
+    seed: int = setting(0, "random seed of the run", locked=True)
+    log_every: int = setting(25, "write a metrics.csv row every N steps")
+    checkpoint_every: int = setting(500, "save a checkpoint every N steps (and at the end)")
+    sample_every: int = setting(1000, "save a sample grid from the EMA weights every N steps (and at the end)")
+    num_samples: int = setting(64, "images in each sample grid")
+    sample_steps: int = setting(50, "DDIM steps for the sample grids")
+    keep: int = setting(3, "checkpoints to keep")
+    skip_nonfinite: bool = setting(False, "skip a step whose loss or gradient norm is NaN, inf or above 1e6, "
+                                          "instead of stopping")
+    # hardware
+    device: str = setting("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    precision: str = setting("auto", "auto (bf16 autocast on CUDA), fp32 or bf16")
+    compile: bool = setting(False, "torch.compile the model")
+
+    @property
+    def class_cond(self) -> bool:
+        """Whether the network takes class labels. Always False for now: the U-Net has no class embedding yet
+        (a setting of the class-conditional U-Net will decide it)."""
+        return False
+
+    def model_config(self) -> dict:
+        """The U-Net's constructor arguments (config.json's ``model`` section)."""
+        cfg = {f.metadata["unet"]: _json_value(getattr(self, f.name))
+               for f in dataclasses.fields(self) if "unet" in f.metadata}
+        cfg["out_channels"] = None  # as many as in_channels
+        return cfg
+
+    def to_json(self) -> dict:
+        """The run's config.json: the flat settings plus the sections that loaders read."""
+        return {
+            "format": "ddpmkit-run",
+            "version": 1,
+            "ddpmkit_version": __version__,
+            "train": {k: _json_value(v) for k, v in dataclasses.asdict(self).items()},
+            "model": self.model_config(),
+            "diffusion": {"schedule": self.schedule, "T": self.T, "objective": self.objective},
+            "data": {"source": self.data, "image_size": self.image_size, "channels": self.channels},
+        }
+
+    @classmethod
+    def from_json(cls, cfg: dict) -> "TrainConfig":
+        """The settings of a config.json; a setting it lacks (written before the setting existed) takes its
+        default."""
+        if not isinstance(cfg, dict) or not isinstance(cfg.get("train"), dict):
+            raise CheckpointError("config.json has no 'train' section: not a ddpmkit training run")
+        stored = cfg["train"]
+        d = {}
+        for f in dataclasses.fields(cls):
+            if f.name in stored:
+                v = stored[f.name]
+                d[f.name] = tuple(v) if isinstance(f.default, tuple) and isinstance(v, list) else v
+        return cls(**d)
+
+    def validate(self) -> None:
+        def positive_int(name):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"{flag(name)} must be a positive integer, got {v!r}")
+
+        for name in ["image_size", "channels", "T", "steps", "batch_size", "grad_accum", "log_every",
+                     "checkpoint_every", "sample_every", "keep", "sample_steps"]:
+            positive_int(name)
+        if self.num_samples < 0:
+            raise ConfigError(f"--num-samples must be >= 0, got {self.num_samples}")
+        if self.warmup < 0:
+            raise ConfigError(f"--warmup must be >= 0, got {self.warmup}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"--lr must be a positive number, got {self.lr}")
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"--ema-decay must lie in [0, 1), got {self.ema_decay}")
+        if self.time_limit is not None and not self.time_limit > 0:
+            raise ConfigError(f"--time-limit must be a positive number of seconds, got {self.time_limit}")
+        if self.schedule not in ("linear", "cosine"):
+            raise ConfigError(f"unknown schedule {self.schedule!r}: choose linear or cosine")
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(f"unknown objective {self.objective!r}: choose one of {', '.join(OBJECTIVES)}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ConfigError(f"unknown precision {self.precision!r}: choose auto, fp32 or bf16")
+        if self.sample_steps > self.T:
+            raise ConfigError(f"--sample-steps {self.sample_steps} exceeds T = {self.T}")
+        try:
+            NoiseSchedule.from_name(self.schedule, self.T)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        UNet(**self.model_config())  # raises ConfigError on a configuration the U-Net cannot take
+
+
+def _json_value(v):
+    return list(v) if isinstance(v, tuple) else v
+
+
+def _net_settings(net: dict) -> dict:
+    """The TrainConfig fields that a U-Net configuration (an entry of UNET_PRESETS) sets."""
+    return {f.name: tuple(net[f.metadata["unet"]]) if isinstance(f.default, tuple) else net[f.metadata["unet"]]
+            for f in dataclasses.fields(TrainConfig) if "unet" in f.metadata}
+
+
+# What each preset changes in the field defaults. digits: the defaults (a small CPU configuration);
+# cifar10: the paper's setup (DDPM section 4 and appendix B), its U-Net from UNET_PRESETS.
+PRESETS: dict[str, dict] = {
+    "digits": {},
+    "cifar10": dict(
+        _net_settings(UNET_PRESETS["cifar10"]), data="cifar10", flip=True,
+        steps=800_000, batch_size=128, lr=2e-4, warmup=5000, ema_decay=0.9999,
+        log_every=100, checkpoint_every=10_000, sample_every=10_000, sample_steps=100,
+    ),
+}
+
+
+def config_from_preset(preset: str, **overrides) -> TrainConfig:
+    """A :class:`TrainConfig` from a preset, with any field overridden (``None`` values are ignored)."""
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    bad = sorted(set(overrides) - known)
+    if bad:
+        raise ConfigError(f"unknown configuration field(s): {', '.join(bad)}")
+    values = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}, "preset": preset}
+    for f in dataclasses.fields(TrainConfig):
+        if isinstance(f.default, tuple):
+            values[f.name] = tuple(values.get(f.name, f.default))
+    return TrainConfig(**values)
+
+
+def resume_locked() -> tuple[str, ...]:
+    """The settings whose change makes a resumed run a different run; everything else may change on resume."""
+    return tuple(f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get("locked"))
+
+
+# ------------------------------------------------------------------------------ derived views of the fields
+def flag(name: str) -> str:
+    """The command-line flag of a setting: ``batch_size`` -> ``--batch-size``."""
+    return "--" + name.replace("_", "-")
+
+
+def settings() -> list[tuple[dataclasses.Field, type]]:
+    """Every setting but ``preset``, with the type of its values (``X`` for ``X | None``), in field order."""
+    hints = typing.get_type_hints(TrainConfig)
+    out = []
+    for f in dataclasses.fields(TrainConfig):
+        if f.name == "preset":
+            continue
+        kind = hints[f.name]
+        args = [a for a in typing.get_args(kind) if a is not type(None)]
+        out.append((f, args[0] if args else kind))
+    return out
+
+
+def preset_value(preset: str, name: str):
+    """The value of setting ``name`` in ``preset``."""
+    return PRESETS[preset].get(name, TrainConfig.__dataclass_fields__[name].default)
+
+
+def show_value(v) -> str:
+    """A setting's value as the CLI help and the README write it."""
+    if isinstance(v, bool):
+        return "on" if v else "off"
+    if v is None:
+        return "none"
+    if isinstance(v, tuple):
+        return ",".join(map(str, v)) or "none"
+    if isinstance(v, float):
+        return f"{v:g}"
+    return str(v)
+
+
+def describe_default(name: str) -> str:
+    """``default: X``, or ``default: digits X, cifar10 Y`` when the presets differ."""
+    values = {p: show_value(preset_value(p, name)) for p in PRESETS}
+    if len(set(values.values())) == 1:
+        return f"default: {next(iter(values.values()))}"
+    return "default: " + ", ".join(f"{p} {v}" for p, v in values.items())
+
+
+def settings_table() -> str:
+    """The README's table of the training settings: one row per setting, a column per preset."""
+    presets = list(PRESETS)
+    lines = ["| flag | meaning | " + " | ".join(f"`{p}`" for p in presets) + " |",
+             "| --- | --- |" + " --- |" * len(presets)]
+    for f, kind in settings():
+        name = flag(f.name).replace("--", "--[no-]", 1) if kind is bool else flag(f.name)
+        name = f"`{name}{' ' + f.metadata['metavar'] if 'metavar' in f.metadata else ''}`"
+        name += " *" if f.metadata.get("locked") else ""
+        values = [show_value(preset_value(p, f.name)) for p in presets]
+        lines.append(f"| {name} | {f.metadata['help'].replace('|', '/')} | " + " | ".join(values) + " |")
+    lines += ["", "\\* fixed for the life of a run: `--resume` refuses a change."]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,44 @@
+"""Pictures of diffusion: grids and plots (``figures``), the sampling chain as a GIF (``animation``), and one
+self-contained HTML page of a run (``report``)."""
+
+from .animation import ChainFrame, ChainRecorder, save_chain_gif
+from .figures import (
+    COLORS,
+    MIN_TILE_PX,
+    STYLE,
+    PlotError,
+    default_scale,
+    ema_smooth,
+    load_metrics,
+    make_grid,
+    plot_bpd_terms,
+    plot_forward,
+    plot_loss,
+    plot_schedule,
+    save_grid,
+    save_image,
+    save_images,
+)
+from .report import write_report
+
+__all__ = [
+    "COLORS",
+    "MIN_TILE_PX",
+    "STYLE",
+    "ChainFrame",
+    "ChainRecorder",
+    "PlotError",
+    "default_scale",
+    "ema_smooth",
+    "load_metrics",
+    "make_grid",
+    "plot_bpd_terms",
+    "plot_forward",
+    "plot_loss",
+    "plot_schedule",
+    "save_chain_gif",
+    "save_grid",
+    "save_image",
+    "save_images",
+    "write_report",
+]
