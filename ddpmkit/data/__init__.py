@@ -4,34 +4,8 @@
 float batches in [-1, 1] from it (``Batcher``).
 """
 
+from . import sources
 from .batcher import Batcher
-from .sources import (
-    CIFAR10_CLASSES,
-    CIFAR10_MD5,
-    CIFAR10_URL,
-    DIGITS_CLASSES,
-    IMAGE_EXTENSIONS,
-    SOURCES,
-    DataWarning,
-    ImageData,
-    available_memory_bytes,
-    folder_classes,
-    load_dataset,
-    parse_source,
-)
+from .sources import *  # noqa: F401,F403  (the names in sources.__all__)
 
-__all__ = [
-    "Batcher",
-    "CIFAR10_CLASSES",
-    "CIFAR10_MD5",
-    "CIFAR10_URL",
-    "DIGITS_CLASSES",
-    "IMAGE_EXTENSIONS",
-    "SOURCES",
-    "DataWarning",
-    "ImageData",
-    "available_memory_bytes",
-    "folder_classes",
-    "load_dataset",
-    "parse_source",
-]
+__all__ = ["Batcher", *sources.__all__]

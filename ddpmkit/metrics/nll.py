@@ -12,7 +12,7 @@ t >= 1; index T of the curves returned here is the prior term. Every term is the
 one image divided by ln 2, so the terms add up to the bound in bits/dim. Each term draws its own x_t from
 q(x_t | x_0), and many timesteps share one network call (the batch is replicated over a chunk of t values).
 
-Plotting the per-t curve belongs to ``plots.py``; :func:`write_terms_csv` writes it to a file.
+Plotting the per-t curve belongs to ``viz.figures``; :func:`write_terms_csv` writes it to a file.
 """
 
 from __future__ import annotations
