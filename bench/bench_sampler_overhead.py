@@ -4,7 +4,8 @@
     python bench/bench_sampler_overhead.py --preset digits --n 256   # the small digits model (seconds)
     python bench/bench_sampler_overhead.py --n 8 --steps 5 --rounds 2 --threads 1   # a quick smoke test
 
-Times ``ddpmkit.samplers.sample(..., sampler="ddim")`` (eta 0, through a Denoiser) over ``unet_from_preset(--preset)`` (in channels_last, as
+Times ``ddpmkit.samplers.sample(..., sampler="ddim")`` (eta 0, through a Denoiser) over
+``unet_from_preset(--preset)`` (in channels_last, as
 ``ddpmkit sample`` runs it on the CPU, unless ``--nchw``) and, alternating with it
 (forwards then DDIM, then DDIM then forwards, ...), ``--forwards`` standalone network forwards at the same
 batch under ``torch.inference_mode``. The overhead is the DDIM wall time over (steps x one forward): 1.00
