@@ -1,15 +1,25 @@
 PYTHON ?= python3
-# On a machine without an NVIDIA GPU, take PyTorch's CPU build (a few hundred MB instead of several GB).
-TORCH ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo "torch --index-url https://download.pytorch.org/whl/cpu")
+# PyTorch, installed only when missing (tools/install_torch.sh: the CPU build where there is no NVIDIA GPU, from
+# PyTorch's CPU index tried once, else from the default index). To choose yourself: make install TORCH="torch==2.5.1"
+TORCH ?= torch
+DEMO_ARGS ?=
+PYTEST_ARGS ?= -q
+# `make demo` and `make test` install what is missing first, once per interpreter: this stamp says it is done (and
+# is redone when pyproject.toml changes, or for another Python or virtual environment).
+STAMP := .make/installed-$(shell $(PYTHON) -c "import hashlib, sys; print(hashlib.sha256(sys.prefix.encode()).hexdigest()[:12])" 2>/dev/null || echo none)
 
 .PHONY: install test demo
 
-install:
-	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install $(TORCH)
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@echo "installing: ddpmkit and what it needs into $$($(PYTHON) -c 'import sys; print(sys.prefix)'), once (marked by $(STAMP))"
+	PYTHON="$(PYTHON)" TORCH="$(TORCH)" bash tools/install_torch.sh
 	$(PYTHON) -m pip install -e ".[dev]"
+	@mkdir -p .make && touch $@
 
-test:
-	$(PYTHON) -m pytest -q
+test: $(STAMP)
+	$(PYTHON) -m pytest $(PYTEST_ARGS)
 
-demo:
-	ddpmkit demo
+demo: $(STAMP)
+	$(PYTHON) -m ddpmkit demo $(DEMO_ARGS)

@@ -72,6 +72,15 @@ def cmd_train(args) -> int:
         print(f"training {out} on {trainer.device} ({trainer.model.num_parameters():,} parameters, "
               f"{trainer.num_images:,} images), from step {trainer.step} to {cfg.steps}", file=sys.stderr)
     res = trainer.run()
+    if res["stop"] == "signal":  # a first SIGINT/SIGTERM: the step finished and a checkpoint was written
+        import shlex
+        import signal
+
+        if main_rank:
+            how = "torchrun ... -m ddpmkit" if trainer.dist.enabled else "ddpmkit"
+            print(f"ddpmkit: stopped by {res['signal']} at step {res['step']}; checkpoint {res['checkpoint']}; "
+                  f"resume with: {how} train --out {shlex.quote(str(out))} --resume", file=sys.stderr)
+        return 128 + int(signal.Signals[res["signal"]])  # 130 for SIGINT, 143 for SIGTERM, as the shell does
     if not main_rank:
         return 0
     how = "time limit reached" if res["stop"] == "time_limit" else "done"
@@ -84,6 +93,18 @@ def cmd_train(args) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- sample
+def samplers_epilog() -> str:
+    """One line per registered sampler, for the end of --help: name, default steps and timesteps, summary."""
+    from .samplers import SAMPLERS, sampler_names
+
+    rows = []
+    for n in sampler_names():
+        info = SAMPLERS[n]
+        steps = "all T" if info.default_steps is None else str(info.default_steps)
+        rows.append(f"  {n:<13} {steps:>5} steps, {info.default_spacing:<8} {info.summary}")
+    return "samplers (name, default steps and timesteps, what it is):\n" + "\n".join(rows)
+
+
 def _add_sampler_flags(p, variance: bool = True) -> None:
     """--sampler, --steps, --spacing, every registered sampler's own options, --variance (unless told not to) and
     --clip."""
@@ -91,15 +112,14 @@ def _add_sampler_flags(p, variance: bool = True) -> None:
     from .samplers import SAMPLERS, SPACINGS, sampler_names
 
     names = sampler_names()
-    described = "; ".join(f"{n}: {SAMPLERS[n].summary}" for n in names)
     p.add_argument("--sampler", default="ddim", metavar="NAME",
-                   help=f"one of {', '.join(names)} (default: ddim). {described}")
+                   help=f"one of {', '.join(names)} (default: ddim; each is described below)")
     defaults = ", ".join(f"{n} {'all T' if SAMPLERS[n].default_steps is None else SAMPLERS[n].default_steps}"
                          for n in names)
     p.add_argument("--steps", type=int, default=None, help=f"timesteps to visit, 1..T (default: {defaults})")
-    p.add_argument("--spacing", default=None, metavar="NAME",
-                   help=f"which timesteps: {', '.join(SPACINGS)} (default: the sampler's own, "
-                        + ", ".join(f"{n} {SAMPLERS[n].default_spacing}" for n in names) + ")")
+    p.add_argument("--timesteps", "--spacing", dest="spacing", default=None, metavar="NAME",
+                   help=f"which timesteps: {', '.join(SPACINGS)} (default: the sampler's own; --spacing is the "
+                        "same flag)")
     owners: dict[str, list] = {}
     for n in names:
         for o in SAMPLERS[n].options:
@@ -118,6 +138,18 @@ def _add_sampler_flags(p, variance: bool = True) -> None:
                    help="clip the predicted x0 to [-1, 1] (default: on)")
 
 
+def _add_class_flags(p, what: str = "samples") -> None:
+    """--class and --guidance, for a class-conditional run."""
+    from .samplers.options import DEFAULT_GUIDANCE
+
+    p.add_argument("--class", dest="classes", default=None, metavar="C",
+                   help=f"class-conditional runs: the class of the {what}, by label or name: 7, 3,5,8 or all "
+                        "(default: every class in turn)")
+    p.add_argument("--guidance", type=float, default=None, metavar="W",
+                   help="classifier-free guidance weight w >= 0, eps = (1 + w) eps(x, c) - w eps(x, null); 0 is the "
+                        f"conditional model alone (default: {DEFAULT_GUIDANCE:g} for a class-conditional run)")
+
+
 def _sample_options(args, **extra):
     """SampleOptions from the sampler flags; an option of another sampler is refused in one line."""
     from .generate import SampleOptions
@@ -130,19 +162,29 @@ def _sample_options(args, **extra):
         for name in given:
             if name not in takes:
                 raise CLIError(f"--{name.replace('_', '-')} does not apply to the {args.sampler} sampler")
+    from .limits import MAX_BATCH, check_int
+
+    if extra.get("batch_size") is not None:
+        check_int("--batch-size", extra["batch_size"], 1, MAX_BATCH)
     return SampleOptions(sampler=args.sampler, steps=args.steps, spacing=args.spacing, options=given,
-                         variance=args.variance, clip_x0=args.clip, **extra)
+                         variance=args.variance, clip_x0=args.clip, classes=getattr(args, "classes", None),
+                         guidance=getattr(args, "guidance", None), **extra)
 
 
 def cmd_sample(args) -> int:
     from .generate import default_out_dir, generate
 
     source = args.checkpoint or args.run_dir
-    opt = _sample_options(args, n=args.n, batch_size=args.batch_size, seed=args.seed, ema=args.ema)
+    n = args.n
+    if n is None:  # 64 images, or 8 of each class when several are asked for
+        several = args.classes is not None and ("," in args.classes or args.classes.strip() == "all")
+        n = 8 if several else 64
+    opt = _sample_options(args, n=n, batch_size=args.batch_size, seed=args.seed, ema=args.ema)
     out = Path(args.out) if args.out else default_out_dir(source, opt)
     res = generate(source, out, opt, gif_path=args.gif, device=args.device, progress=not args.quiet)
+    guided = f", guidance w = {res['guidance']:g}" if res.get("guidance") is not None else ""
     print(f"{res['n']} samples in {res['seconds']:.1f} s ({res['per_second']:.2f} samples/s, "
-          f"{res['steps']} network calls per batch)")
+          f"{res['steps']} network calls per batch{guided})")
     print(f"samples: {res['dir']}")
     print(f"grid:    {res['grid']}")
     if "gif" in res:
@@ -162,6 +204,9 @@ def cmd_demo(args) -> int:
 def cmd_plot(args) -> int:
     from .diffusion import NoiseSchedule
 
+    from .limits import check_T
+
+    check_T(args.T, "--T")  # before the schedule's arrays are allocated
     try:
         NoiseSchedule.linear(args.T)
     except ValueError as e:
@@ -225,15 +270,25 @@ def _eval_fid(args) -> int:
     n = 50_000 if args.n is None else args.n
     if n < 2 or (args.batch_size is not None and args.batch_size < 1):
         raise CLIError("--n must be at least 2 and --batch-size positive")
+    if args.sampler is None:  # left unset (so that --protocol can tell): ddim, or the protocol's
+        args.sampler = "ddpm" if args.protocol == "ddpm-paper" else "ddim"
     opt = _sample_options(args, ema=args.ema)
     res = evaluate_fid(args.run_dir, n=n, reference=args.reference, data_dir=args.data_dir, features=args.features,
                        inception_path=args.inception, download=args.download, sample_options=opt,
-                       batch_size=args.batch_size, seed=args.seed)
+                       batch_size=args.batch_size, seed=args.seed, protocol=args.protocol)
     opts = "".join(f", {k} {v:g}" if isinstance(v, float) else f", {k} {v}" for k, v in res["options"].items())
     # DDPM is the one sampler here that reads the reverse variance
     variance = f", {res['variance']} variance" if res["sampler"] == "ddpm" else ""
     sampler = f"{res['sampler']}{variance}, {res['steps']} steps{opts}, {res['spacing']} spacing"
-    print(f"FID ({res['features']} features): {res['fid']:.3f} for {res['n']} samples ({sampler}) against "
+    if res.get("guidance") is not None:
+        sampler += f", guidance w = {res['guidance']:g}"
+        if res.get("classes") is not None:
+            sampler += f", class {','.join(res['class_names'])}"
+    # the protocol beside every FID: the DDPM paper's exactly, or custom and how it differs from it
+    protocol = res["protocol"] + ("" if not res["protocol_differences"] else
+                                  f", not ddpm-paper: {'; '.join(res['protocol_differences'])}")
+    print(f"FID ({res['features']} features, protocol {protocol}): {res['fid']:.3f} for {res['n']} samples "
+          f"({sampler}) against "
           f"{res['n_reference']} images of {res['reference']}; sampling {res['sample_seconds']:.1f} s, "
           f"scoring {res['score_seconds']:.1f} s")
     if "noise_floor" in res:
@@ -271,6 +326,36 @@ def cmd_export_diffusers(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------- inpaint, edit
+def cmd_inpaint(args) -> int:
+    from .edit.commands import inpaint_run
+
+    res = inpaint_run(args.checkpoint or args.run_dir, image=args.image, mask=args.mask, out=args.out,
+                      jump=args.jump, resample=args.resample, n=args.n, steps=args.steps, spacing=args.spacing,
+                      variance=args.variance, clip_x0=args.clip, seed=args.seed, batch_size=args.batch_size,
+                      ema=args.ema, device=args.device, resize=args.resize)
+    print(f"{res['n']} inpaintings in {res['seconds']:.1f} s (RePaint, {res['steps']} steps, jump "
+          f"{args.jump}, resample {args.resample}: {res['model_calls']} network calls per image)")
+    print(f"images: {res['dir']}")
+    print(f"figure: {res['figure']}")
+    return 0
+
+
+def cmd_edit(args) -> int:
+    from .edit.commands import edit_run, parse_strengths
+
+    strengths = parse_strengths(args.strength)
+    opt = _sample_options(args, n=args.n, batch_size=args.batch_size, seed=args.seed, ema=args.ema)
+    res = edit_run(args.checkpoint or args.run_dir, image=args.image, strengths=strengths, sample_options=opt,
+                   out=args.out, device=args.device, resize=args.resize)
+    calls = ", ".join(f"{c} at {s:g}" for s, c in zip(res["strengths"], res["model_calls"]))
+    print(f"{res['n']} edits in {res['seconds']:.1f} s (SDEdit with {res['plan'].sampler}; network calls per "
+          f"image: {calls})")
+    print(f"images: {res['dir']}")
+    print(f"strip:  {res['figure']}")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="ddpmkit",
@@ -296,14 +381,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
 
     s = sub.add_parser("sample", help="sample from a trained run",
-                       description="Sample from a run with its own schedule and model.")
+                       description="Sample from a run with its own schedule and model.", epilog=samplers_epilog(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("run_dir", metavar="RUN_DIR")
     s.add_argument("--checkpoint", default=None, metavar="PATH",
                    help="a checkpoint directory (default: the run's latest intact one)")
     s.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
                    help="use the EMA weights (default: on)")
     _add_sampler_flags(s)
-    s.add_argument("--n", type=int, default=64, help="number of samples (default: 64)")
+    _add_class_flags(s)
+    s.add_argument("--n", type=int, default=None, help="number of samples, of each class with --class (default: 64; "
+                                                      "8 of each with several classes)")
     s.add_argument("--batch-size", type=int, default=64, help="samples per batch (default: 64)")
     s.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     s.add_argument("--out", default=None, metavar="DIR",
@@ -317,7 +405,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="`eval nll RUN_DIR`: the variational bound (DDPM eq. 5) in bits/dim, term by "
                                    "term as in the official DDPM code. `eval fid RUN_DIR`: the Frechet distance of "
                                    "samples to a reference set, with Inception features or, offline for the "
-                                   "digits, the features of a small digits classifier.")
+                                   "digits, the features of a small digits classifier.",
+                       epilog=samplers_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     e.add_argument("what", choices=["nll", "fid"])
     e.add_argument("run_dir", metavar="RUN_DIR")
     e.add_argument("--n", type=int, default=None, help="images: nll 256, fid 50000 samples (default)")
@@ -341,9 +430,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="inception-2015-12-05.pt (default: in the cache folder)")
     f.add_argument("--download", action="store_true", help="download the Inception network when it is absent")
     _add_sampler_flags(f, variance=False)
+    f.add_argument("--protocol", default=None, choices=["ddpm-paper"],
+                   help="ddpm-paper: exactly the DDPM paper's CIFAR-10 FID (1000 ancestral steps, large variance, "
+                        "EMA, 50,000 samples against the CIFAR-10 train set, Inception features); the FID line "
+                        "always names the protocol (default: custom, from the flags)")
+    e.set_defaults(sampler=None)  # ddim unless --protocol says otherwise (_eval_fid)
+    _add_class_flags(f, what="samples, and of the reference images when they have labels")
     e.add_argument("--variance", default=None, metavar="NAME",
                    help="small or large: the NLL decoder's variance, or the sampler's for fid (default: the run's "
-                        "own, small unless its config says otherwise)")
+                        "own, its `variance` setting: small for digits, large for cifar10)")
     e.set_defaults(func=cmd_eval)
 
     r = sub.add_parser("report", help="write one self-contained report.html of a run",
@@ -384,7 +479,89 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
                     help="export the EMA weights (default: on)")
     ex.set_defaults(func=cmd_export_diffusers)
+
+    ip = sub.add_parser("inpaint", help="fill in the masked part of an image with a trained run (RePaint)",
+                        description="RePaint (Lugmayr et al. 2022): at each reverse step the known pixels are "
+                                    "re-noised from the image and the unknown ones come from the model; every "
+                                    "--jump steps the chain goes back up and down again, --resample times. "
+                                    "Writes each result as a PNG and one figure: original, masked, results.")
+    _add_edit_inputs(ip)
+    ip.add_argument("--mask", required=True, metavar="MASK",
+                    help="a grayscale PNG, white where the image is known, or a shortcut naming the missing part: "
+                         "bottom-half, top-half, left-half, right-half, center, random:P (a fraction P missing)")
+    ip.add_argument("--jump", type=int, default=10, help="J: go back up J steps at a time (default: 10)")
+    ip.add_argument("--resample", type=int, default=10, help="R: pass each stretch R times; 1 is no resampling "
+                                                            "(default: 10)")
+    ip.add_argument("--steps", type=int, default=None, help="timesteps of the respaced DDPM process, 1..T "
+                                                            "(default: 250, the paper's, or T when smaller)")
+    ip.add_argument("--timesteps", "--spacing", dest="spacing", default="uniform", metavar="NAME",
+                    help="which timesteps (default: uniform)")
+    ip.add_argument("--variance", default=None, metavar="NAME",
+                    help="reverse-process variance: small or large (default: the run's own)")
+    ip.add_argument("--clip", action=argparse.BooleanOptionalAction, default=True,
+                    help="clip the predicted x0 to [-1, 1] (default: on)")
+    ip.add_argument("--n", type=int, default=8, help="results per image (default: 8)")
+    ip.set_defaults(func=cmd_inpaint)
+
+    ed = sub.add_parser("edit", help="turn an image into a plausible one of the run's kind (SDEdit)",
+                        description="SDEdit (Meng et al. 2022): noise the image to t0 = strength x T, then run any "
+                                    "sampler from t0. Strength 0 returns the image, 1 is plain sampling. Writes "
+                                    "each result as a PNG and one strip: the input, then each strength.",
+                        epilog=samplers_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_edit_inputs(ed)
+    ed.add_argument("--strength", default="0.5", metavar="S[,S...]",
+                    help="how much to change, in [0, 1]; several, comma-separated, make the strip (default: 0.5)")
+    _add_sampler_flags(ed)
+    ed.add_argument("--n", type=int, default=4, help="results per image and strength (default: 4)")
+    ed.set_defaults(func=cmd_edit)
     return p
+
+
+def _add_edit_inputs(p) -> None:
+    """RUN_DIR, --image and the flags inpaint and edit share."""
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--image", required=True, metavar="IMG",
+                   help="an image file of the model's size and channels (grayscale or RGB), or digits:I[,J,...], "
+                        "real digits by index")
+    p.add_argument("--resize", action="store_true", help="resize an image or mask of another size to the model's")
+    p.add_argument("--checkpoint", default=None, metavar="PATH",
+                   help="a checkpoint directory (default: the run's latest intact one)")
+    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
+                   help="use the EMA weights (default: on)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per batch (default: 64)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--out", default=None, metavar="DIR", help="output folder (default: RUN_DIR/edits/<settings>)")
+    p.add_argument("--device", default=None, help="device (default: cpu)")
+
+
+# What to reduce when a command runs out of memory (CPU RAM or GPU memory).
+_OOM_HINT = {
+    "train": "reduce --batch-size, or keep it and split it with --grad-accum K; or use a smaller model "
+             "(--base-channels, --channel-mults, --num-res-blocks, --attention-resolutions)",
+    "demo": "reduce --n",
+    "plot": "use a smaller --image or fewer --t",
+}
+
+
+def _is_out_of_memory(e: BaseException) -> bool:
+    """A failed allocation: MemoryError (numpy), torch.OutOfMemoryError (a GPU), or the CPU allocator's
+    RuntimeError ("DefaultCPUAllocator: can't allocate memory")."""
+    import torch
+
+    if isinstance(e, (MemoryError, getattr(torch, "OutOfMemoryError", MemoryError))):
+        return True
+    text = str(e)
+    return "can't allocate memory" in text or "out of memory" in text.lower()
+
+
+def _oom_detail(e: BaseException) -> str:
+    import re
+
+    m = re.search(r"allocate ([0-9]+) bytes", str(e))
+    if m:
+        return f"{int(m.group(1)) / 2**30:,.1f} GiB could not be allocated"
+    m = re.search(r"allocate ([0-9.]+ [KMGT]i?B)", str(e))
+    return f"{m.group(1)} could not be allocated" if m else type(e).__name__
 
 
 def main(argv=None) -> int:
@@ -401,9 +578,15 @@ def main(argv=None) -> int:
     except DdpmkitError as e:
         print(f"ddpmkit: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("ddpmkit: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(f"ddpmkit: interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
         return 130
+    except (MemoryError, RuntimeError) as e:  # out of memory: one line that says what to reduce
+        if not _is_out_of_memory(e):
+            raise
+        hint = _OOM_HINT.get(args.command, "reduce --batch-size")
+        print(f"ddpmkit: error: out of memory in `{args.command}` ({_oom_detail(e)}): {hint}", file=sys.stderr)
+        return 1
     except OSError as e:  # a file system problem the modules did not anticipate: still one line
         print(f"ddpmkit: error: {e.strerror or e}{': ' + str(e.filename) if e.filename else ''}", file=sys.stderr)
         return 1

@@ -73,6 +73,9 @@ class Run:
         diffusion = self.config.get("diffusion")
         if type(diffusion) is not dict or "schedule" not in diffusion or "T" not in diffusion:
             raise CheckpointError(f"{self.config_path} has no 'diffusion' section with 'schedule' and 'T'")
+        from .limits import check_T
+
+        check_T(diffusion["T"], f"{self.config_path}: diffusion.T", CheckpointError)  # before any allocation
         try:
             if "betas" in diffusion:
                 schedule = NoiseSchedule.from_betas(diffusion["betas"], kind=str(diffusion["schedule"]))
@@ -108,7 +111,51 @@ class Run:
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"the 'model' section of {self.config_path} lacks a valid in_channels and "
                                   f"image_size ({e})") from e
+        from .limits import check_int
+
+        check_int(f"{self.config_path}: model.in_channels", c, 1, 64, CheckpointError)
+        check_int(f"{self.config_path}: model.image_size", s, 1, 4096, CheckpointError)
         return (c, s, s)
+
+    # ------------------------------------------------------------------ classes
+    @property
+    def num_class_embeds(self) -> int | None:
+        """Rows of the model's class embedding (``config["model"]["num_class_embeds"]``); None: unconditional."""
+        n = self._section("model").get("num_class_embeds")
+        if n is not None and (type(n) is not int or n < 1):
+            raise CheckpointError(f"{self.config_path}: model.num_class_embeds must be a positive integer, got {n!r}")
+        return n
+
+    @property
+    def class_cond(self) -> bool:
+        """Whether the model takes class labels."""
+        return self.num_class_embeds is not None
+
+    @cached_property
+    def _classes(self) -> tuple[tuple[str, ...] | None, int | None]:
+        n = self.num_class_embeds
+        if n is None:
+            return None, None
+        section = self.config.get("classes")
+        if section is None:  # e.g. an imported model: its labels unnamed, and no null class known
+            return tuple(str(k) for k in range(n)), None
+        names, null = (section.get("names"), section.get("null")) if type(section) is dict else (None, None)
+        if (type(names) is not list or not all(type(c) is str for c in names) or type(null) is not int
+                or null != len(names) or n != len(names) + 1):
+            raise CheckpointError(f"{self.config_path}: the 'classes' section does not fit a class embedding of "
+                                  f"{n} rows (it needs 'names' of {n - 1} strings and 'null': {n - 1})")
+        return tuple(names), null
+
+    @property
+    def class_names(self) -> tuple[str, ...] | None:
+        """The names of the labels 0..K-1 of a class-conditional run (``config["classes"]["names"]``); None for an
+        unconditional one."""
+        return self._classes[0]
+
+    @property
+    def null_class(self) -> int | None:
+        """The label of the null class ("no class", for classifier-free guidance); None when the model has none."""
+        return self._classes[1]
 
     # ------------------------------------------------------------------ weights
     def checkpoint(self, *, verify: bool = True, map_location="cpu",
@@ -126,8 +173,11 @@ class Run:
         """
         ck = self.checkpoint(verify=verify, parts=("model", "ema"))
         model_cfg = self._section("model")
+        from .limits import check_model_config
         from .models.unet import UNet  # the network code is imported only when a model is built
 
+        # every number checked and the size counted on the meta device, before a byte is allocated
+        check_model_config(model_cfg, f"the 'model' section of {self.config_path}", CheckpointError)
         try:
             model = UNet.from_config(model_cfg)
         except (DdpmkitError, TypeError, ValueError, KeyError) as e:
@@ -146,10 +196,12 @@ class Run:
         return model.to("cpu").eval()
 
     def denoiser(self, ema: bool = True, variance: str | None = None, clip_x0: bool = True,
-                 device=None) -> Denoiser:
+                 device=None, guidance: float | None = None) -> Denoiser:
         """A Denoiser over the run's model (on ``device``, default the CPU), schedule and objective.
 
-        ``variance`` defaults to the run's (``config["diffusion"]["variance"]`` or "small").
+        ``variance`` defaults to the run's (``config["diffusion"]["variance"]`` or "small"). A class-conditional
+        run's Denoiser knows its null class; give it labels with ``with_cond`` and a guidance weight here (or with
+        ``guided``).
         """
         from .diffusion import Denoiser
         from .diffusion.process import check_objective
@@ -164,4 +216,9 @@ class Run:
         net = self.load_model(ema=ema)
         if device is not None:
             net = net.to(device)
-        return Denoiser(net, schedule, objective=objective, variance=variance, clip_x0=clip_x0)
+        if guidance and self.null_class is None:
+            raise CheckpointError(f"{self.dir} has no null class, so it cannot be guided: "
+                                  + ("it is unconditional" if not self.class_cond else
+                                     "its model was not trained with ddpmkit's label dropout"))
+        return Denoiser(net, schedule, objective=objective, variance=variance, clip_x0=clip_x0,
+                        guidance=guidance, null_cond=self.null_class)

@@ -30,7 +30,15 @@ class _StandIn(torch.nn.Module):
         if x.dtype != torch.uint8 or x.shape[1] != 3:
             raise RuntimeError("expected uint8 images with 3 channels")
         y = torch.nn.functional.adaptive_avg_pool2d(x.to(torch.float32) / 127.5 - 1.0, (4, 4)).flatten(1)
-        return torch.tanh(y @ self.proj)
+        return 1.0 + torch.tanh(y @ self.proj)  # non-negative, as the real pool features (after a ReLU)
+
+
+@pytest.fixture(autouse=True)
+def _standin_interface(monkeypatch, tmp_path):
+    """The stand-in's 16 features pass the known-input check of 2048; the Inception hash record of each test goes
+    to its own folder, not the user's cache."""
+    monkeypatch.setattr(inception, "INCEPTION_DIM", 16)
+    monkeypatch.setenv("DDPMKIT_CACHE", str(tmp_path / "cache"))
 
 
 @pytest.fixture(scope="module")
@@ -185,7 +193,8 @@ def test_cli_eval_fid(tmp_path, standin, capsys, monkeypatch):
             "--reference", "digits", "--steps", "4"]
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert "FID (inception features):" in out and "6 samples (ddim, 4 steps, eta 0, uniform spacing)" in out
+    assert "FID (inception features, protocol custom, not ddpm-paper: ddim sampler; 4 steps of T = 40; 6 samples;" \
+        in out and "6 samples (ddim, 4 steps, eta 0, uniform spacing)" in out
     assert main(argv[:-2] + ["--sampler", "ddpm", "--variance", "large"]) == 0
     assert "ddpm, large variance" in capsys.readouterr().out
     assert main(argv[:3] + ["--inception", str(tmp_path / "nope.pt")]) != 0

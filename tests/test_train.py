@@ -46,7 +46,7 @@ def test_run_directory_contents(tmp_path):
                   quiet=True).run()
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["model"]["base_channels"] == 8 and cfg["diffusion"] == {"schedule": "linear", "T": 40,
-                                                                     "objective": "eps"}
+                                                                     "objective": "eps", "variance": "small"}
     assert cfg["train"]["steps"] == 6 and cfg["train"]["seed"] == 0
     lines = (run / "metrics.csv").read_text().splitlines()
     assert lines[0].startswith("step,loss,lr,grad_norm,img_per_s,wall_s")
@@ -155,24 +155,21 @@ def test_cli_eval_nll_writes_terms(tmp_path, capsys):
 
 
 def test_labels_reach_the_loss_only_when_the_network_takes_them(tmp_path, monkeypatch):
-    # The place for class conditioning: Batcher -> train_step -> training_losses(cond=...). Nothing uses it
-    # yet (the U-Net has no class embedding), so the spy drops the labels before the network sees them.
+    # Batcher -> train_step -> training_losses(cond=...): labels only for a class-conditional run (--class-cond)
     import ddpmkit.train.trainer as train_mod
-    from ddpmkit.train import TrainConfig
 
     seen = []
     real = train_mod.training_losses
 
     def spy(net, schedule, x0, *, cond=None, **kw):
         seen.append(cond)
-        return real(net, schedule, x0, **kw)
+        return real(net, schedule, x0, cond=cond, **kw)
 
     monkeypatch.setattr(train_mod, "training_losses", spy)
     Trainer(tiny_cfg(), tmp_path / "plain", quiet=True).train_step()
     assert seen == [None]
     seen.clear()
-    monkeypatch.setattr(TrainConfig, "class_cond", property(lambda self: True))
-    tr = Trainer(tiny_cfg(grad_accum=2), tmp_path / "cond", quiet=True)
+    tr = Trainer(tiny_cfg(grad_accum=2, class_cond=True, p_uncond=0.0), tmp_path / "cond", quiet=True)
     tr.train_step()
     assert len(seen) == 2 and all(y.dtype == torch.int64 and y.shape == (4,) for y in seen)  # per micro-batch
     assert all(0 <= int(y.min()) and int(y.max()) <= 9 for y in seen)  # the digits' classes

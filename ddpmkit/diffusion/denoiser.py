@@ -7,7 +7,9 @@ reverse step p(x_{t-1} | x_t)? :class:`Denoiser` answers it once:
 - the objective (``eps``, ``x0`` or ``v``) says how the output becomes x0_hat and eps_hat;
 - ``clip_x0`` clips x0_hat to [-1, 1], and eps_hat is then the noise consistent with x_t and the clipped x0_hat;
 - ``variance`` gives log sigma_t^2: ``small`` (beta_tilde_t) or ``large`` (beta_t), DDPM section 3.2;
-- ``cond`` is passed to the network as a third argument when it is not None.
+- ``cond`` is passed to the network as a third argument when it is not None;
+- ``guidance`` w (with ``null_cond``, the condition that means "none") is classifier-free guidance, Ho & Salimans
+  2022 eq. 6: eps = (1 + w) eps(x, c) - w eps(x, null), both evaluated in one doubled batch (see ``guided``).
 
 A Denoiser can be respaced onto a sub-sequence of timesteps (:meth:`Denoiser.respaced`): its schedule is then the
 shorter process of Improved DDPM section 4, and its index i calls the network at the original timestep tau_i.
@@ -15,15 +17,19 @@ shorter process of Improved DDPM section 4, and its index i calls the network at
 
 from __future__ import annotations
 
+import math
 from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
 
-from .process import VARIANCES, check_objective, model_variance, predict_eps, predict_x0, q_posterior
+from .process import (VARIANCES, check_objective, eps_from_x0, model_variance, output_from, predict_eps,
+                      predict_x0, q_posterior, x0_from_output)
 from .schedule import NoiseSchedule, extract
 
-__all__ = ["Prediction", "Denoiser"]
+__all__ = ["Prediction", "Denoiser", "GUIDANCE_SPACES"]
+
+GUIDANCE_SPACES = ("eps", "x0")  # where classifier-free guidance combines the two predictions (see _guided_output)
 
 
 class Prediction(NamedTuple):
@@ -46,7 +52,8 @@ class Denoiser:
     """
 
     def __init__(self, net: Callable, schedule: NoiseSchedule, objective: str = "eps", variance: str = "small",
-                 clip_x0: bool = True, *, cond=None, timestep_map: torch.Tensor | None = None):
+                 clip_x0: bool = True, *, cond=None, timestep_map: torch.Tensor | None = None,
+                 guidance: float | None = None, null_cond=None, guidance_space: str = "eps"):
         check_objective(objective)
         if variance not in VARIANCES:
             raise ValueError(f"unknown variance {variance!r}: choose 'small' (beta_tilde) or 'large' (beta)")
@@ -57,6 +64,15 @@ class Denoiser:
         self.clip_x0 = bool(clip_x0)
         self.cond = cond  # the condition used when a call passes none (see with_cond)
         self.timestep_map = timestep_map  # index i of this schedule -> the network's timestep; None: identity
+        if guidance is not None and not math.isfinite(float(guidance)):
+            raise ValueError(f"the guidance weight must be a finite number, got {guidance!r}")
+        if guidance and null_cond is None:
+            raise ValueError("classifier-free guidance needs null_cond, the condition that means no class")
+        if guidance_space not in GUIDANCE_SPACES:
+            raise ValueError(f"unknown guidance_space {guidance_space!r}: choose {' or '.join(GUIDANCE_SPACES)}")
+        self.guidance = None if guidance is None else float(guidance)
+        self.null_cond = null_cond
+        self.guidance_space = guidance_space
         self._log_var = model_variance(schedule, variance)[1]
 
     # ------------------------------------------------------------------ the network
@@ -74,16 +90,24 @@ class Denoiser:
         return torch.device("cpu")
 
     def net_output(self, x_t: torch.Tensor, t: torch.Tensor, cond=None) -> torch.Tensor:
-        """The network's raw output at (x_t, t), as float32."""
+        """The network's raw output at (x_t, t), as float32 (float64 kept, for exact-arithmetic tests)."""
         t_net = t if self.timestep_map is None else self.timestep_map.to(t.device)[t]
         cond = self.cond if cond is None else cond
-        out = self.net(x_t, t_net) if cond is None else self.net(x_t, t_net, cond)
+        if self.guidance and cond is not None:  # w = 0 (or None) is the conditional model alone: one evaluation
+            out = self._guided_output(x_t, t, t_net, cond)
+        else:
+            out = self.net(x_t, t_net) if cond is None else self.net(x_t, t_net, cond)
         if out.shape != x_t.shape:
             raise ValueError(f"the network returned shape {tuple(out.shape)} for inputs {tuple(x_t.shape)}")
-        return out.float()
+        return out if out.dtype == torch.float64 else out.float()
 
     # ------------------------------------------------------------------ reading it
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor, cond=None) -> Prediction:
+        """x0_hat, eps_hat and log sigma_t^2 at (x_t, t). ``t`` may be real-valued (a float tensor) between the
+        schedule's steps: alpha_bar is then interpolated (``NoiseSchedule.alpha_bar_at``) and ``log_var`` is NaN,
+        since the discrete reverse variance is defined only on the grid."""
+        if t.is_floating_point():
+            return self._at_real_t(x_t, t, cond)
         out = self.net_output(x_t, t, cond)
         x0 = predict_x0(self.schedule, x_t, t, out, self.objective)
         if self.clip_x0:
@@ -93,6 +117,47 @@ class Denoiser:
         eps = out if (self.objective == "eps" and not self.clip_x0) else predict_eps(self.schedule, x_t, t, x0)
         log_var = extract(self._log_var.to(x_t.device), t, x_t.ndim)
         return Prediction(x0, eps, log_var)
+
+    def _at_real_t(self, x_t: torch.Tensor, t: torch.Tensor, cond) -> Prediction:
+        if self.timestep_map is not None:
+            raise ValueError("a respaced Denoiser takes integer timesteps only")
+        out = self.net_output(x_t, t, cond)
+        ab = self.schedule.alpha_bar_at(t).view(-1, *([1] * (x_t.ndim - 1)))
+        x0 = x0_from_output(x_t, out, ab, self.objective)
+        if self.clip_x0:
+            x0 = x0.clamp(-1.0, 1.0)
+        eps = out.double() if (self.objective == "eps" and not self.clip_x0) else eps_from_x0(x_t, x0, ab)
+        log_var = torch.full_like(ab, float("nan"))
+        return Prediction(x0.to(x_t.dtype), eps.to(x_t.dtype), log_var.to(x_t.dtype))
+
+    def _guided_output(self, x_t: torch.Tensor, t: torch.Tensor, t_net: torch.Tensor, cond) -> torch.Tensor:
+        """The network's output under classifier-free guidance: the conditional and the null evaluation in one
+        doubled batch, combined (Ho & Salimans 2022 eq. 6).
+
+        ``guidance_space="eps"`` combines the raw outputs. For every objective the output is affine in eps with
+        the same coefficients for both halves at a given (x_t, t), so this is eq. 6 itself, and x0_hat is clipped
+        once, after guiding. ``"x0"`` clips each half's x0_hat first, combines the clipped ones with the same
+        weights, and returns the output of that x0_hat; without clipping the two are identical.
+        """
+        B = x_t.shape[0]
+        c = torch.as_tensor(cond, device=x_t.device)
+        c = c.expand(B) if c.ndim == 0 else c
+        null = torch.full_like(c, self.null_cond) if not torch.is_tensor(self.null_cond) else self.null_cond.to(c)
+        tt = t_net.expand(B) if t_net.ndim == 0 else t_net
+        out = self.net(torch.cat([x_t, x_t]), torch.cat([tt, tt]), torch.cat([c, null.expand_as(c)]))
+        if out.shape[0] != 2 * B:
+            raise ValueError(f"the network returned shape {tuple(out.shape)} for a doubled batch of {2 * B}")
+        out_c, out_u = out[:B], out[B:]
+        w = self.guidance
+        if self.guidance_space == "eps" or not self.clip_x0:
+            return (1.0 + w) * out_c - w * out_u  # Ho & Salimans 2022 eq. 6
+        # x0-space: alpha_bar at t (interpolated at a real-valued t), then DDPM eq. 4 both ways
+        ab = (self.schedule.alpha_bar_at(t) if t.is_floating_point() else self.schedule.alpha_bar.to(t.device)[t])
+        ab = ab.to(torch.float64).view(-1, *([1] * (x_t.ndim - 1)))
+        x0_c = x0_from_output(x_t, out_c, ab, self.objective).clamp(-1.0, 1.0)
+        x0_u = x0_from_output(x_t, out_u, ab, self.objective).clamp(-1.0, 1.0)
+        x0 = ((1.0 + w) * x0_c - w * x0_u).clamp(-1.0, 1.0)  # eq. 6's weights, on the clipped x0_hat
+        return output_from(x0, eps_from_x0(x_t, x0, ab), ab, self.objective).to(out.dtype)
 
     def p_mean_variance(self, x_t: torch.Tensor, t: torch.Tensor, cond=None):
         """``(mean, log_var, prediction)`` of p(x_{t-1} | x_t): the posterior mean of q(x_{t-1} | x_t, x0_hat).
@@ -122,16 +187,27 @@ class Denoiser:
         """This Denoiser with ``cond`` (for example class labels [B]) passed to every call that gives none."""
         return self._replace(cond=cond)
 
+    def guided(self, guidance: float | None, null_cond=None, guidance_space: str | None = None) -> "Denoiser":
+        """This Denoiser with classifier-free guidance of weight ``guidance`` (Ho & Salimans 2022 eq. 6).
+
+        ``null_cond`` is the condition the network was trained to read as "no condition" (the null class label of
+        a class-conditional ddpmkit U-Net); w = 0 or None is the conditional model alone.
+        """
+        return self._replace(guidance=guidance, null_cond=self.null_cond if null_cond is None else null_cond,
+                             guidance_space=guidance_space or self.guidance_space)
+
     def to(self, device) -> "Denoiser":
         """This Denoiser with its schedule on ``device`` (the network is moved by its owner)."""
         return self._replace(schedule=self.schedule.to(device))
 
     def _replace(self, **changes) -> "Denoiser":
         kw = dict(net=self.net, schedule=self.schedule, objective=self.objective, variance=self.variance,
-                  clip_x0=self.clip_x0, cond=self.cond, timestep_map=self.timestep_map)
+                  clip_x0=self.clip_x0, cond=self.cond, timestep_map=self.timestep_map, guidance=self.guidance,
+                  null_cond=self.null_cond, guidance_space=self.guidance_space)
         kw.update(changes)
         return Denoiser(**kw)
 
     def __repr__(self) -> str:
+        g = f", guidance={self.guidance:g}" if self.guidance else ""
         return (f"Denoiser(objective={self.objective!r}, variance={self.variance!r}, clip_x0={self.clip_x0}, "
-                f"T={self.T})")
+                f"T={self.T}{g})")

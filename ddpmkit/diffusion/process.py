@@ -26,6 +26,9 @@ __all__ = [
     "q_posterior",
     "model_variance",
     "check_objective",
+    "x0_from_output",
+    "eps_from_x0",
+    "output_from",
 ]
 
 OBJECTIVES = ("eps", "x0", "v")
@@ -103,3 +106,33 @@ def model_variance(schedule: NoiseSchedule, variance: str = "small"):
             else schedule.betas.clone()
         return var, torch.log(var)
     raise ValueError(f"unknown variance {variance!r}: choose 'small' (beta_tilde) or 'large' (beta)")
+
+
+# ---------------------------------------------------------------------------------------------- from alpha_bar itself
+# The same conversions as predict_x0 / predict_eps / training_target, from a tensor ``ab`` of alpha_bar values that
+# broadcasts against x_t (at real-valued timesteps, or inside guidance), in the precision of ``ab``.
+
+
+def x0_from_output(x_t: torch.Tensor, out: torch.Tensor, ab: torch.Tensor, objective: str) -> torch.Tensor:
+    """x0 from a network output: DDPM eq. 4 solved for x0 (eps), the output itself (x0), or
+    x0 = sqrt(ab) x_t - sqrt(1 - ab) v (v; Salimans & Ho 2022)."""
+    x, o = x_t.to(ab.dtype), out.to(ab.dtype)
+    if objective == "eps":
+        return (x - (1.0 - ab).sqrt() * o) / ab.sqrt()
+    if objective == "x0":
+        return o
+    return ab.sqrt() * x - (1.0 - ab).sqrt() * o
+
+
+def eps_from_x0(x_t: torch.Tensor, x0: torch.Tensor, ab: torch.Tensor) -> torch.Tensor:
+    """The noise of x_t given x0: DDPM eq. 4 solved for eps."""
+    return (x_t.to(ab.dtype) - ab.sqrt() * x0.to(ab.dtype)) / (1.0 - ab).sqrt()
+
+
+def output_from(x0: torch.Tensor, eps: torch.Tensor, ab: torch.Tensor, objective: str) -> torch.Tensor:
+    """The network output that means (x0, eps): eps, x0, or v = sqrt(ab) eps - sqrt(1 - ab) x0 (Salimans & Ho 2022)."""
+    if objective == "eps":
+        return eps
+    if objective == "x0":
+        return x0
+    return ab.sqrt() * eps - (1.0 - ab).sqrt() * x0

@@ -139,6 +139,32 @@ class NoiseSchedule:
             return cls.cosine(T)
         raise ValueError(f"unknown schedule {name!r}: choose 'linear' or 'cosine'")
 
+    def alpha_bar_at(self, t) -> torch.Tensor:
+        """alpha_bar at timesteps ``t`` (a tensor, integer or real-valued, in [0, T-1]), as float64.
+
+        Between grid points log alpha_bar is interpolated linearly, so that real-valued timesteps (the network
+        evaluated between the schedule's steps) see a smooth schedule; at integer t this is alpha_bar[t].
+        """
+        t = torch.as_tensor(t)
+        log_ab = torch.log(self.alpha_bar.double().to(t.device))
+        if not t.is_floating_point():
+            return log_ab[t].exp()
+        t = t.double()
+        if bool(((t < 0) | (t > self.T - 1)).any()):
+            raise ValueError(f"timesteps must lie in [0, {self.T - 1}], got {t.min().item()}..{t.max().item()}")
+        lo = t.floor().long().clamp(max=self.T - 1)
+        hi = (lo + 1).clamp(max=self.T - 1)
+        w = t - lo.double()
+        ab = self.alpha_bar.double().to(t.device)
+        # at an integer-valued t the grid value itself, not exp(log()) of it
+        return torch.where(w == 0, ab[lo], torch.exp((1 - w) * log_ab[lo] + w * log_ab[hi]))
+
+    def timestep_of_log_alpha_bar(self, log_ab) -> np.ndarray:
+        """The real-valued timesteps whose interpolated log alpha_bar (see :meth:`alpha_bar_at`) is ``log_ab``."""
+        grid = np.log(self.alpha_bar.double().cpu().numpy())
+        # log alpha_bar decreases with t: interpolate t over the increasing sequence -log alpha_bar
+        return np.interp(-np.asarray(log_ab, dtype=np.float64), -grid, np.arange(self.T, dtype=np.float64))
+
     def respaced(self, timesteps) -> "NoiseSchedule":
         """The schedule of the sub-process that visits only ``timesteps`` (increasing, from {0, ..., T-1}).
 

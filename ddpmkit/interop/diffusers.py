@@ -23,7 +23,12 @@ ddpmkit ``UNet``                  diffusers ``UNet2DModel``
 ``up.i.res`` / ``up.i.attn``      ``up_blocks.k.resnets.j`` / ``.attentions.j``
 ``up.i.conv``                     ``up_blocks.k.upsamplers.0.conv``
 ``norm_out``, ``conv_out``        ``conv_norm_out``, ``conv_out``
+``class_embed`` (class-cond.)     ``class_embedding`` (``num_class_embeds`` rows)
 ================================  ============================================
+
+A class-conditional run exports with ``num_class_embeds`` = its classes + 1 (the null class last), and its class
+names and null label go into ``unet/class_names.json`` beside the config, which an import reads back. A diffusers
+model imported without that file keeps its labels 0..N-1, unnamed, and no null class (so it cannot be guided).
 
 Inside a ResNet block ``temb_proj`` is ``time_emb_proj`` and ``skip`` is ``conv_shortcut``; inside attention
 ``norm`` is ``group_norm``, ``proj`` is ``to_out.0`` (``proj_attn`` in older files) and ``qkv`` is
@@ -65,7 +70,6 @@ _FIXED = {
     "resnet_time_scale_shift": ("default",),
     "add_attention": (True,),
     "class_embed_type": (None,),
-    "num_class_embeds": (None,),
     "downsample_type": ("conv",),
     "upsample_type": ("conv",),
     "mid_block_type": ("UNetMidBlock2D", None),
@@ -161,6 +165,11 @@ def unet_config_from_diffusers(dcfg: Mapping) -> dict:
         "flip_sin_to_cos": flip,
         "freq_shift": float(_get(dcfg, "freq_shift", 0)),
     }
+    n_cls = _get(dcfg, "num_class_embeds", None)
+    if n_cls is not None:
+        if isinstance(n_cls, bool) or not isinstance(n_cls, int) or n_cls < 1:
+            raise ConfigError(f"unsupported num_class_embeds={n_cls!r}")
+        cfg["num_class_embeds"] = n_cls  # diffusers: class_embedding = nn.Embedding(num_class_embeds, 4 ch)
     return UNet.from_config(cfg).config  # validated and normalised by the U-Net itself
 
 
@@ -206,7 +215,7 @@ def diffusers_config_from_unet(cfg: Mapping) -> dict:
         "resnet_time_scale_shift": "default",
         "add_attention": True,
         "class_embed_type": None,
-        "num_class_embeds": None,
+        "num_class_embeds": cfg.get("num_class_embeds"),
     }
 
 
@@ -299,6 +308,8 @@ def _pairs(cfg: Mapping) -> list[tuple[str, str, str]]:
     attn, res = set(cfg["attention_resolutions"]), cfg["image_size"]
     pairs = [("conv_in", "conv_in", "plain"), ("time_embed.0", "time_embedding.linear_1", "plain"),
              ("time_embed.2", "time_embedding.linear_2", "plain")]
+    if cfg.get("num_class_embeds") is not None:
+        pairs.append(("class_embed", "class_embedding", "embed"))
     i = 0
     for level in range(len(mults)):
         for j in range(n_res):
@@ -356,7 +367,9 @@ def state_from_diffusers(dstate: Mapping[str, torch.Tensor], cfg: Mapping) -> di
         return name in src
 
     for ours, theirs, kind in _pairs(cfg):
-        if kind == "plain":
+        if kind == "embed":
+            out[f"{ours}.weight"] = take(f"{theirs}.weight")
+        elif kind == "plain":
             for p in ("weight", "bias"):
                 out[f"{ours}.{p}"] = take(f"{theirs}.{p}")
         elif kind == "res":
@@ -385,7 +398,9 @@ def state_to_diffusers(state: Mapping[str, torch.Tensor], cfg: Mapping) -> dict[
     """A diffusers ``UNet2DModel`` state dict (current naming) from ddpmkit U-Net weights of config ``cfg``."""
     out: dict[str, torch.Tensor] = {}
     for ours, theirs, kind in _pairs(cfg):
-        if kind == "plain":
+        if kind == "embed":
+            out[f"{theirs}.weight"] = state[f"{ours}.weight"]
+        elif kind == "plain":
             for p in ("weight", "bias"):
                 out[f"{theirs}.{p}"] = state[f"{ours}.{p}"]
         elif kind == "res":
@@ -465,6 +480,23 @@ def _load_weights(model_dir: Path) -> dict[str, torch.Tensor]:
     return obj
 
 
+CLASSES_FILE = "class_names.json"  # beside unet/config.json: a class-conditional export's names and null label
+
+
+def _read_classes(model_dir: Path, cfg: Mapping) -> dict | None:
+    """The ``classes`` section for an imported class-conditional model, from ``class_names.json`` when present."""
+    path = model_dir / CLASSES_FILE
+    n = cfg.get("num_class_embeds")
+    if n is None or not path.is_file():
+        return None
+    d = read_json_object(path, error=CheckpointError)
+    names, null = d.get("names"), d.get("null")
+    if (type(names) is not list or not all(type(c) is str for c in names) or null != len(names)
+            or n != len(names) + 1):
+        raise CheckpointError(f"{path} does not fit num_class_embeds={n}: it needs {n - 1} names and null {n - 1}")
+    return {"names": names, "null": null}
+
+
 def import_diffusers(source: str, out_dir, *, log=print) -> Path:
     """Convert a diffusers ``UNet2DModel`` (and its scheduler config) into a new ddpmkit run directory.
 
@@ -495,6 +527,9 @@ def import_diffusers(source: str, out_dir, *, log=print) -> Path:
         "imported_from": {"source": str(source), "format": "diffusers", "unet_config": dict(dcfg),
                           "scheduler_config": dict(scfg) if scfg else None},
     }
+    classes = _read_classes(model_dir, cfg)
+    if classes is not None:
+        config["classes"] = classes
     write_config(run, config)  # last: a folder without config.json is not taken for a run
     n = sum(p.numel() for p in model.parameters())
     log(f"imported {source}: a {n:,}-parameter U-Net at {cfg['image_size']}x{cfg['image_size']}, "
@@ -523,6 +558,9 @@ def export_diffusers(run_dir, out_dir, *, ema: bool = True, log=print) -> Path:
         raise CheckpointError(f"cannot create {out}: {e.strerror or e}") from e
     atomic_save_safetensors(state, out / "unet" / WEIGHT_FILES[0], metadata={"format": "pt"})
     atomic_write_json(out / "unet" / "config.json", dcfg, error=CheckpointError)
+    if run.class_cond and run.null_class is not None:  # names and null label, for a round trip
+        atomic_write_json(out / "unet" / CLASSES_FILE, {"names": list(run.class_names), "null": run.null_class},
+                          error=CheckpointError)
     atomic_write_json(out / "scheduler" / SCHEDULER_FILE, scfg, error=CheckpointError)
     atomic_write_json(out / "model_index.json", {"_class_name": "DDPMPipeline",
                                                  "scheduler": ["diffusers", "DDPMScheduler"],

@@ -32,7 +32,43 @@ from . import digits
 from .frechet import FidError, RunningStats, feature_stats, frechet_distance
 from .inception import InceptionFeatures
 
-__all__ = ["evaluate_fid", "images_sha256", "reference_stats"]
+__all__ = ["evaluate_fid", "images_sha256", "reference_stats", "PROTOCOLS", "protocol_of"]
+
+# The evaluation protocols by name. ddpm-paper: the DDPM paper's CIFAR-10 FID (Ho et al. 2020, table 1, 3.17):
+# 50,000 samples by 1000 ancestral steps (algorithm 2) of the T = 1000 model, EMA weights, x0 clipped, the
+# official code's CIFAR-10 variance (fixedlarge, sigma^2 = beta), against the 50,000 CIFAR-10 training images in the
+# pool features of the 2015-12-05 Inception network.
+PROTOCOLS = {
+    "ddpm-paper": {"sampler": "ddpm", "steps": 1000, "T": 1000, "spacing": "uniform", "n": 50_000,
+                   "features": "inception", "reference": "cifar10-train", "variance": "large", "clip_x0": True,
+                   "ema": True, "guidance": None},
+}
+
+
+def protocol_of(result: dict) -> tuple[str, list[str]]:
+    """``("ddpm-paper", [])`` when a FID result followed that protocol exactly, else ``("custom", differences)``:
+    what differs from it, each as a short phrase ("ddim sampler", "1,000 samples", ...)."""
+    want = PROTOCOLS["ddpm-paper"]
+    diffs = []
+    if result.get("sampler") != want["sampler"]:
+        diffs.append(f"{result.get('sampler')} sampler")
+    if result.get("steps") != want["steps"] or result.get("T") != want["T"]:
+        diffs.append(f"{result.get('steps')} steps of T = {result.get('T')}")
+    if result.get("n") != want["n"]:
+        diffs.append(f"{result.get('n'):,} samples")
+    if result.get("features") != want["features"]:
+        diffs.append(f"{result.get('features')} features")
+    if result.get("reference") != want["reference"]:
+        diffs.append(f"reference {result.get('reference')}")
+    if result.get("sampler") == "ddpm" and result.get("variance") != want["variance"]:
+        diffs.append(f"{result.get('variance')} variance")
+    if result.get("clip_x0") is False:
+        diffs.append("no clipping")
+    if result.get("ema") is False:
+        diffs.append("raw weights")
+    if result.get("guidance") is not None:
+        diffs.append("guided")
+    return ("ddpm-paper" if not diffs else "custom"), diffs
 
 STATS_FORMAT = "ddpmkit-fid-stats-v1"
 
@@ -139,26 +175,34 @@ def _sample_batches(run_dir, opt, *, n: int, batch_size: int, seed: int, device,
     if shape_check is not None:
         shape_check(chw)
     T = run.schedule.T
-    plan = opt.plan(T)
+    plan = opt.plan(run.schedule)
     sampler, steps, spacing, options, ema = plan.sampler, plan.steps, plan.spacing, plan.options, opt.ema
-    denoiser = run.denoiser(ema=ema, variance=opt.variance, clip_x0=opt.clip_x0, device=device)
+    from ..samplers.options import Conditioning
+
+    # a class-conditional run: the classes asked for (or every class) in turn, guided
+    cond = Conditioning.of(opt, run.class_names, run.null_class, n, grouped=False)
+    denoiser = run.denoiser(ema=ema, variance=opt.variance, clip_x0=opt.clip_x0, device=device,
+                            guidance=cond.guidance)
 
     def gen():
         for _, x in sample_batches(denoiser, n=n, shape=chw, sampler=sampler, steps=steps, spacing=spacing,
                                    seed=seed, batch_size=batch_size, options=options,
-                                   log=lambda m: print(m, file=sys.stderr)):
+                                   log=lambda m: print(m, file=sys.stderr), labels=cond.labels):
             yield to_uint8(x.cpu())
 
     settings = {"sampler": sampler, "steps": steps, "eta": options.get("eta"), "spacing": spacing,
                 "options": options, "variance": denoiser.variance, "clip_x0": denoiser.clip_x0, "ema": ema,
-                "seed": seed, "objective": denoiser.objective, "T": T}
-    return gen(), settings, chw, run.config
+                "seed": seed, "objective": denoiser.objective, "T": T, "guidance": cond.guidance,
+                "classes": cond.classes,
+                "class_names": None if cond.classes is None else [run.class_names[c] for c in cond.classes]}
+    return gen(), settings, chw, run.config, denoiser
 
 
 def evaluate_fid(run_dir, *, n: int = 50000, reference: str | None = None, data_dir=None,
                  features: str = "inception", inception_path=None, download: bool = False, sample_options=None,
                  batch_size: int | None = None, seed: int = 0, device=None, cache_dir=None,
-                 use_cache: bool = True, judge_epochs: int | None = None, progress: bool = True) -> dict:
+                 use_cache: bool = True, judge_epochs: int | None = None, progress: bool = True,
+                 protocol: str | None = None) -> dict:
     """FID of ``n`` samples of a run against a reference set; returns a dict of the score and its settings.
 
     - ``reference``: ``"cifar10-train"`` (default for Inception), ``"cifar10-test"``, ``"digits"`` or any
@@ -177,6 +221,8 @@ def evaluate_fid(run_dir, *, n: int = 50000, reference: str | None = None, data_
     for digits also ``noise_floor`` (real held-out digits against the reference) with ``noise_floor_n``,
     and ``noise_floor_at_n`` when ``n`` is smaller than the held-out split (the 1/N bias matters).
     """
+    if protocol is not None:
+        _check_protocol(protocol, run_dir, n=n, reference=reference, features=features, opt=sample_options)
     if isinstance(n, bool) or not isinstance(n, int) or n < 2:
         raise ConfigError(f"--n must be an integer of at least 2, got {n!r}")
     if features not in ("inception", "digits"):
@@ -184,10 +230,18 @@ def evaluate_fid(run_dir, *, n: int = 50000, reference: str | None = None, data_
     from ..samplers.options import SampleOptions
 
     opt = sample_options if sample_options is not None else SampleOptions()
+    if protocol is not None:  # checked above: nothing given contradicts it
+        import dataclasses
+
+        want = PROTOCOLS[protocol]
+        opt = dataclasses.replace(opt, sampler=want["sampler"], steps=want["steps"], spacing=want["spacing"],
+                                  variance=want["variance"], options={})
+        reference = want["reference"]
     if batch_size is None:
         batch_size = opt.batch_size
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigError(f"--batch-size must be a positive integer, got {batch_size}")
+    from ..limits import MAX_BATCH, check_int
+
+    check_int("--batch-size", batch_size, 1, MAX_BATCH)
     dev = torch.device(device) if device is not None else torch.device("cpu")
 
     shape_check = None
@@ -198,7 +252,7 @@ def evaluate_fid(run_dir, *, n: int = 50000, reference: str | None = None, data_
                                   f"{chw[0]}x{chw[1]}x{chw[2]}")
 
     # the sampler (and its model) first: a bad run or flag fails before any network is loaded or trained
-    batches, settings, chw, config = _sample_batches(run_dir, opt, n=n, batch_size=batch_size, seed=seed,
+    batches, settings, chw, config, denoiser = _sample_batches(run_dir, opt, n=n, batch_size=batch_size, seed=seed,
                                                      device=dev, shape_check=shape_check)
     t_score = 0.0
     classifier = None
@@ -210,7 +264,8 @@ def evaluate_fid(run_dir, *, n: int = 50000, reference: str | None = None, data_
         classifier = digits.DigitsClassifier.load_or_train(
             epochs=judge_epochs if judge_epochs is not None else digits.DEFAULT_EPOCHS, cache_dir=cache_base)
         extractor = digits.DigitsFeatures(classifier)
-    ref_images, ref_name = _reference_images(reference, features, classifier, chw, data_dir, config)
+    ref_images, ref_name = _reference_images(reference, features, classifier, chw, data_dir, config,
+                                             classes=settings["classes"])
     stats_dir = Path(cache_dir).expanduser() / "fid" if cache_dir is not None else None
     ref = reference_stats(extractor, ref_images, cache_dir=stats_dir, use_cache=use_cache,
                           batch_size=batch_size, progress=progress, name=ref_name)
@@ -220,9 +275,14 @@ def evaluate_fid(run_dir, *, n: int = 50000, reference: str | None = None, data_
     # sampling and scoring interleaved batch by batch; time each part
     stats = RunningStats()
     t_sample = 0.0
-    from tqdm import tqdm
+    from ..progress import steps_bar
+    from ..samplers import get_sampler
 
-    with tqdm(total=n, disable=not progress, unit="img", desc=f"fid {settings['sampler']}") as bar:
+    # a bar of network calls: one batch of the ddpm-paper protocol is 1000 of them (progress.py)
+    calls = get_sampler(settings["sampler"]).model_calls(settings["steps"])
+    with steps_bar(denoiser.net, n=n, batch_size=batch_size, calls_per_batch=calls, desc=f"fid {settings['sampler']}",
+                   disable=not progress) as bar:
+        done = 0
         while True:
             t1 = time.perf_counter()
             try:
@@ -234,7 +294,8 @@ def evaluate_fid(run_dir, *, n: int = 50000, reference: str | None = None, data_
             t3 = time.perf_counter()
             t_sample += t2 - t1
             t_score += t3 - t2
-            bar.update(int(x.shape[0]))
+            done += int(x.shape[0])
+            bar.images(done)
     t4 = time.perf_counter()
     fid = frechet_distance(stats.mean(), stats.cov(), ref["mu"], ref["sigma"])
     t_score += time.perf_counter() - t4
@@ -243,6 +304,7 @@ def evaluate_fid(run_dir, *, n: int = 50000, reference: str | None = None, data_
               "n_reference": ref["n"], "reference_from_cache": ref["from_cache"],
               "reference_stats": str(ref["path"]), **settings, "batch_size": batch_size,
               "sample_seconds": t_sample, "score_seconds": t_score}
+    result["protocol"], result["protocol_differences"] = protocol_of(result)
     if features == "inception":
         result["inception"] = str(extractor.path)
         result["inception_sha256"] = extractor.sha256
@@ -250,7 +312,8 @@ def evaluate_fid(run_dir, *, n: int = 50000, reference: str | None = None, data_
         result["judge_key"] = classifier.key
         result["judge_epochs"] = classifier.epochs
         result["judge_train_seconds"] = classifier.train_seconds  # part of score_seconds; 0 when cached
-        if reference is None:  # the floor is meaningful against the classifier's own training split
+        if reference is None and settings["classes"] is None:  # the floor is meaningful against the
+            # classifier's own whole training split
             result["noise_floor"] = classifier.fd(classifier.test_images)
             result["noise_floor_n"] = int(len(classifier.test_idx))
             if n < len(classifier.test_idx):
@@ -258,11 +321,60 @@ def evaluate_fid(run_dir, *, n: int = 50000, reference: str | None = None, data_
     return result
 
 
-def _reference_images(reference, features, classifier, chw, data_dir, config) -> tuple[torch.Tensor, str]:
+def _only(images, labels, classes, name) -> tuple[torch.Tensor, str]:
+    """The reference images of ``classes`` (all of them for None, or when the reference has no labels)."""
+    if classes is None or labels is None:
+        return images, name
+    keep = torch.isin(torch.as_tensor(labels), torch.tensor(classes))
+    if int(keep.sum()) < 2:
+        raise ConfigError(f"the reference {name} has fewer than 2 images of class {','.join(map(str, classes))}")
+    return images[keep], f"{name}, class {','.join(map(str, classes))}"
+
+
+def _check_protocol(protocol, run_dir, *, n, reference, features, opt) -> None:
+    """A protocol fixes every setting: one line for an unknown name, a setting that contradicts it, or a run it
+    cannot apply to (checked before anything is sampled)."""
+    if protocol not in PROTOCOLS:
+        raise ConfigError(f"unknown protocol {protocol!r}: choose {', '.join(PROTOCOLS)}")
+    want = PROTOCOLS[protocol]
+    from ..run import Run
+
+    T = Run.open(run_dir).schedule.T
+    if T != want["T"]:
+        raise ConfigError(f"--protocol {protocol} samples {want['steps']} ancestral steps of a T = {want['T']} "
+                          f"process; this run has T = {T}")
+    bad = []
+    if n != want["n"]:
+        bad.append(f"--n {n}")
+    if reference not in (None, want["reference"]):
+        bad.append(f"--reference {reference}")
+    if features != want["features"]:
+        bad.append(f"--features {features}")
+    if opt is not None:
+        for name, flag in (("sampler", "--sampler"), ("steps", "--steps"), ("spacing", "--spacing"),
+                           ("variance", "--variance")):
+            v = getattr(opt, name)
+            if v is not None and v != want[name]:
+                bad.append(f"{flag} {v}")
+        bad += [f"--{k.replace('_', '-')}" for k in (opt.options or {})]
+        if not opt.clip_x0:
+            bad.append("--no-clip")
+        if not opt.ema:
+            bad.append("--no-ema")
+        if opt.guidance is not None or opt.classes is not None:
+            bad.append("--class/--guidance")
+    if bad:
+        raise ConfigError(f"--protocol {protocol} fixes the sampler, steps, variance, samples and reference; it "
+                          f"contradicts {', '.join(bad)}")
+
+
+def _reference_images(reference, features, classifier, chw, data_dir, config, classes=None
+                      ) -> tuple[torch.Tensor, str]:
     from ..data import load_dataset
 
     if features == "digits" and reference is None:
-        return classifier.train_images, "digits (judge train split)"
+        train_labels = classifier.labels[torch.from_numpy(classifier.train_idx)]
+        return _only(classifier.train_images, train_labels, classes, "digits (judge train split)")
     ref = "cifar10-train" if reference is None else str(reference)
     low = ref.lower()
     split = "train"
@@ -278,4 +390,4 @@ def _reference_images(reference, features, classifier, chw, data_dir, config) ->
         size, channels = kind_default_size, None
     ds = load_dataset(source, image_size=size, channels=channels, data_dir=data_dir, split=split,
                       download=False, progress=False)
-    return ds.images, f"{ref}" if source == ref else f"{source}-{split}"
+    return _only(ds.images, ds.labels, classes, f"{ref}" if source == ref else f"{source}-{split}")

@@ -183,6 +183,9 @@ class UNet(nn.Module):
             'SAME'); see :class:`Downsample`.
         flip_sin_to_cos, freq_shift: time-embedding conventions; see :func:`timestep_embedding`. The defaults
             are DDPM's.
+        num_class_embeds: rows of a learned class embedding added to the time embedding (Dhariwal & Nichol 2021,
+            the ADM way; diffusers' ``num_class_embeds``), or None for an unconditional network. A class-conditional
+            ddpmkit run has K + 1 rows: its K classes and, last, the "null" class of classifier-free guidance.
     """
 
     def __init__(
@@ -201,6 +204,7 @@ class UNet(nn.Module):
         downsample_padding: str = "symmetric",
         flip_sin_to_cos: bool = False,
         freq_shift: float = 1.0,
+        num_class_embeds: int | None = None,
     ):
         super().__init__()
         cfg = _validate(
@@ -208,7 +212,7 @@ class UNet(nn.Module):
             base_channels=base_channels, channel_mults=channel_mults, num_res_blocks=num_res_blocks,
             attention_resolutions=attention_resolutions, dropout=dropout, num_groups=num_groups,
             num_heads=num_heads, norm_eps=norm_eps, downsample_padding=downsample_padding,
-            flip_sin_to_cos=flip_sin_to_cos, freq_shift=freq_shift,
+            flip_sin_to_cos=flip_sin_to_cos, freq_shift=freq_shift, num_class_embeds=num_class_embeds,
         )
         self.config = cfg  # plain JSON-serialisable constructor arguments; UNet.from_config(cfg) rebuilds
         ch, mults, groups = cfg["base_channels"], cfg["channel_mults"], cfg["num_groups"]
@@ -221,6 +225,11 @@ class UNet(nn.Module):
 
         # official code: dense(ch -> 4ch), nonlinearity, dense(4ch -> 4ch)
         self.time_embed = nn.Sequential(nn.Linear(ch, temb_ch), nn.SiLU(), nn.Linear(temb_ch, temb_ch))
+        # ADM (Dhariwal & Nichol 2021, guided-diffusion unet.py label_emb): a learned embedding of the class, added
+        # to the time embedding before the shared SiLU; created only for a class-conditional network, so the
+        # parameters (and checkpoints) of an unconditional one are unchanged
+        n_cls = cfg.get("num_class_embeds")
+        self.class_embed = nn.Embedding(n_cls, temb_ch) if n_cls is not None else None
         self.conv_in = nn.Conv2d(cfg["in_channels"], ch, 3, padding=1)
 
         # Down path; skip_chs tracks the width of every tensor pushed as a skip connection.
@@ -278,10 +287,12 @@ class UNet(nn.Module):
     def forward(self, x: torch.Tensor, t, y: torch.Tensor | None = None) -> torch.Tensor:
         """Predict the noise in ``x`` [B, C, H, W] at timesteps ``t`` ([B] or scalar, integer or float).
 
-        ``y`` is the place for class labels [B]; this U-Net has no class embedding yet, so it must be None.
+        ``y``: class labels [B] (integers in 0..num_class_embeds-1) for a class-conditional network, which needs
+        them; an unconditional one takes none.
         """
-        if y is not None:
-            raise ValueError("this UNet is unconditional: it takes no class labels (y must be None)")
+        if (y is None) != (self.class_embed is None):
+            raise ValueError("this UNet is unconditional: it takes no class labels (y must be None)" if y is not None
+                             else "this UNet is class-conditional: it needs class labels y [B]")
         B, C, H, W = x.shape
         factor = 1 << (self.num_levels - 1)
         if C != self.config["in_channels"] or H % factor or W % factor:
@@ -295,7 +306,14 @@ class UNet(nn.Module):
             raise ValueError(f"t must be a scalar or have shape [{B}], got {list(t.shape)}")
 
         emb = timestep_embedding(t, self.base_channels, **self._temb_kw).to(self.conv_in.weight.dtype)
-        temb_act = F.silu(self.time_embed(emb))  # SiLU(temb), shared by every ResBlock's projection
+        temb = self.time_embed(emb)
+        if y is not None:
+            y = torch.as_tensor(y, device=x.device)
+            y = y.expand(B) if y.ndim == 0 else y
+            if y.shape != (B,) or y.dtype.is_floating_point:
+                raise ValueError(f"y must be integer class labels of shape [{B}], got {y.dtype} {list(y.shape)}")
+            temb = temb + self.class_embed(y.long()).to(temb.dtype)  # ADM: emb = emb + label_emb(y)
+        temb_act = F.silu(temb)  # SiLU(temb), shared by every ResBlock's projection
 
         h = self.conv_in(x)
         hs = [h]
@@ -364,6 +382,9 @@ def _validate(**kw) -> dict:
     flip = kw["flip_sin_to_cos"]
     if not isinstance(flip, bool):
         raise ConfigError(f"UNet flip_sin_to_cos must be true or false, got {flip!r}")
+    n_cls = kw.get("num_class_embeds")
+    if n_cls is not None:
+        n_cls = _int("num_class_embeds", n_cls, 1)
     shift = kw["freq_shift"]
     if isinstance(shift, bool) or not isinstance(shift, Real) or not math.isfinite(shift) \
             or not float(shift) < ch // 2:
@@ -398,6 +419,7 @@ def _validate(**kw) -> dict:
         "downsample_padding": pad,
         "flip_sin_to_cos": flip,
         "freq_shift": float(shift),
+        **({"num_class_embeds": n_cls} if n_cls is not None else {}),
     }
 
 

@@ -19,7 +19,7 @@ import torch
 
 from .noise import GeneratorNoise, NoiseSource, PerSampleNoise, as_noise
 from .registry import SAMPLERS, Option, SamplerInfo, get_sampler, register, sampler_names
-from .timesteps import SPACINGS, timesteps
+from .timesteps import NOISE_SPACINGS, SPACINGS, timesteps
 
 __all__ = ["SAMPLERS", "SPACINGS", "Option", "SamplerInfo", "register", "get_sampler", "sampler_names",
            "timesteps", "NoiseSource", "PerSampleNoise", "GeneratorNoise", "sample", "plan"]
@@ -30,13 +30,18 @@ for _m in pkgutil.iter_modules(__path__):
         importlib.import_module(f"{__name__}.{_m.name}")
 
 
-def plan(sampler: str, T: int, steps: int | None = None, spacing: str | None = None, **options):
-    """``(info, timesteps, options)`` for a run of ``sampler`` on a T-step process, every argument checked.
+def plan(sampler: str, schedule, steps: int | None = None, spacing: str | None = None, **options):
+    """``(info, timesteps, options)`` for a run of ``sampler`` over ``schedule`` (a NoiseSchedule, or its T where
+    the spacing needs no more), every argument checked.
 
-    ValueError with one line on an unknown sampler, spacing or option, or a step count outside [1, T].
+    A sampler that takes real-valued timesteps gets the ``logsnr`` and ``karras`` spacings exactly. ValueError
+    with one line on an unknown sampler, spacing or option, or a step count outside [1, T].
     """
     info = get_sampler(sampler)
-    tau = timesteps(T, info.steps_for(T, steps), spacing or info.default_spacing)
+    T = schedule if isinstance(schedule, int) else schedule.T
+    spacing = spacing or info.default_spacing
+    exact = info.continuous and spacing in NOISE_SPACINGS
+    tau = timesteps(schedule, info.steps_for(T, steps), spacing, integer=not exact)
     return info, tau, info.resolve_options(options)
 
 
@@ -49,12 +54,12 @@ def sample(denoiser, x_T: torch.Tensor | Sequence[int], *, sampler: str = "ddim"
     ``torch.Generator`` (one stream for the batch) or None (the global generator). ``steps`` and ``spacing``
     default to the sampler's own; ``options`` are the sampler's (for example ``eta`` for ddim).
     """
-    info, tau, opts = plan(sampler, denoiser.T, steps, spacing, **options)
+    info, tau, opts = plan(sampler, denoiser.schedule, steps, spacing, **options)
     noise = as_noise(noise)
     if not isinstance(x_T, torch.Tensor):
         shape = tuple(int(s) for s in x_T)
         if len(shape) < 2 or any(s < 1 for s in shape):
             raise ValueError(f"shape must be [B, C, ...] with positive sizes, got {shape}")
         x_T = noise.initial(shape, denoiser.device)
-    x_T = x_T.to(device=denoiser.device, dtype=torch.float32)
+    x_T = x_T.to(device=denoiser.device, dtype=torch.float64 if x_T.dtype == torch.float64 else torch.float32)
     return info.fn(denoiser.to(x_T.device), x_T, tau, noise=noise, callback=callback, **opts)

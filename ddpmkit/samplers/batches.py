@@ -20,8 +20,11 @@ __all__ = ["sample_batches"]
 def sample_batches(denoiser, *, n: int, shape: Sequence[int], sampler: str = "ddim", steps: int | None = None,
                    spacing: str | None = None, seed: int = 0, batch_size: int = 64, start: int = 0,
                    options: dict | None = None, on_first_batch: Callable | None = None,
-                   log: Callable = print) -> Iterator[tuple[int, torch.Tensor]]:
+                   log: Callable = print, labels: torch.Tensor | None = None) -> Iterator[tuple[int, torch.Tensor]]:
     """Yield ``(index, x)`` for samples ``start .. start + n - 1``: x is float [b, C, H, W] in [-1, 1], index its first.
+
+    ``labels`` (int64 [n], one per sample, for a class-conditional Denoiser) conditions sample ``start + j`` on
+    ``labels[j]``, whatever batch it falls in.
 
     ``on_first_batch(x_T)``, when given, is called with the first batch's initial noise (again after a retry) and
     returns the callback for that batch's sampler (a chain recorder, say), or None. A CUDA out-of-memory error
@@ -29,6 +32,10 @@ def sample_batches(denoiser, *, n: int, shape: Sequence[int], sampler: str = "dd
     """
     options = dict(options or {})
     chw = tuple(int(s) for s in shape)
+    if labels is not None:
+        labels = torch.as_tensor(labels, dtype=torch.int64)
+        if labels.shape != (n,):
+            raise ValueError(f"sample_batches needs one label per sample: {n}, got shape {tuple(labels.shape)}")
     done = 0
     while done < n:
         b = min(batch_size, n - done)
@@ -36,7 +43,8 @@ def sample_batches(denoiser, *, n: int, shape: Sequence[int], sampler: str = "dd
         try:
             x_T = noise.initial((b, *chw), denoiser.device)
             callback = on_first_batch(x_T) if (on_first_batch is not None and done == 0) else None
-            x = sample(denoiser, x_T, sampler=sampler, steps=steps, spacing=spacing, noise=noise,
+            den = denoiser if labels is None else denoiser.with_cond(labels[done:done + b].to(denoiser.device))
+            x = sample(den, x_T, sampler=sampler, steps=steps, spacing=spacing, noise=noise,
                        callback=callback, **options)
         except torch.cuda.OutOfMemoryError:
             if batch_size == 1:

@@ -8,10 +8,16 @@ import torch
 
 from .registry import Option, register
 
+# Above 1, sigma^2 can exceed 1 - a_prev: the coefficient sqrt(1 - a_prev - sigma^2) of eps_hat in eq. 12 is
+# imaginary, and clamping it to 0 silently samples another process (its x_t no longer has the trained marginals).
+_ETA_WHY = (" (DDIM's eta lies in [0, 1]: above 1, sigma^2 can exceed 1 - alpha_bar_prev in eq. 12 and the "
+            "sampler is no longer DDIM)")
+
 
 @register("ddim", summary="DDIM eq. 12; eta 0 is deterministic, eta 1 at S = T is DDPM with beta_tilde",
           default_steps=50, default_spacing="uniform",
-          options=(Option("eta", float, 0.0, "DDIM eta: 0 deterministic, 1 DDPM-like", minimum=0.0),))
+          options=(Option("eta", float, 0.0, "DDIM eta in [0, 1]: 0 deterministic, 1 DDPM-like", minimum=0.0,
+                          maximum=1.0, why=_ETA_WHY),))
 def ddim(denoiser, x_T, timesteps, *, noise, callback=None, eta: float = 0.0):
     """One network call per visited timestep; the last step goes to alpha_bar = 1 and returns x0_hat."""
     ab = denoiser.schedule.alpha_bar.double().cpu().numpy()

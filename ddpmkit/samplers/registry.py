@@ -18,6 +18,8 @@ class Option:
     default: Any
     help: str
     minimum: float | None = None  # a number below this (or a non-finite one) is refused
+    maximum: float | None = None  # a number above this is refused
+    why: str = ""  # the reason for the range, appended to the refusal
 
     def check(self, value) -> Any:
         """The value converted to the option's type; ValueError with one line otherwise."""
@@ -28,7 +30,9 @@ class Option:
         if isinstance(v, float) and not math.isfinite(v):
             raise ValueError(f"{self.name} must be a finite number, got {value!r}")
         if self.minimum is not None and v < self.minimum:
-            raise ValueError(f"{self.name} must be >= {self.minimum:g}, got {value!r}")
+            raise ValueError(f"{self.name} must be >= {self.minimum:g}, got {value!r}{self.why}")
+        if self.maximum is not None and v > self.maximum:
+            raise ValueError(f"{self.name} must be <= {self.maximum:g}, got {value!r}{self.why}")
         return v
 
 
@@ -42,7 +46,8 @@ class SamplerInfo:
     default_steps: int | None  # None: all T steps
     default_spacing: str
     options: tuple[Option, ...] = field(default=())
-    calls_per_step: int = 1  # network evaluations per timestep visited
+    calls: Callable[[int], int] | None = None  # network evaluations for S timesteps (None: S)
+    continuous: bool = False  # takes real-valued timesteps (the logsnr and karras spacings are then exact)
 
     def steps_for(self, T: int, steps: int | None) -> int:
         """The number of timesteps to visit: ``steps``, else the sampler's default (at most T)."""
@@ -60,21 +65,22 @@ class SamplerInfo:
         return {name: o.check(given.get(name, o.default)) for name, o in known.items()}
 
     def model_calls(self, steps: int) -> int:
-        return self.calls_per_step * steps
+        """How many network evaluations a run over ``steps`` timesteps makes."""
+        return steps if self.calls is None else self.calls(steps)
 
 
 SAMPLERS: dict[str, SamplerInfo] = {}
 
 
 def register(name: str, *, summary: str, default_steps: int | None = 50, default_spacing: str = "uniform",
-             options: tuple[Option, ...] = (), calls_per_step: int = 1):
+             options: tuple[Option, ...] = (), calls: Callable[[int], int] | None = None, continuous: bool = False):
     """Decorator that enters a sampler function in :data:`SAMPLERS` under ``name``."""
 
     def deco(fn: Callable) -> Callable:
         if name in SAMPLERS and SAMPLERS[name].fn is not fn:
             raise ValueError(f"a sampler named {name!r} is already registered")
-        SAMPLERS[name] = SamplerInfo(name, fn, summary, default_steps, default_spacing, tuple(options),
-                                     calls_per_step)
+        SAMPLERS[name] = SamplerInfo(name, fn, summary, default_steps, default_spacing, tuple(options), calls,
+                                     continuous)
         return fn
 
     return deco

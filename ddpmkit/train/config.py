@@ -17,8 +17,9 @@ import typing
 from dataclasses import dataclass, field
 
 from .. import __version__
-from ..diffusion import OBJECTIVES, NoiseSchedule
+from ..diffusion import OBJECTIVES, VARIANCES, NoiseSchedule
 from ..errors import CheckpointError, ConfigError
+from ..limits import MAX_BATCH, MAX_GRID, MAX_T, check_float, check_int, check_model_config
 from ..models.unet import UNET_PRESETS, UNet
 
 __all__ = ["TrainConfig", "PRESETS", "config_from_preset", "flag", "settings", "preset_value", "show_value",
@@ -58,6 +59,11 @@ class TrainConfig:
                             unet="in_channels")
     flip: bool = setting(False, "random horizontal flips", locked=True)
     strict: bool = setting(False, "fail on a corrupt image instead of skipping it")
+    class_cond: bool = setting(False, "class-conditional: the network takes the data's class labels (digits, "
+                                      "CIFAR-10, a folder of class subfolders), for --class and --guidance when "
+                                      "sampling", locked=True)
+    p_uncond: float = setting(0.1, "with --class-cond, the probability that a label is replaced by the null class "
+                                   "in training (Ho & Salimans 2022), which classifier-free guidance needs")
     # model: the U-Net's constructor arguments
     base_channels: int = setting(_NET["base_channels"], "U-Net width of the first level", locked=True,
                                  unet="base_channels")
@@ -75,6 +81,9 @@ class TrainConfig:
     schedule: str = setting("linear", "noise schedule: linear or cosine", locked=True)
     T: int = setting(1000, "number of diffusion steps", locked=True)
     objective: str = setting("eps", "what the network predicts: eps, x0 or v", locked=True)
+    variance: str = setting("small", "the reverse-process variance the run is made for, small (beta_tilde) or "
+                                     "large (beta, the official CIFAR-10 fixedlarge); sampling and the bound "
+                                     "default to it")
     # optimisation
     steps: int = setting(5000, "training steps")
     time_limit: float | None = setting(None, "stop after this many seconds of training (the run can be resumed)",
@@ -107,29 +116,38 @@ class TrainConfig:
     precision: str = setting("auto", "auto (bf16 autocast on CUDA), fp32 or bf16")
     compile: bool = setting(False, "torch.compile the model")
 
-    @property
-    def class_cond(self) -> bool:
-        """Whether the network takes class labels. Always False for now: the U-Net has no class embedding yet
-        (a setting of the class-conditional U-Net will decide it)."""
-        return False
+    def model_config(self, num_classes: int | None = None) -> dict:
+        """The U-Net's constructor arguments (config.json's ``model`` section).
 
-    def model_config(self) -> dict:
-        """The U-Net's constructor arguments (config.json's ``model`` section)."""
+        With ``class_cond``, the class embedding has ``num_classes + 1`` rows: the data's classes and, last, the
+        null class of classifier-free guidance (``num_classes`` defaults to 10, enough to check the settings).
+        """
         cfg = {f.metadata["unet"]: _json_value(getattr(self, f.name))
                for f in dataclasses.fields(self) if "unet" in f.metadata}
         cfg["out_channels"] = None  # as many as in_channels
+        if self.class_cond:
+            cfg["num_class_embeds"] = (10 if num_classes is None else int(num_classes)) + 1
         return cfg
 
-    def to_json(self) -> dict:
-        """The run's config.json: the flat settings plus the sections that loaders read."""
+    def to_json(self, class_names=None) -> dict:
+        """The run's config.json: the flat settings plus the sections that loaders read.
+
+        A class-conditional run also records its classes: ``classes = {"names": [...], "null": K}``, label k
+        named ``names[k]`` and K the null class's label.
+        """
+        extra = {}
+        if self.class_cond and class_names is not None:
+            extra["classes"] = {"names": [str(c) for c in class_names], "null": len(class_names)}
         return {
             "format": "ddpmkit-run",
             "version": 1,
             "ddpmkit_version": __version__,
             "train": {k: _json_value(v) for k, v in dataclasses.asdict(self).items()},
-            "model": self.model_config(),
-            "diffusion": {"schedule": self.schedule, "T": self.T, "objective": self.objective},
+            "model": self.model_config(None if class_names is None else len(class_names)),
+            "diffusion": {"schedule": self.schedule, "T": self.T, "objective": self.objective,
+                          "variance": self.variance},
             "data": {"source": self.data, "image_size": self.image_size, "channels": self.channels},
+            **extra,
         }
 
     @classmethod
@@ -155,15 +173,25 @@ class TrainConfig:
         for name in ["image_size", "channels", "T", "steps", "batch_size", "grad_accum", "log_every",
                      "checkpoint_every", "sample_every", "keep", "sample_steps"]:
             positive_int(name)
-        if self.num_samples < 0:
-            raise ConfigError(f"--num-samples must be >= 0, got {self.num_samples}")
+        # upper bounds before anything is allocated (ddpmkit/limits.py): a config.json or a flag of 2^40 is one line
+        for name, hi in (("T", MAX_T), ("batch_size", MAX_BATCH), ("channels", 64), ("image_size", 4096)):
+            check_int(flag(name), getattr(self, name), 1, hi)
+        check_int("--num-samples", self.num_samples, 0, MAX_GRID)
+        for name, lo, hi, hi_open in (("grad_clip", 0, 1e12, False), ("adam_beta1", 0, 1, True),
+                                      ("adam_beta2", 0, 1, True), ("weight_decay", 0, 1e6, False),
+                                      ("dropout", 0, 1, True)):
+            check_float(flag(name), getattr(self, name), lo, hi, hi_open=hi_open)
+        if self.variance not in VARIANCES:
+            raise ConfigError(f"unknown variance {self.variance!r}: choose {' or '.join(VARIANCES)}")
         if self.warmup < 0:
             raise ConfigError(f"--warmup must be >= 0, got {self.warmup}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ConfigError(f"--lr must be a positive number, got {self.lr}")
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"--ema-decay must lie in [0, 1), got {self.ema_decay}")
-        if self.time_limit is not None and not self.time_limit > 0:
+        if not (isinstance(self.p_uncond, (int, float)) and 0.0 <= self.p_uncond < 1.0):
+            raise ConfigError(f"--p-uncond must lie in [0, 1), got {self.p_uncond}")
+        if self.time_limit is not None and not (self.time_limit > 0 and math.isfinite(self.time_limit)):
             raise ConfigError(f"--time-limit must be a positive number of seconds, got {self.time_limit}")
         if self.schedule not in ("linear", "cosine"):
             raise ConfigError(f"unknown schedule {self.schedule!r}: choose linear or cosine")
@@ -177,7 +205,8 @@ class TrainConfig:
             NoiseSchedule.from_name(self.schedule, self.T)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        UNet(**self.model_config())  # raises ConfigError on a configuration the U-Net cannot take
+        # the U-Net built on the meta device (no memory): its own checks, and its size against MAX_PARAMETERS
+        check_model_config(self.model_config(), "the U-Net of these settings")
 
 
 def _json_value(v):
@@ -195,7 +224,7 @@ def _net_settings(net: dict) -> dict:
 PRESETS: dict[str, dict] = {
     "digits": {},
     "cifar10": dict(
-        _net_settings(UNET_PRESETS["cifar10"]), data="cifar10", flip=True,
+        _net_settings(UNET_PRESETS["cifar10"]), data="cifar10", flip=True, variance="large",
         steps=800_000, batch_size=128, lr=2e-4, warmup=5000, ema_decay=0.9999,
         log_every=100, checkpoint_every=10_000, sample_every=10_000, sample_steps=100,
     ),

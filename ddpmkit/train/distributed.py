@@ -62,6 +62,14 @@ class DistContext:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item() > 0)
 
+    def max_int(self, value: int, device) -> int:
+        """The largest of every rank's ``value`` (the value itself on one process)."""
+        if not self.enabled:
+            return int(value)
+        t = torch.tensor([float(value)], device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
+
     def main_first(self, fn, device=None):
         """Run ``fn`` on rank 0, then (if it succeeded) on the other ranks; an error on rank 0 is raised on all.
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import csv
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -22,13 +24,14 @@ from ..errors import CheckpointError, ConfigError, DdpmkitError
 from ..files import atomic_write_text
 from ..models.unet import UNet
 from ..rng import derive_seed
-from ..store.checkpoint import load_checkpoint, save_checkpoint
+from ..store.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from ..store.lock import RunLock
 from ..store.rundir import prepare_run_dir, read_config, write_config
 from . import distributed
 from .config import TrainConfig, resume_locked
 
 __all__ = ["Trainer", "EMA", "MetricsLog", "NonFiniteError", "pick_device", "train", "dropout_seed",
-           "seed_dropout", "MAX_GRAD_NORM"]
+           "seed_dropout", "MAX_GRAD_NORM", "uncond_mask", "class_names_of"]
 
 NUM_BUCKETS = 10  # metrics.csv reports the loss in T/10 timestep buckets
 
@@ -115,6 +118,29 @@ def seed_dropout(seed: int, rank: int, step: int) -> None:
     torch.manual_seed(dropout_seed(seed, rank, step))
 
 
+_UNCOND_STREAM = 0x6E756C6C  # "null": tags the stream of the label dropout among the seeds derived from a run's
+
+
+def uncond_mask(seed: int, step: int, batch_size: int, p_uncond: float) -> torch.Tensor:
+    """Which labels of training step ``step``'s global batch become the null class: bool [batch_size].
+
+    Each label independently with probability ``p_uncond`` (Ho & Salimans 2022, alg. 1: c <- null with
+    probability p_uncond), from a CPU generator seeded with (seed, step) alone: the draw needs no state in the
+    checkpoint, so a resume repeats it bit for bit, and it is the same on any number of processes.
+    """
+    g = torch.Generator(device="cpu").manual_seed(derive_seed(seed, _UNCOND_STREAM, step))
+    return torch.rand(batch_size, generator=g, dtype=torch.float64) < p_uncond
+
+
+def class_names_of(data) -> tuple[str, ...] | None:
+    """The class names of a dataset with labels (``"0".."K-1"`` when it names none), None without labels."""
+    if data.labels is None:
+        return None
+    if data.class_names is not None:
+        return tuple(data.class_names)
+    return tuple(str(k) for k in range(int(data.labels.max()) + 1 if data.labels.numel() else 1))
+
+
 def _lr_at(cfg: TrainConfig, step: int) -> float:
     """Linear warm-up from lr/warmup to lr over the first `warmup` steps, then constant (DDPM appendix B)."""
     if cfg.warmup <= 0:
@@ -176,11 +202,23 @@ class Trainer:
                               f"is a multiple of {world * cfg.grad_accum}")
         # Under torchrun (WORLD_SIZE > 1) join the process group; run() leaves it at the end, an error here too.
         self.dist = distributed.join(pick_device(cfg.device))
+        self._lock = None  # rank 0's writer lock of the run directory (store/lock.py), held until run() ends
         try:
             self._init(cfg, run_dir, resume, quiet, log)
         except BaseException:
+            self._release_lock()
             distributed.leave()
             raise
+
+    def _take_lock(self) -> None:
+        """Rank 0 alone writes the run: a second writer is refused in one line naming the holder."""
+        if self.dist.is_main and self._lock is None:
+            self._lock = RunLock(self.run_dir).acquire()
+
+    def _release_lock(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def _init(self, cfg, run_dir, resume, quiet, log):
         dctx = self.dist
@@ -192,7 +230,8 @@ class Trainer:
         ckpt = None
         if resume:
             # rank 0 checks the directory (a probe write) first; the other ranks only read from it
-            dctx.main_first(lambda: prepare_run_dir(self.run_dir, resume=True) if dctx.is_main else None)
+            dctx.main_first(lambda: (prepare_run_dir(self.run_dir, resume=True), self._take_lock())
+                            if dctx.is_main else None)
             stored = TrainConfig.from_json(read_config(self.run_dir))
             changed = [k for k in resume_locked() if getattr(stored, k) != getattr(cfg, k)]
             if changed:
@@ -217,15 +256,20 @@ class Trainer:
             raise ConfigError(f"the data has shape {tuple(data.images.shape[1:])}, the model expects "
                               f"{(cfg.channels, cfg.image_size, cfg.image_size)}")
         self.num_images = data.num_images
+        self.class_names = class_names_of(data) if cfg.class_cond else None
+        if cfg.class_cond and self.class_names is None:
+            raise ConfigError(f"--class-cond needs labelled images, and {cfg.data} has no labels (digits and "
+                              f"CIFAR-10 have theirs; a folder is labelled by its class subfolders)")
+        self.null_class = None if self.class_names is None else len(self.class_names)  # the last embedding row
 
         # The same seed on every rank: identical initial weights. Dropout is reseeded per rank and step (train_step).
         torch.manual_seed(cfg.seed)
-        self.model = UNet(**cfg.model_config()).to(self.device)
+        self.model = UNet(**cfg.model_config(self.null_class)).to(self.device)
         self.schedule = NoiseSchedule.from_name(cfg.schedule, cfg.T).to(self.device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr,
                                           betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay)
         self.ema = EMA(self.model, cfg.ema_decay, cfg.ema_warmup)
-        # Class labels travel with the images only when the network takes them (nothing does yet).
+        # Class labels travel with the images only when the network takes them.
         self.class_cond = cfg.class_cond
         self.batcher = Batcher(data.images, cfg.batch_size, device=self.device, flip=cfg.flip, seed=cfg.seed,
                                labels=data.labels if self.class_cond else None)
@@ -256,7 +300,8 @@ class Trainer:
             if ckpt is None:
                 prepare_run_dir(self.run_dir, resume=False)
                 self.run_dir.mkdir(parents=True, exist_ok=True)
-            write_config(self.run_dir, cfg.to_json())
+                self._take_lock()
+            write_config(self.run_dir, cfg.to_json(self.class_names))
             return MetricsLog(self.run_dir / "metrics.csv", resume_step=self.step if ckpt else None)
 
         self.metrics = dctx.main_first(prepare)
@@ -331,10 +376,13 @@ class Trainer:
         # rank (t first, then the noise, as training_losses would draw them); each rank takes its slice. The
         # run is then the same on any number of processes, up to the order of floating-point sums.
         B, per = cfg.batch_size, x0.shape[0]
+        lo = dctx.rank * per
+        if y is not None and cfg.p_uncond > 0:  # label dropout for classifier-free guidance (Ho & Salimans 2022)
+            drop = uncond_mask(cfg.seed, self.step, B, cfg.p_uncond)[lo:lo + per].to(self.device)
+            y = torch.where(drop, torch.full_like(y, self.null_class), y)
         t_all = sample_timesteps(B, cfg.T, generator=self.gen, device=self.device)
         noise_all = torch.randn((B,) + tuple(x0.shape[1:]), generator=self.gen, device=self.gen.device,
                                 dtype=x0.dtype).to(self.device)
-        lo = dctx.rank * per
         t_rank, noise_rank = t_all[lo:lo + per], noise_all[lo:lo + per]
         # Gradient accumulation: the rank's share in K micro-batches, each loss scaled by 1/K so that the summed
         # gradient is that of the mean over the share (and, after DDP's average over ranks, of the global mean).
@@ -409,26 +457,51 @@ class Trainer:
         model = copy.deepcopy(self.model).eval()  # a copy draws nothing from the random generators
         model.load_state_dict(self.ema.state_dict())
         g = torch.Generator(device="cpu").manual_seed(self.cfg.seed + 2)
-        shape = (self.cfg.num_samples, self.cfg.channels, self.cfg.image_size, self.cfg.image_size)
-        x = sample(Denoiser(model, self.schedule, self.cfg.objective), shape, sampler="ddim",
-                   steps=self.cfg.sample_steps, noise=g)
-        return save_grid(x.cpu(), self.run_dir / "samples" / f"grid_step_{self.step:09d}.png")
+        n = self.cfg.num_samples
+        denoiser = Denoiser(model, self.schedule, self.cfg.objective)
+        path = self.run_dir / "samples" / f"grid_step_{self.step:09d}.png"
+        if self.class_cond:  # one labelled row per class, guided: n // K samples of each (at least one)
+            from ..samplers.options import DEFAULT_GUIDANCE
+            from ..viz.figures import save_labelled_grid
+
+            K = len(self.class_names)
+            per = max(1, n // K)
+            n = per * K
+            labels = torch.arange(K, device=self.device).repeat_interleave(per)
+            denoiser = denoiser.with_cond(labels).guided(DEFAULT_GUIDANCE, self.null_class)
+        shape = (n, self.cfg.channels, self.cfg.image_size, self.cfg.image_size)
+        x = sample(denoiser, shape, sampler="ddim", steps=self.cfg.sample_steps, noise=g)
+        if self.class_cond:
+            return save_labelled_grid(x.cpu(), self.class_names, path)
+        return save_grid(x.cpu(), path)
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> dict:
+        """Train to ``cfg.steps`` (or the time limit, or a first SIGINT/SIGTERM: see :class:`GracefulStop`)."""
+        stop = GracefulStop(self.run_dir / "checkpoints").install()
         try:
-            return self._run()
+            return self._run(stop)
         finally:
+            stop.restore()
+            self._release_lock()
             distributed.leave()  # the process group this trainer joined, if any, also on an error
 
-    def _run(self) -> dict:
+    def _run(self, stop: "GracefulStop") -> dict:
         cfg = self.cfg
         from tqdm import tqdm
 
         self._t0 = time.perf_counter()
         start_step = self.step
-        bar = tqdm(total=cfg.steps, initial=self.step, disable=self.quiet, unit="step", dynamic_ncols=True,
-                   file=sys.stderr, smoothing=0.05)
+        # A time-limited run (the demo: 150 s, steps 1,000,000) shows its progress in seconds, the step beside it;
+        # a bar of steps would read 0/1000000 with an ETA of a day.
+        timed = cfg.time_limit is not None
+        if timed:
+            bar = tqdm(total=float(cfg.time_limit), disable=self.quiet, unit="s", dynamic_ncols=True, file=sys.stderr,
+                       desc=f"step {self.step}", bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s "
+                                                            "[{elapsed}<{remaining}{postfix}]")
+        else:
+            bar = tqdm(total=cfg.steps, initial=self.step, disable=self.quiet, unit="step", dynamic_ncols=True,
+                       file=sys.stderr, smoothing=0.05)
         window_loss = torch.zeros((), device=self.device, dtype=torch.float64)
         bucket_sum = torch.zeros(NUM_BUCKETS, device=self.device, dtype=torch.float64)
         bucket_n = torch.zeros(NUM_BUCKETS, device=self.device, dtype=torch.float64)
@@ -455,9 +528,15 @@ class Trainer:
 
         try:
             while self.step < cfg.steps:
-                if cfg.time_limit is not None and self.dist.any(time.perf_counter() - self._t0 >= cfg.time_limit,
-                                                                self.device):  # all ranks stop together
-                    stop_reason = "time_limit"
+                # 0: go on; 1: the time limit; a signal number: SIGINT or SIGTERM arrived. The largest over the
+                # ranks, so that all stop together at the same step even when one alone got the signal.
+                why = stop.signum or int(timed and time.perf_counter() - self._t0 >= cfg.time_limit)
+                if self.dist.enabled:
+                    why = self.dist.max_int(why, self.device)
+                if why:
+                    stop_reason = "time_limit" if why == 1 else "signal"
+                    if why > 1:  # another rank's signal stops this one too
+                        stop.signum = stop.signum or why
                     break
                 losses, t, grad_norm, lr = self.train_step()
                 if not self.last_step_skipped:  # a skipped step's non-finite loss stays out of the metrics
@@ -466,7 +545,11 @@ class Trainer:
                     bucket_sum.index_add_(0, bucket, losses.double())
                     bucket_n.index_add_(0, bucket, torch.ones_like(losses, dtype=torch.float64))
                     window_steps += 1
-                bar.update(1)
+                if timed:
+                    bar.set_description_str(f"step {self.step}", refresh=False)
+                    bar.update(min(time.perf_counter() - self._t0, cfg.time_limit) - bar.n)
+                else:
+                    bar.update(1)
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                     last_loss = flush_window(lr, grad_norm)
                 if self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
@@ -477,16 +560,58 @@ class Trainer:
                 last_loss = flush_window(lr, grad_norm)
         finally:
             bar.close()
+        if stop_reason == "signal":
+            self.log(f"{signal.Signals(stop.signum).name}: stopping at step {self.step} and saving a checkpoint "
+                     "(press Ctrl-C again to abort at once)")
         if not self.dist.is_main:
             ckpt = None
         elif self.step > start_step or not any((self.run_dir / "checkpoints").glob("step_*")):
             ckpt = self.save()
         else:
-            ckpt = None
-        grid = self.sample_grid()
+            ckpt = latest_checkpoint(self.run_dir)[0] if stop_reason == "signal" else None
+        # a stop by a signal (a preemption, say) writes no sample grid: the checkpoint is what must be on disk
+        grid = None if stop_reason == "signal" else self.sample_grid()
         self.dist.barrier()  # the other ranks wait for rank 0's last checkpoint and samples
-        return {"step": self.step, "loss": last_loss, "stop": stop_reason, "checkpoint": ckpt, "grid": grid,
-                "seconds": time.perf_counter() - self._t0}
+        res = {"step": self.step, "loss": last_loss, "stop": stop_reason, "checkpoint": ckpt, "grid": grid,
+               "seconds": time.perf_counter() - self._t0}
+        if stop_reason == "signal":
+            res["signal"] = signal.Signals(stop.signum).name
+        return res
+
+
+class GracefulStop:
+    """SIGINT and SIGTERM during training: the first asks the loop to stop after the current step and save a
+    checkpoint (a cluster scheduler sends SIGTERM before it preempts a job); the second aborts at once, with
+    the last complete checkpoint intact (every write is atomic).
+
+    Installed only in the main thread, and not over a signal that was ignored when the process started (a
+    job started with ``nohup``, or in the background of a script, keeps ignoring SIGINT).
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, checkpoints_dir):
+        self.checkpoints_dir = checkpoints_dir
+        self.signum = 0  # the first signal received (0: none)
+        self._previous: dict = {}
+
+    def install(self) -> "GracefulStop":
+        if threading.current_thread() is threading.main_thread():
+            for s in self.SIGNALS:
+                if signal.getsignal(s) is not signal.SIG_IGN:
+                    self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def restore(self) -> None:
+        for s, h in self._previous.items():
+            signal.signal(s, h)
+        self._previous = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum:  # the second: no more waiting (printing is left to the CLI: not safe in a handler)
+            raise KeyboardInterrupt(f"a second {signal.Signals(signum).name} aborted training at once; the last "
+                                    f"complete checkpoint in {self.checkpoints_dir} is intact")
+        self.signum = signum
 
 
 def train(cfg: TrainConfig, run_dir, *, resume: bool = False, quiet: bool = False) -> dict:

@@ -11,6 +11,7 @@ from .figures import (
     ema_smooth,
     load_metrics,
     make_grid,
+    make_labelled_grid,
     plot_bpd_terms,
     plot_forward,
     plot_loss,
@@ -18,6 +19,7 @@ from .figures import (
     save_grid,
     save_image,
     save_images,
+    save_labelled_grid,
 )
 from .report import write_report
 
@@ -32,6 +34,7 @@ __all__ = [
     "ema_smooth",
     "load_metrics",
     "make_grid",
+    "make_labelled_grid",
     "plot_bpd_terms",
     "plot_forward",
     "plot_loss",
@@ -40,5 +43,6 @@ __all__ = [
     "save_grid",
     "save_image",
     "save_images",
+    "save_labelled_grid",
     "write_report",
 ]

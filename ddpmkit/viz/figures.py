@@ -244,6 +244,43 @@ def save_grid(images, path, **kw) -> Path:
     return _save_pil(_to_pil(make_grid(images, **kw)), path)
 
 
+def make_labelled_grid(images, row_labels: Sequence[str], padding: int = 2, scale: int | None = None) -> np.ndarray:
+    """A grid with one row per label and the label written left of its row: uint8 [H, W, C].
+
+    ``images`` [R * K, C, H, W] (float [-1, 1] or uint8) hold the R rows one after the other, K images each; the
+    tiles are those of :func:`make_grid` with ``nrow=K``, and a white column on the left carries the labels.
+    """
+    from PIL import ImageDraw
+
+    from .animation import _font, _text_size
+
+    arr = _as_uint8_nhwc(images)
+    rows = len(row_labels)
+    if rows < 1 or arr.shape[0] % rows:
+        raise PlotError(f"{arr.shape[0]} images do not split into {rows} equal rows")
+    grid = make_grid(images, nrow=arr.shape[0] // rows, padding=padding, scale=scale)
+    _, h, w, c = arr.shape
+    th = (grid.shape[0] - padding) // rows - padding  # the scaled tile height
+    mode = "L" if c == 1 else "RGB"
+    font = _font(max(10, min(16, th // 2)))
+    probe = ImageDraw.Draw(Image.new(mode, (1, 1)))
+    label_w = max(_text_size(probe, str(t), font)[0] for t in row_labels) + 10
+    img = Image.new(mode, (label_w + grid.shape[1], grid.shape[0]), 255 if c == 1 else (255, 255, 255))
+    img.paste(_to_pil(grid), (label_w, 0))
+    draw = ImageDraw.Draw(img)
+    for r, label in enumerate(row_labels):
+        lw, lh = _text_size(draw, str(label), font)
+        y = padding + r * (th + padding) + (th - lh) // 2
+        draw.text((label_w - 6 - lw, y), str(label), fill=0 if c == 1 else (0, 0, 0), font=font)
+    out = np.asarray(img)
+    return out[..., None] if out.ndim == 2 else out
+
+
+def save_labelled_grid(images, row_labels: Sequence[str], path, **kw) -> Path:
+    """Write :func:`make_labelled_grid` as a PNG at ``path``; returns the path."""
+    return _save_pil(_to_pil(make_labelled_grid(images, row_labels, **kw)), path)
+
+
 def save_image(image, path) -> Path:
     """Write one image [C, H, W] (or [1, C, H, W]) as a PNG at native resolution; returns the path."""
     arr = _as_uint8_nhwc(image, "image")

@@ -74,17 +74,31 @@ def write_report(run_dir, out=None) -> Path:
 
     figs = []
     grid = _latest((run / "samples").glob("grid_step_*.png")) if (run / "samples").is_dir() else None
+    classes = config.get("classes") if isinstance(config.get("classes"), dict) else None
     if grid:
-        figs.append(_img(grid, f"EMA samples at step {int(grid.stem.rsplit('_', 1)[-1])}"))
+        per_class = ", guided, one row per class" if classes else ""
+        figs.append(_img(grid, f"EMA samples at step {int(grid.stem.rsplit('_', 1)[-1])}{per_class}"))
     for g in sorted(run.glob("samples*/**/grid.png")):
         figs.append(_img(g, f"{g.parent.relative_to(run)}"))
     if figs:
         sections.append("<h2>Samples</h2>" + "".join(figs))
+    if classes and isinstance(classes.get("names"), list):  # a class-conditional run: a row per class
+        rows = "".join(f"<tr><td>{k}</td><td>{html.escape(str(name))}</td></tr>"
+                       for k, name in enumerate(classes["names"]))
+        sections.append(f"<h2>Classes</h2><p class=sub>class-conditional: sample one with <code>ddpmkit sample "
+                        f"RUN --class LABEL</code>; label {html.escape(str(classes.get('null')))} is the null class "
+                        f"of classifier-free guidance</p><table><tr><td>label</td><td>name</td></tr>{rows}</table>")
 
     gifs = sorted(run.glob("*.gif")) + sorted(run.glob("samples*/**/*.gif"))
     if gifs:
         sections.append("<h2>Sampling chains</h2><p class=sub>x_t (top) beside the predicted x0 (bottom)</p>"
                         + "".join(_img(g, g.stem) for g in gifs))
+
+    edits = sorted(run.glob("edits/*/inpaint.png")) + sorted(run.glob("edits/*/sdedit.png"))  # ddpmkit inpaint, edit
+    if edits:
+        sections.append("<h2>Editing</h2><p class=sub>inpainting (RePaint): original, masked, results; SDEdit: the "
+                        "input, then its edits over strengths</p>"
+                        + "".join(_img(p, str(p.parent.relative_to(run))) for p in edits))
 
     T = int(diffusion.get("T", 1000))
     schedule_png = run / "schedule.png"

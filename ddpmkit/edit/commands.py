@@ -1,0 +1,148 @@
+"""``ddpmkit inpaint`` and ``ddpmkit edit``: a run, an image and a mask or strengths in; PNGs and one figure out.
+
+Result k of input i is sample number i * n + k of the noise streams (seed, index) (``PerSampleNoise``), so the
+images do not depend on the batch size. Everything is checked (run, image, mask, settings) before any work, and
+every file is written atomically.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import torch
+
+from ..images import to_uint8
+from ..run import Run
+from ..samplers.noise import PerSampleNoise
+from .masks import EditError, load_images, masked_view, parse_mask
+from .repaint import repaint, repaint_model_calls
+from .sdedit import check_strength, sdedit, sdedit_timesteps
+
+__all__ = ["inpaint_run", "edit_run", "parse_strengths", "DEFAULT_INPAINT_STEPS"]
+
+# RePaint section 5: 250 timesteps of the T = 1000 process (respaced), J = 10, R = 10
+DEFAULT_INPAINT_STEPS = 250
+
+
+def _tag(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.]+", "_", Path(s).stem if Path(s).suffix else s).strip("_") or "x"
+
+
+def _check_count(name: str, v) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise EditError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
+    return v
+
+
+def _denoiser(run: Run, *, ema: bool, variance, clip_x0: bool, device):
+    from ..diffusion import VARIANCES
+
+    if variance is not None and variance not in VARIANCES:
+        raise EditError(f"unknown variance {variance!r}: choose {' or '.join(VARIANCES)}")
+    if run.class_cond:
+        raise EditError(f"{run.dir} is a class-conditional run; inpaint and edit take unconditional runs for now")
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    return run.denoiser(ema=ema, variance=variance, clip_x0=clip_x0, device=dev)
+
+
+def parse_strengths(text) -> list[float]:
+    """``0.5`` or ``0.2,0.5,1`` -> a list of strengths, each checked to lie in [0, 1]."""
+    parts = [p for p in str(text).split(",") if p.strip()]
+    if not parts:
+        raise EditError("--strength needs at least one number in [0, 1]")
+    return [check_strength(p.strip()) for p in parts]
+
+
+def inpaint_run(run_path, *, image: str, mask: str, out=None, jump: int = 10, resample: int = 10, n: int = 8,
+                steps: int | None = None, spacing: str = "uniform", variance=None, clip_x0: bool = True,
+                seed: int = 0, batch_size: int = 64, ema: bool = True, device=None, resize: bool = False) -> dict:
+    """Inpaint ``image`` (a file or ``digits:I[,J,...]``) where ``mask`` is unknown, ``n`` times each; write
+    ``inpainted_<i>_<k>.png`` and the figure ``inpaint.png`` (rows of original, masked, results) under ``out``."""
+    from ..samplers import timesteps
+    from ..viz.editing import save_inpaint_figure
+    from ..viz.figures import save_images
+
+    run = Run.open(run_path)
+    C, H, W = run.image_shape
+    T = run.schedule.T
+    for name, v in (("n", n), ("batch_size", batch_size), ("jump", jump), ("resample", resample)):
+        _check_count(name, v)
+    S = min(DEFAULT_INPAINT_STEPS, T) if steps is None else steps
+    try:
+        timesteps(run.schedule, S, spacing)
+    except ValueError as e:
+        raise EditError(f"--steps/--spacing: {e}") from None
+    images, labels, names = load_images(image, (C, H, W), resize=resize)
+    known = parse_mask(mask, (H, W), seed=seed, resize=resize)
+    den = _denoiser(run, ema=ema, variance=variance, clip_x0=clip_x0, device=device)
+    out = Path(out) if out is not None else (
+        run.dir / "edits" / f"inpaint-{_tag(image)}-{_tag(mask)}-{S}steps-j{jump}-r{resample}-seed{seed}")
+    out.mkdir(parents=True, exist_ok=True)
+
+    N = images.shape[0]
+    x0 = images.repeat_interleave(n, 0)
+    results = []
+    t0 = time.perf_counter()
+    for start in range(0, x0.shape[0], batch_size):
+        xb = x0[start:start + batch_size]
+        y = repaint(den, xb, known, steps=S, spacing=spacing, jump=jump, resample=resample,
+                    noise=PerSampleNoise(seed, start))
+        results.append(y.cpu())
+    seconds = time.perf_counter() - t0
+    res = torch.cat(results)
+    files = []
+    u8 = to_uint8(res)
+    for i in range(N):
+        files += save_images(u8[i * n:(i + 1) * n], out, prefix=f"inpainted_{i:03d}", start=0)
+    fig = save_inpaint_figure(images, masked_view(images, known), res.view(N, n, C, H, W), out / "inpaint.png")
+    calls = repaint_model_calls(S, jump, resample)
+    return {"dir": out, "figure": fig, "files": files, "n": N * n, "seconds": seconds, "model_calls": calls,
+            "steps": S, "images": images, "labels": labels, "names": names, "mask": known, "results": res}
+
+
+def edit_run(run_path, *, image: str, strengths, sample_options, out=None, device=None, resize: bool = False) -> dict:
+    """SDEdit ``image`` at each strength, ``sample_options.n`` times each, with the sampler of ``sample_options``;
+    write ``edit_s<strength>_<i>_<k>.png`` and the strip ``sdedit.png`` (input, then each strength) under ``out``."""
+    from ..errors import ConfigError
+    from ..samplers import plan as resolve
+    from ..viz.editing import save_sdedit_strip
+    from ..viz.figures import save_images
+
+    run = Run.open(run_path)
+    C, H, W = run.image_shape
+    strengths = parse_strengths(strengths) if isinstance(strengths, str) else [check_strength(s) for s in strengths]
+    opt = sample_options
+    try:
+        plan = opt.plan(run.schedule)
+    except ConfigError as e:
+        raise EditError(str(e)) from None
+    images, labels, names = load_images(image, (C, H, W), resize=resize)
+    den = _denoiser(run, ema=opt.ema, variance=opt.variance, clip_x0=opt.clip_x0, device=device)
+    sgs = "-".join(f"{s:g}" for s in strengths)
+    out = Path(out) if out is not None else (
+        run.dir / "edits" / f"sdedit-{_tag(image)}-s{sgs}-{plan.tag()}-seed{opt.seed}")
+    out.mkdir(parents=True, exist_ok=True)
+
+    tau = resolve(plan.sampler, run.schedule, plan.steps, plan.spacing, **plan.options)[1]
+    N, n = images.shape[0], opt.n
+    x0 = images.repeat_interleave(n, 0)
+    edits, files, calls = [], [], []
+    t0 = time.perf_counter()
+    for s in strengths:
+        parts = []
+        for start in range(0, x0.shape[0], opt.batch_size):
+            parts.append(sdedit(den, x0[start:start + opt.batch_size], s, sampler=plan.sampler, steps=plan.steps,
+                                spacing=plan.spacing, noise=PerSampleNoise(opt.seed, start), **plan.options).cpu())
+        e = torch.cat(parts)
+        edits.append(e)
+        calls.append(len(sdedit_timesteps(tau, run.schedule.T, s)) * plan.model_calls // max(plan.steps, 1))
+        u8 = to_uint8(e)
+        for i in range(N):
+            files += save_images(u8[i * n:(i + 1) * n], out, prefix=f"edit_s{s:g}_{i:03d}", start=0)
+    seconds = time.perf_counter() - t0
+    strip = save_sdedit_strip(x0, edits, strengths, out / "sdedit.png")
+    return {"dir": out, "figure": strip, "files": files, "n": N * n * len(strengths), "seconds": seconds,
+            "model_calls": calls, "strengths": strengths, "plan": plan, "images": images, "labels": labels,
+            "edits": edits}
