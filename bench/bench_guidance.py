@@ -15,7 +15,7 @@ classifier assigns to each class). A table and a plot are written.
 Runs are trained when absent, each for ``--train-seconds`` (torch threads = 1) or, for the unconditional run,
 ``--steps`` (the conditional run's own step count when not given), so the two get the same number of steps:
 
-    python bench/bench_guidance.py --cond /tmp/helperA/cond --uncond /tmp/helperA/uncond --n 100 \
+    python bench/bench_guidance.py --cond runs/bench-guidance/cond --uncond runs/bench-guidance/uncond --n 100 \
         --out bench/results/guidance
 
 A Frechet distance from N samples is biased upwards by roughly 1/N: compare rows of equal N only.

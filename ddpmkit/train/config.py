@@ -107,7 +107,8 @@ class TrainConfig:
     checkpoint_every: int = setting(500, "save a checkpoint every N steps (and at the end)")
     sample_every: int = setting(1000, "save a sample grid from the EMA weights every N steps (and at the end)")
     num_samples: int = setting(64, "images in each sample grid")
-    sample_steps: int = setting(50, "DDIM steps for the sample grids")
+    sample_sampler: str = setting("ddim", "sampler of the sample grids: any of `ddpmkit sample --help`'s")
+    sample_steps: int = setting(50, "steps of that sampler for the sample grids")
     keep: int = setting(3, "checkpoints to keep")
     skip_nonfinite: bool = setting(False, "skip a step whose loss or gradient norm is NaN, inf or above 1e6, "
                                           "instead of stopping")
@@ -201,6 +202,11 @@ class TrainConfig:
             raise ConfigError(f"unknown precision {self.precision!r}: choose auto, fp32 or bf16")
         if self.sample_steps > self.T:
             raise ConfigError(f"--sample-steps {self.sample_steps} exceeds T = {self.T}")
+        from ..samplers import SAMPLERS, sampler_names
+
+        if self.sample_sampler not in SAMPLERS:
+            raise ConfigError(f"unknown --sample-sampler {self.sample_sampler!r}: choose one of "
+                              f"{', '.join(sampler_names())}")
         try:
             NoiseSchedule.from_name(self.schedule, self.T)
         except ValueError as e:

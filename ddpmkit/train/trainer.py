@@ -470,7 +470,7 @@ class Trainer:
             labels = torch.arange(K, device=self.device).repeat_interleave(per)
             denoiser = denoiser.with_cond(labels).guided(DEFAULT_GUIDANCE, self.null_class)
         shape = (n, self.cfg.channels, self.cfg.image_size, self.cfg.image_size)
-        x = sample(denoiser, shape, sampler="ddim", steps=self.cfg.sample_steps, noise=g)
+        x = sample(denoiser, shape, sampler=self.cfg.sample_sampler, steps=self.cfg.sample_steps, noise=g)
         if self.class_cond:
             return save_labelled_grid(x.cpu(), self.class_names, path)
         return save_grid(x.cpu(), path)

@@ -14,9 +14,10 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
-from .figures import PlotError, _as_uint8_nhwc, _check_int, _to_pil, _upscale, _write_file, default_scale
+from .figures import (PlotError, _as_uint8_nhwc, _check_int, _font, _text_size, _to_pil, _upscale, _write_file,
+                      default_scale)
 
 __all__ = ["ChainFrame", "ChainRecorder", "save_chain_gif"]
 
@@ -93,18 +94,6 @@ class ChainRecorder:
     def __repr__(self) -> str:
         return (f"ChainRecorder(total_steps={self.total_steps}, num_samples={self.num_samples}, "
                 f"num_frames={self.num_frames}, recorded={len(self.frames)})")
-
-
-def _font(size: int):
-    try:
-        return ImageFont.load_default(size=size)
-    except (TypeError, OSError):  # Pillow < 10.1 or no FreeType: the fixed bitmap font
-        return ImageFont.load_default()
-
-
-def _text_size(draw: ImageDraw.ImageDraw, text: str, font) -> tuple[int, int]:
-    x0, y0, x1, y1 = draw.textbbox((0, 0), text, font=font)
-    return x1 - x0, y1 - y0
 
 
 def _render_chain_frames(recorder: ChainRecorder, scale: int | None) -> list[Image.Image]:

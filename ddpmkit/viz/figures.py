@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from .. import files
 from ..diffusion.schedule import NoiseSchedule
@@ -106,6 +106,18 @@ STYLE = {
     "axes.spines.right": False,
     "lines.linewidth": 1.6,
 }
+
+
+def _font(size: int):
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError):  # Pillow < 10.1 or no FreeType: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def _text_size(draw: ImageDraw.ImageDraw, text: str, font) -> tuple[int, int]:
+    x0, y0, x1, y1 = draw.textbbox((0, 0), text, font=font)
+    return x1 - x0, y1 - y0
 
 
 def _new_figure(figsize) -> Figure:
@@ -252,7 +264,6 @@ def make_labelled_grid(images, row_labels: Sequence[str], padding: int = 2, scal
     """
     from PIL import ImageDraw
 
-    from .animation import _font, _text_size
 
     arr = _as_uint8_nhwc(images)
     rows = len(row_labels)
