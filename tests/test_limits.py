@@ -71,8 +71,8 @@ def test_train_flags_out_of_range_are_one_line(tmp_path, capsys, flags, match):
 
 
 @pytest.mark.parametrize("argv,match", [
-    (["sample", "RUN", "--eta", "inf"], "eta must be a finite number"),
-    (["sample", "RUN", "--eta", "1.5"], "eta must be <= 1"),
+    (["sample", "RUN", "--sampler", "ddim", "--eta", "inf"], "eta must be a finite number"),
+    (["sample", "RUN", "--sampler", "ddim", "--eta", "1.5"], "eta must be <= 1"),
     (["sample", "RUN", "--batch-size", str(2 ** 31), "--n", "4"], "--batch-size must be an integer in [1, 65536]"),
     (["plot", "schedule", "--T", str(2 ** 40)], "--T must be an integer in [1, 100000]"),
 ])

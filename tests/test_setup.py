@@ -29,8 +29,16 @@ def _copy(tmp_path) -> Path:
     return d
 
 
+# The environment of a make run by a user: not the one of an outer make (CI runs this suite by `make test ...`),
+# whose variables (PYTHON=..., PYTEST_ARGS=...) and flags would reach the inner one through MAKEFLAGS.
+# make also exports its command-line variables to the recipes' environment, where an inner make reads them.
+CLEAN_ENV = {k: v for k, v in os.environ.items()
+             if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES", "PYTHON", "TORCH", "PYTEST_ARGS",
+                          "DEMO_ARGS")}
+
+
 def _make_n(d: Path, *args) -> str:
-    r = subprocess.run(["make", "-n", *args], cwd=d, capture_output=True, text=True, timeout=60)
+    r = subprocess.run(["make", "-n", *args], cwd=d, capture_output=True, text=True, timeout=60, env=CLEAN_ENV)
     assert r.returncode == 0, r.stderr
     return r.stdout
 
@@ -43,7 +51,7 @@ def test_make_demo_and_make_test_install_first_and_only_once(tmp_path):
         assert "install_torch.sh" in plan and 'pip install -e ".[dev]"' in plan, plan
         last = "python3 -m ddpmkit demo" if target == "demo" else "python3 -m pytest -q"
         assert plan.strip().splitlines()[-1] == last
-    subprocess.run(["make", "-n", "install"], cwd=d, check=True, capture_output=True)
+    subprocess.run(["make", "-n", "install"], cwd=d, check=True, capture_output=True, env=CLEAN_ENV)
     stamp = [ln.split("touch ", 1)[1].strip() for ln in _make_n(d, "test").splitlines() if "touch " in ln][0]
     (d / stamp).parent.mkdir(parents=True)
     (d / stamp).touch()
