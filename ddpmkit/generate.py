@@ -50,10 +50,6 @@ def generate(run_or_checkpoint, out_dir, opt: SampleOptions, *, gif_path=None, d
     dev = torch.device(device) if device is not None else torch.device("cpu")
     denoiser = run.denoiser(ema=opt.ema, variance=opt.variance, clip_x0=opt.clip_x0, device=dev,
                             guidance=cond.guidance)
-    if dev.type == "cpu":
-        # channels_last on the CPU: side by side on an AVX2 CPU, DDIM over the CIFAR-10 model took 15-19% less
-        # time, over the small digits model the same time (bench/bench_sampling_vs_diffusers.py --channels-last)
-        denoiser.net.to(memory_format=torch.channels_last)
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

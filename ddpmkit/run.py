@@ -12,6 +12,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from .diffusion import NoiseSchedule
 from .errors import CheckpointError, DdpmkitError
 from .store.checkpoint import Checkpoint, check_state_matches, load_checkpoint, locate, strip_wrappers
@@ -216,6 +218,11 @@ class Run:
         net = self.load_model(ema=ema)
         if device is not None:
             net = net.to(device)
+        if torch.device(device or "cpu").type == "cpu":
+            # channels_last on the CPU, for every command that samples (sample, eval, edit, inpaint): side by side
+            # on an AVX2 CPU, DDIM over the CIFAR-10 model took 15-19% less time, over the small digits model the
+            # same time (bench/bench_sampling_vs_diffusers.py --channels-last)
+            net = net.to(memory_format=torch.channels_last)
         if guidance and self.null_class is None:
             raise CheckpointError(f"{self.dir} has no null class, so it cannot be guided: "
                                   + ("it is unconditional" if not self.class_cond else

@@ -136,11 +136,13 @@ def test_run_written_by_version_0_1_loads_and_samples():
 
     from ddpmkit.samplers import sample
 
+    # Run.denoiser puts the network in channels_last on the CPU, which moves the last float bits of a convolution;
+    # bit for bit through load_model is test_generate's test_a_run_written_before_the_redesign_samples_as_it_did
     ref = load_file(DATA / "run_v0_1_samples.safetensors")
     x = sample(den, ref["x_T"], sampler="ddim", steps=10, eta=0.0)
-    assert torch.equal(x, ref["ddim10_eta0"])
+    torch.testing.assert_close(x, ref["ddim10_eta0"], atol=1e-5, rtol=0)
     x = sample(run.denoiser(clip_x0=False), ref["x_T"], sampler="ddim", steps=7, spacing="quadratic")
-    assert torch.equal(x, ref["ddim7_quad_noclip"])
+    torch.testing.assert_close(x, ref["ddim7_quad_noclip"], atol=1e-4, rtol=1e-5)  # values up to 150, unclipped
 
 
 # ============================================================================ models and schedules
