@@ -30,7 +30,8 @@ import digits_judge as dj  # noqa: E402
 
 from ddpmkit.metrics.digits import DEFAULT_EPOCHS, DEFAULT_SEED, DigitsError  # noqa: E402
 
-SAMPLERS = (("DDPM", "samples_ddpm"), ("DDIM", "samples_ddim"))
+# the demo's folders: DPM-Solver++(2M) SDE and DDIM since issue 19 (DDPM before it)
+SAMPLERS = (("DDPM", "samples_ddpm"), ("DPM++2M-SDE", "samples_dpmpp-2m-sde"), ("DDIM", "samples_ddim"))
 
 
 def run_demo(out: Path, train_seconds: float | None, n: int | None) -> int:
@@ -88,7 +89,7 @@ def main(argv=None) -> int:
     print(f"demo folder: {root}")
     print(dj.format_table(rows))
     fd = {name: row.fd for (name, _), row in zip(found, rows[-len(found):])}
-    print("FD  " + "  ".join(f"{name} {fd[name]:.3f}" for name in ("DDIM", "DDPM") if name in fd))
+    print("FD  " + "  ".join(f"{name} {fd[name]:.3f}" for name in ("DDIM", "DDPM", "DPM++2M-SDE") if name in fd))
     return 1 if demo_rc else 0  # samples written before a later step of the demo failed are still judged
 
 

@@ -137,8 +137,8 @@ def _add_sampler_flags(p, variance: bool = True, default_sampler: str = "ddim") 
                        if isinstance(o.default, float) else f"{o.help} (default: {o.default})")
     if variance:
         p.add_argument("--variance", default=None, metavar="NAME",
-                       help=f"reverse-process variance: {' or '.join(VARIANCES)} (beta_tilde or beta; default: the "
-                            "run's own, small unless it says otherwise)")
+                       help=f"reverse-process variance: {', '.join(VARIANCES)} (beta_tilde, beta, the network's "
+                            "own with --learn-sigma, or Analytic-DPM's from `eval variance`; default: the run's own)")
     p.add_argument("--clip", action=argparse.BooleanOptionalAction, default=True,
                    help="clip the predicted x0 to [-1, 1] (default: on)")
 
@@ -243,6 +243,10 @@ def cmd_eval(args) -> int:
     Run.open(args.run_dir)  # a clear one-line error before any work when it is not a run
     if args.what == "fid":
         return _eval_fid(args)
+    if args.what == "memorization":
+        return _eval_memorization(args)
+    if args.what == "variance":
+        return _eval_variance(args)
     from .metrics.nll import evaluate_nll, write_terms_csv
     from .viz import plot_bpd_terms
 
@@ -251,8 +255,10 @@ def cmd_eval(args) -> int:
     for name in ("n", "batch_size"):
         if getattr(args, name) < 1:
             raise CLIError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
-    if args.variance not in (None, "small", "large"):
-        raise CLIError(f"unknown variance {args.variance!r}: choose small or large")
+    from .diffusion import VARIANCES
+
+    if args.variance not in (None, *VARIANCES):
+        raise CLIError(f"unknown variance {args.variance!r}: choose one of {', '.join(VARIANCES)}")
     res = evaluate_nll(args.run_dir, data=args.data, split=args.split, n=args.n, batch_size=args.batch_size,
                        ema=args.ema, variance=args.variance, seed=args.seed)
     out = Path(args.out) if args.out else Path(args.run_dir) / "eval"
@@ -266,6 +272,55 @@ def cmd_eval(args) -> int:
           f"weights, {res['seconds']:.1f} s")
     print(f"terms: {csv_path}")
     print(f"plot:  {png}")
+    return 0
+
+
+def _eval_variance(args) -> int:
+    """`eval variance RUN`: Gamma_t of the analytic variance (Analytic-DPM), stored in the run."""
+    import time
+
+    from .run import Run
+
+    n = 256 if args.n is None else args.n
+    batch_size = 32 if args.batch_size is None else args.batch_size
+    for name, v in (("n", n), ("batch-size", batch_size)):
+        if v < 1:
+            raise CLIError(f"--{name} must be a positive integer, got {v}")
+    run = Run.open(args.run_dir)
+    start = time.perf_counter()
+    gamma, note = run.estimate_gamma(n=n, batch_size=batch_size, seed=args.seed, ema=args.ema, data=args.data)
+    path = run.save_gamma(gamma, note)
+    print(f"Gamma_t over {note['n']} images of {note['source']} (checkpoint step {note['step']}, "
+          f"{'EMA' if args.ema else 'raw'} weights): min {float(gamma.min()):.4f}, max {float(gamma.max()):.4f}, "
+          f"{time.perf_counter() - start:.1f} s")
+    print(f"stored: {path} (use it with --variance analytic)")
+    return 0
+
+
+def _eval_memorization(args) -> int:
+    """`eval memorization RUN`: each sample's nearest training image, against real images' own (issue 19)."""
+    from .metrics.memorization import evaluate_memorization
+    from .samplers import SAMPLERS, sampler_names
+
+    sampler = args.sampler or "ddim"
+    if sampler not in SAMPLERS:
+        raise CLIError(f"unknown --sampler {sampler!r}: choose one of {', '.join(sampler_names())}")
+    res = evaluate_memorization(args.run_dir, n=500 if args.n is None else args.n, sampler=sampler,
+                                steps=args.steps, seed=args.seed, out=args.out, ema=args.ema,
+                                guidance=getattr(args, "guidance", None), log=lambda m: print(m, file=sys.stderr))
+    print(f"memorisation check: {res['n']} samples ({sampler}) against the {res['n_train']} training images, "
+          f"{res['seconds']:.1f} s")
+    for key, name in (("pixels", "pixels"), ("features", res.get("features", {}).get("name"))):
+        r = res.get(key)
+        if r is None:
+            continue
+        print(f"  {name}: nearest training image at {r['samples_median']:.4g} (median; real images "
+              f"{r['real_median']:.4g}); samples closer than real images: {r['closer_than_real']:.3f} "
+              f"(0.5 = alike, 1 = copies); near copies {100 * r['near_copies']:.1f}% (real "
+              f"{100 * r['real_near_copies']:.1f}%, below {r['threshold']:.4g})")
+    print(f"result: {res['json']}")
+    if res.get("figure"):
+        print(f"pairs:  {res['figure']}")
     return 0
 
 
@@ -406,15 +461,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_sample)
 
-    e = sub.add_parser("eval", help="measure a run: bits/dim (nll) or FID (fid)",
+    e = sub.add_parser("eval", help="measure a run: bits/dim (nll), FID (fid), Gamma_t of the analytic variance "
+                                    "(variance), copying of training images (memorization)",
                        description="`eval nll RUN_DIR`: the variational bound (DDPM eq. 5) in bits/dim, term by "
                                    "term as in the official DDPM code. `eval fid RUN_DIR`: the Frechet distance of "
                                    "samples to a reference set, with Inception features or, offline for the "
-                                   "digits, the features of a small digits classifier.",
+                                   "digits, the features of a small digits classifier. `eval variance RUN_DIR`: "
+                                   "Gamma_t = E||eps_theta(x_t, t)||^2 / d for every t on --n training images "
+                                   "(default 256), stored in the run for --variance analytic (Analytic-DPM). "
+                                   "`eval memorization RUN_DIR`: the distance of --n samples (default 500; "
+                                   "--sampler, --steps, default DDIM 50) to their nearest training images, in "
+                                   "pixels and features, against real images' own; writes eval/memorization.*",
                        epilog=samplers_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
-    e.add_argument("what", choices=["nll", "fid"])
+    e.add_argument("what", choices=["nll", "fid", "variance", "memorization"])
     e.add_argument("run_dir", metavar="RUN_DIR")
-    e.add_argument("--n", type=int, default=None, help="images: nll 256, fid 50000 samples (default)")
+    e.add_argument("--n", type=int, default=None, help="images: nll 256, fid 50000 samples, memorization 500 "
+                                                            "samples (default)")
     e.add_argument("--batch-size", type=int, default=None, help="images per batch (default: nll 16, fid 64)")
     e.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
                    help="use the EMA weights (default: on)")
@@ -442,8 +504,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(sampler=None)  # ddim unless --protocol says otherwise (_eval_fid)
     _add_class_flags(f, what="samples, and of the reference images when they have labels")
     e.add_argument("--variance", default=None, metavar="NAME",
-                   help="small or large: the NLL decoder's variance, or the sampler's for fid (default: the run's "
-                        "own, its `variance` setting: small for digits, large for cifar10)")
+                   help="small, large, learned (a --learn-sigma run) or analytic (after `eval variance`): the "
+                        "bound's variance, or the sampler's for fid (default: the run's own, its `variance` setting)")
     e.set_defaults(func=cmd_eval)
 
     r = sub.add_parser("report", help="write one self-contained report.html of a run",

@@ -22,7 +22,10 @@ from .store.rundir import CONFIG_NAME, read_config
 if TYPE_CHECKING:  # pragma: no cover
     from .diffusion import Denoiser
 
-__all__ = ["Run"]
+__all__ = ["Run", "GAMMA_FILE", "ON_THE_FLY_GAMMA_N"]
+
+GAMMA_FILE = "analytic_gamma.safetensors"  # Gamma_t of the analytic variance, written by `ddpmkit eval variance`
+ON_THE_FLY_GAMMA_N = 32  # images of the estimate made when a run asked for the analytic variance has none
 
 
 class Run:
@@ -97,6 +100,71 @@ class Run:
     def variance(self) -> str:
         """The reverse-process variance: ``config["diffusion"]["variance"]``, "small" when absent."""
         return self._setting("variance", "small")
+
+    @property
+    def learn_sigma(self) -> bool:
+        """Whether the network has twice the image channels (a learned variance, Improved DDPM)."""
+        model = self.config.get("model")
+        if type(model) is not dict or model.get("out_channels") is None:
+            return False
+        return model.get("out_channels") == 2 * model.get("in_channels", -1)
+
+    # ------------------------------------------------------------------ the analytic variance
+    def gamma(self) -> torch.Tensor | None:
+        """Gamma_t (float64 [T]) stored by ``ddpmkit eval variance``, or None when the run has none (a resume
+        rewrites config.json without the note: the weights changed, so the old estimate no longer applies)."""
+        note = self.diffusion_config.get("analytic")
+        path = self.dir / GAMMA_FILE
+        if type(note) is not dict or not path.is_file():
+            return None
+        from .store.state import load_safetensors
+
+        gamma = load_safetensors(path).get("gamma")
+        if gamma is None or gamma.ndim != 1 or gamma.shape[0] != self.schedule.T:
+            raise CheckpointError(f"{path} does not hold Gamma_t for the {self.schedule.T} timesteps of this run")
+        return gamma.double()
+
+    def estimate_gamma(self, *, n: int = 256, batch_size: int = 32, seed: int = 0, ema: bool = True,
+                       data=None, progress=None) -> tuple[torch.Tensor, dict]:
+        """Gamma_t = E||eps_theta(x_t, t)||^2 / d for every t (Analytic-DPM), over ``n`` training images of the run's
+        data; returns (gamma [T], the note that ``save_gamma`` records)."""
+        from .data import load_dataset
+        from .diffusion.variance import estimate_gamma
+
+        train = self.config.get("train") or {}
+        source = data if data is not None else train.get("data", "digits")
+        ds = load_dataset(source, image_size=train.get("image_size"), channels=train.get("channels"),
+                          data_dir=train.get("data_dir"), download=False, split="train", progress=False)
+        images = ds.images[:n]
+        labels = ds.labels[:n] if self.class_cond and ds.labels is not None else None
+        if self.class_cond and labels is None:
+            raise CheckpointError(f"{self.dir} is class-conditional, and {source} has no labels to estimate Gamma_t")
+        den = self.denoiser(ema=ema, variance="small")
+        from .images import from_uint8
+
+        def batch(i):
+            x = images[i:i + batch_size]
+            x = from_uint8(x) if x.dtype == torch.uint8 else x.float()
+            return x if labels is None else (x, labels[i:i + batch_size])
+
+        batches = (batch(i) for i in range(0, images.shape[0], batch_size))
+        gamma, used = estimate_gamma(den, batches, seed=seed, progress=progress)
+        ck = self.checkpoint(verify=False, parts=("train",))
+        note = {"file": GAMMA_FILE, "n": used, "seed": seed, "ema": ema, "step": ck.step, "source": str(source)}
+        return gamma, note
+
+    def save_gamma(self, gamma: torch.Tensor, note: dict):
+        """Store Gamma_t in the run (``GAMMA_FILE``) and its note in config.json's ``diffusion.analytic``."""
+        from .store.rundir import write_config
+        from .store.state import atomic_save_safetensors
+
+        path = atomic_save_safetensors({"gamma": gamma.double().cpu()}, self.dir / GAMMA_FILE,
+                                       metadata={k: str(v) for k, v in note.items()})
+        config = read_config(self.dir)
+        config.setdefault("diffusion", {})["analytic"] = dict(note)
+        write_config(self.dir, config)
+        self.config = config
+        return path
 
     def _setting(self, key: str, default: str) -> str:
         value = self.diffusion_config.get(key, default)
@@ -215,6 +283,23 @@ class Run:
         except ValueError as e:
             raise CheckpointError(f"{self.config_path}: bad diffusion settings: {e}") from e
         variance = self.variance if variance is None else variance
+        from .diffusion import VARIANCES
+
+        if variance not in VARIANCES:
+            raise CheckpointError(f"unknown variance {variance!r}: choose one of {', '.join(VARIANCES)}")
+        if variance == "learned" and not self.learn_sigma:
+            raise CheckpointError(f"{self.dir} cannot use the learned variance: its network was not trained with "
+                                  "--learn-sigma (choose small, large or analytic)")
+        gamma = None
+        if variance == "analytic":
+            gamma = self.gamma()
+            if gamma is None:
+                import sys
+
+                print(f"note: {self.dir} has no Gamma_t for the analytic variance; estimating it now from "
+                      f"{ON_THE_FLY_GAMMA_N} images (store one with `ddpmkit eval variance {self.dir}`)",
+                      file=sys.stderr)
+                gamma = self.estimate_gamma(n=ON_THE_FLY_GAMMA_N, ema=ema)[0]
         net = self.load_model(ema=ema)
         if device is not None:
             net = net.to(device)
@@ -228,4 +313,4 @@ class Run:
                                   + ("it is unconditional" if not self.class_cond else
                                      "its model was not trained with ddpmkit's label dropout"))
         return Denoiser(net, schedule, objective=objective, variance=variance, clip_x0=clip_x0,
-                        guidance=guidance, null_cond=self.null_class)
+                        guidance=guidance, null_cond=self.null_class, gamma=gamma)

@@ -13,7 +13,8 @@ from ddpmkit.train import Trainer, config_from_preset
 from ddpmkit.train.config import flag, show_value
 
 TINY_NET = dict(image_size=8, base_channels=8, channel_mults=(1, 2), num_res_blocks=1, num_groups=4, T=40,
-                batch_size=8, sample_steps=5)
+                batch_size=8, sample_steps=5, lr_decay="none")  # no decay: the digits preset's cosine decay
+# depends on --steps, which the resume tests change
 
 # what tiny_cfg adds: dropout on (so that an exact resume must restore the random state), a warm-up longer
 # than the run (the learning rate changes at every step), checkpoints every 2 steps, no sample grids

@@ -170,8 +170,9 @@ def test_evaluate_fid_with_the_stand_in(tmp_path, standin):
         fid.evaluate_fid(run, **{**kw, "inception_path": tmp_path / "missing.pt"})
     with pytest.raises(DdpmkitError, match="features"):
         fid.evaluate_fid(run, **{**kw, "features": "vgg"})
-    with pytest.raises(DdpmkitError, match="16x16"):  # the judge reads 16x16 digits, the run makes 8x8
-        fid.evaluate_fid(run, **{**kw, "features": "digits", "judge_epochs": 1})
+    rgb = tiny_run(tmp_path, "rgb", channels=3, steps=1, num_groups=4)
+    with pytest.raises(DdpmkitError, match="16x16"):  # the judge reads grey 16x16 (or native 8x8) digits
+        fid.evaluate_fid(rgb, **{**kw, "features": "digits", "judge_epochs": 1})
 
 
 def test_evaluate_fid_digits_with_noise_floor(tmp_path):

@@ -17,7 +17,7 @@ from ddpmkit.store import read_config  # noqa: E402
 from ddpmkit.cli import main  # noqa: E402
 from ddpmkit.errors import ConfigError  # noqa: E402
 from ddpmkit.interop import (diffusers_config_from_unet, diffusion_from_scheduler,  # noqa: E402
-                             unet_config_from_diffusers)
+                             scheduler_from_diffusion, unet_config_from_diffusers)
 from ddpmkit.models.unet import UNet  # noqa: E402
 from ddpmkit.samplers import sample, timesteps  # noqa: E402
 
@@ -281,8 +281,12 @@ def test_unsupported_configs_are_named(change, fragment):
 
 
 def test_unsupported_scheduler_options_are_named():
-    with pytest.raises(ConfigError, match="variance_type='learned_range'"):
-        diffusion_from_scheduler({"variance_type": "learned_range"})
+    with pytest.raises(ConfigError, match="variance_type='learned'"):  # diffusers' unbounded learned: not ours
+        diffusion_from_scheduler({"variance_type": "learned"})
+    # learned_range is Improved DDPM's interpolation: ddpmkit's learned variance, both ways (issue 18)
+    assert diffusion_from_scheduler({"variance_type": "learned_range"})["variance"] == "learned"
+    assert scheduler_from_diffusion({"schedule": "linear", "T": 1000, "variance": "learned"})["variance_type"] \
+        == "learned_range"
     with pytest.raises(ConfigError, match="prediction_type"):
         diffusion_from_scheduler({"prediction_type": "flow"})
 

@@ -336,9 +336,9 @@ def test_presets():
         json.dumps(kw)
     # the constructor's defaults are the paper's CIFAR-10 model, and the cifar10 preset is derived from them
     assert UNET_PRESETS["cifar10"] == UNet(image_size=32).config
-    assert UNET_PRESETS["digits"]["base_channels"] == 16 and UNET_PRESETS["digits"]["channel_mults"] == [1, 2, 2]
+    assert UNET_PRESETS["digits"]["base_channels"] == 32 and UNET_PRESETS["digits"]["channel_mults"] == [1, 2]
     digits = unet_from_preset("digits")
-    assert digits.config["image_size"] == 16 and digits.config["in_channels"] == 1
+    assert digits.config["image_size"] == 8 and digits.config["in_channels"] == 1
     assert unet_from_preset("digits", dropout=0.2).config["dropout"] == 0.2
     with pytest.raises(ConfigError, match="unknown UNet preset"):
         unet_from_preset("imagenet")

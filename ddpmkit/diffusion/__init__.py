@@ -3,11 +3,13 @@
 No files, no network internals: a network is any callable ``net(x_t, t[, cond])``.
 """
 
+from .bound import discretized_gaussian_log_likelihood, normal_kl, vlb_term_bits
 from .denoiser import Denoiser, Prediction
 from .losses import sample_timesteps, training_loss, training_losses
 from .process import (OBJECTIVES, VARIANCES, check_objective, model_variance, predict_eps, predict_x0,
                       q_posterior, q_sample, training_target)
 from .schedule import NoiseSchedule, extract
+from .variance import analytic_log_var, estimate_gamma, learned_log_var, optimal_reverse_variance
 
 __all__ = [
     "NoiseSchedule", "extract",
@@ -15,4 +17,6 @@ __all__ = [
     "q_posterior", "model_variance",
     "Denoiser", "Prediction",
     "sample_timesteps", "training_losses", "training_loss",
+    "normal_kl", "discretized_gaussian_log_likelihood", "vlb_term_bits",
+    "learned_log_var", "optimal_reverse_variance", "analytic_log_var", "estimate_gamma",
 ]

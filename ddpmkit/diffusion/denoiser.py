@@ -6,7 +6,10 @@ reverse step p(x_{t-1} | x_t)? :class:`Denoiser` answers it once:
 
 - the objective (``eps``, ``x0`` or ``v``) says how the output becomes x0_hat and eps_hat;
 - ``clip_x0`` clips x0_hat to [-1, 1], and eps_hat is then the noise consistent with x_t and the clipped x0_hat;
-- ``variance`` gives log sigma_t^2: ``small`` (beta_tilde_t) or ``large`` (beta_t), DDPM section 3.2;
+- ``variance`` gives log sigma_t^2: ``small`` (beta_tilde_t) or ``large`` (beta_t), DDPM section 3.2; ``learned``
+  (a network with 2C output channels, whose second half interpolates between the two, Improved DDPM eq. 15) or
+  ``analytic`` (the optimal variance of Analytic-DPM from ``gamma``, Gamma_t per network timestep); see
+  :mod:`.variance`. A 2C-channel network's second half is ignored under any other variance;
 - ``cond`` is passed to the network as a third argument when it is not None;
 - ``guidance`` w (with ``null_cond``, the condition that means "none") is classifier-free guidance, Ho & Salimans
   2022 eq. 6: eps = (1 + w) eps(x, c) - w eps(x, null), both evaluated in one doubled batch (see ``guided``).
@@ -26,6 +29,7 @@ import torch
 from .process import (VARIANCES, check_objective, eps_from_x0, model_variance, output_from, predict_eps,
                       predict_x0, q_posterior, x0_from_output)
 from .schedule import NoiseSchedule, extract
+from .variance import analytic_log_var, learned_log_var, sampling_sigma2_max
 
 __all__ = ["Prediction", "Denoiser", "GUIDANCE_SPACES"]
 
@@ -53,10 +57,11 @@ class Denoiser:
 
     def __init__(self, net: Callable, schedule: NoiseSchedule, objective: str = "eps", variance: str = "small",
                  clip_x0: bool = True, *, cond=None, timestep_map: torch.Tensor | None = None,
-                 guidance: float | None = None, null_cond=None, guidance_space: str = "eps"):
+                 guidance: float | None = None, null_cond=None, guidance_space: str = "eps",
+                 gamma: torch.Tensor | None = None, clip_sigma: bool = True):
         check_objective(objective)
         if variance not in VARIANCES:
-            raise ValueError(f"unknown variance {variance!r}: choose 'small' (beta_tilde) or 'large' (beta)")
+            raise ValueError(f"unknown variance {variance!r}: choose one of {', '.join(VARIANCES)}")
         self.net = net
         self.schedule = schedule
         self.objective = objective
@@ -73,7 +78,37 @@ class Denoiser:
         self.guidance = None if guidance is None else float(guidance)
         self.null_cond = null_cond
         self.guidance_space = guidance_space
-        self._log_var = model_variance(schedule, variance)[1]
+        # gamma: Gamma_t per network timestep (the analytic variance); clip_sigma: the analytic variance's clipping of
+        # the last noisy step for sampling (off for the bound, see ddpmkit.metrics.nll)
+        self.gamma = None if gamma is None else torch.as_tensor(gamma, dtype=torch.float64).cpu()
+        self.clip_sigma = bool(clip_sigma)
+        self._log_var = self._fixed_log_var()
+
+    def _fixed_log_var(self) -> torch.Tensor | None:
+        """log sigma^2 over this schedule's steps for the variances that do not depend on the output."""
+        if self.variance in ("small", "large"):
+            return model_variance(self.schedule, self.variance)[1]
+        if self.variance != "analytic":
+            return None  # learned: from the network's output
+        if self.gamma is None:
+            raise ValueError("the analytic variance needs gamma (Gamma_t per timestep): `ddpmkit eval variance RUN`")
+        gamma = self.gamma if self.timestep_map is None else self.gamma[self.timestep_map.cpu()]
+        if gamma.ndim != 1 or gamma.shape[0] != self.schedule.T:
+            raise ValueError(f"gamma must hold one value per network timestep, got shape {tuple(self.gamma.shape)}")
+        log_var = analytic_log_var(self.schedule.to("cpu"), gamma)  # Analytic-DPM Theorem 1 (and its sec. 4)
+        if self.clip_sigma and self.schedule.T > 1:  # official sampler: clip_sigma_idx = 1, clip_pixel = 2
+            log_var[1] = min(float(log_var[1]), math.log(sampling_sigma2_max()))
+        return log_var.float().to(self.schedule.device)
+
+    def _split(self, out: torch.Tensor, x_t: torch.Tensor):
+        """(the objective's C channels, the learned-variance channels or None) of a C- or 2C-channel output."""
+        C = x_t.shape[1]
+        if out.shape == x_t.shape:
+            return out, None
+        if out.ndim == x_t.ndim and out.shape[1] == 2 * C and out.shape[2:] == x_t.shape[2:] \
+                and out.shape[0] == x_t.shape[0]:
+            return out[:, :C], out[:, C:]
+        raise ValueError(f"the network returned shape {tuple(out.shape)} for inputs {tuple(x_t.shape)}")
 
     # ------------------------------------------------------------------ the network
     @property
@@ -97,8 +132,7 @@ class Denoiser:
             out = self._guided_output(x_t, t, t_net, cond)
         else:
             out = self.net(x_t, t_net) if cond is None else self.net(x_t, t_net, cond)
-        if out.shape != x_t.shape:
-            raise ValueError(f"the network returned shape {tuple(out.shape)} for inputs {tuple(x_t.shape)}")
+        self._split(out, x_t)  # C channels, or 2C with a learned variance
         return out if out.dtype == torch.float64 else out.float()
 
     # ------------------------------------------------------------------ reading it
@@ -108,20 +142,25 @@ class Denoiser:
         since the discrete reverse variance is defined only on the grid."""
         if t.is_floating_point():
             return self._at_real_t(x_t, t, cond)
-        out = self.net_output(x_t, t, cond)
+        out, v = self._split(self.net_output(x_t, t, cond), x_t)
         x0 = predict_x0(self.schedule, x_t, t, out, self.objective)
         if self.clip_x0:
             x0 = x0.clamp(-1.0, 1.0)
         # the noise consistent with x_t and the (clipped) x0_hat; the output itself for eps, unclipped
         # DDPM eq. 4 solved for eps (predict_eps)
         eps = out if (self.objective == "eps" and not self.clip_x0) else predict_eps(self.schedule, x_t, t, x0)
-        log_var = extract(self._log_var.to(x_t.device), t, x_t.ndim)
+        if self.variance == "learned":
+            if v is None:
+                raise ValueError("the learned variance needs a network with twice the image channels (--learn-sigma)")
+            log_var = learned_log_var(self.schedule, t, v)  # Improved DDPM eq. 15, per pixel
+        else:
+            log_var = extract(self._log_var.to(x_t.device), t, x_t.ndim)
         return Prediction(x0, eps, log_var)
 
     def _at_real_t(self, x_t: torch.Tensor, t: torch.Tensor, cond) -> Prediction:
         if self.timestep_map is not None:
             raise ValueError("a respaced Denoiser takes integer timesteps only")
-        out = self.net_output(x_t, t, cond)
+        out = self._split(self.net_output(x_t, t, cond), x_t)[0]  # no variance between grid points: see __call__
         ab = self.schedule.alpha_bar_at(t).view(-1, *([1] * (x_t.ndim - 1)))
         x0 = x0_from_output(x_t, out, ab, self.objective)
         if self.clip_x0:
@@ -147,7 +186,12 @@ class Denoiser:
         out = self.net(torch.cat([x_t, x_t]), torch.cat([tt, tt]), torch.cat([c, null.expand_as(c)]))
         if out.shape[0] != 2 * B:
             raise ValueError(f"the network returned shape {tuple(out.shape)} for a doubled batch of {2 * B}")
-        out_c, out_u = out[:B], out[B:]
+        (out_c, v_c), out_u = self._split(out[:B], x_t), self._split(out[B:], x_t)[0]
+        if v_c is not None:  # a learned variance: the first half is guided, the conditional variance kept (as GLIDE)
+            return torch.cat([self._guide(x_t, t, out_c, out_u), v_c], dim=1)
+        return self._guide(x_t, t, out_c, out_u)
+
+    def _guide(self, x_t, t, out_c, out_u):
         w = self.guidance
         if self.guidance_space == "eps" or not self.clip_x0:
             return (1.0 + w) * out_c - w * out_u  # Ho & Salimans 2022 eq. 6
@@ -157,7 +201,7 @@ class Denoiser:
         x0_c = x0_from_output(x_t, out_c, ab, self.objective).clamp(-1.0, 1.0)
         x0_u = x0_from_output(x_t, out_u, ab, self.objective).clamp(-1.0, 1.0)
         x0 = ((1.0 + w) * x0_c - w * x0_u).clamp(-1.0, 1.0)  # eq. 6's weights, on the clipped x0_hat
-        return output_from(x0, eps_from_x0(x_t, x0, ab), ab, self.objective).to(out.dtype)
+        return output_from(x0, eps_from_x0(x_t, x0, ab), ab, self.objective).to(out_c.dtype)
 
     def p_mean_variance(self, x_t: torch.Tensor, t: torch.Tensor, cond=None):
         """``(mean, log_var, prediction)`` of p(x_{t-1} | x_t): the posterior mean of q(x_{t-1} | x_t, x0_hat).
@@ -203,7 +247,8 @@ class Denoiser:
     def _replace(self, **changes) -> "Denoiser":
         kw = dict(net=self.net, schedule=self.schedule, objective=self.objective, variance=self.variance,
                   clip_x0=self.clip_x0, cond=self.cond, timestep_map=self.timestep_map, guidance=self.guidance,
-                  null_cond=self.null_cond, guidance_space=self.guidance_space)
+                  null_cond=self.null_cond, guidance_space=self.guidance_space, gamma=self.gamma,
+                  clip_sigma=self.clip_sigma)
         kw.update(changes)
         return Denoiser(**kw)
 

@@ -6,10 +6,15 @@ from typing import Callable
 
 import torch
 
-from .process import check_objective, q_sample, training_target
+from .bound import vlb_term_bits
+from .process import check_objective, predict_x0, q_posterior, q_sample, training_target
+from .variance import learned_log_var
 from .schedule import NoiseSchedule
 
-__all__ = ["sample_timesteps", "training_losses", "training_loss"]
+__all__ = ["sample_timesteps", "training_losses", "training_loss", "HYBRID_LAMBDA", "hybrid_vlb",
+           "TIMESTEP_SAMPLERS", "LossSecondMomentSampler", "LOSS_WEIGHTS", "loss_weights"]
+
+LOSS_WEIGHTS = ("none", "min-snr")
 
 
 def sample_timesteps(batch_size: int, T: int, *, generator: torch.Generator | None = None,
@@ -22,11 +27,13 @@ def sample_timesteps(batch_size: int, T: int, *, generator: torch.Generator | No
 
 def training_losses(net: Callable, schedule: NoiseSchedule, x0: torch.Tensor, *, objective: str = "eps",
                     t: torch.Tensor | None = None, noise: torch.Tensor | None = None,
-                    generator: torch.Generator | None = None, cond=None):
+                    generator: torch.Generator | None = None, cond=None, loss_weight: str = "none",
+                    min_snr_gamma: float = 5.0):
     """Per-sample mean squared error of the objective, and the timesteps used.
 
     t is drawn uniformly per sample and noise from N(0, I) unless given (DDPM algorithm 1). ``cond`` (for
     example class labels [B]) is passed to the network as ``net(x_t, t, cond)`` when it is not None.
+    ``loss_weight="min-snr"`` multiplies each sample's loss by :func:`loss_weights` (Hang et al. 2023).
     Returns ``(losses [B], t [B])``.
     """
     check_objective(objective)
@@ -39,11 +46,138 @@ def training_losses(net: Callable, schedule: NoiseSchedule, x0: torch.Tensor, *,
     x_t = q_sample(schedule, x0, t, noise)
     target = training_target(schedule, x0, t, noise, objective)
     out = net(x_t, t) if cond is None else net(x_t, t, cond)
+    out, v = _learned_split(out, x_t)  # v: the variance channels of a --learn-sigma network, else None
     # DDPM eq. 14 (L_simple): || eps - eps_theta(x_t, t) ||^2, averaged over the dimensions
     losses = (out.float() - target.float()).pow(2).flatten(1).mean(dim=1)
+    if loss_weight != "none":
+        losses = losses * loss_weights(schedule, t, objective, loss_weight, min_snr_gamma).to(losses.device)
+    if v is not None:
+        losses = losses + hybrid_vlb(schedule, x0, x_t, t, out, v, objective)
     return losses, t
+
+
+# Improved DDPM eq. 16 and section 3.1: L_hybrid = L_simple + lambda L_vlb with lambda = 0.001
+HYBRID_LAMBDA = 0.001
+
+
+def _learned_split(out: torch.Tensor, x_t: torch.Tensor):
+    C = x_t.shape[1]
+    if out.ndim == x_t.ndim and out.shape[1] == 2 * C and out.shape[2:] == x_t.shape[2:]:
+        return out[:, :C], out[:, C:]
+    return out, None
+
+
+def hybrid_vlb(schedule: NoiseSchedule, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, out: torch.Tensor,
+               v: torch.Tensor, objective: str = "eps") -> torch.Tensor:
+    """lambda * T * L_t per sample [B]: the L_vlb part of L_hybrid for a learned variance (Improved DDPM sec. 3.1).
+
+    L_t (bits/dim, :func:`~ddpmkit.diffusion.bound.vlb_term_bits`) uses the mean of the detached output, so that
+    L_vlb trains the variance channels ``v`` alone ("stop-gradient to the mu_theta(x_t, t) output"); x0_hat is not
+    clipped, as in training in the Improved DDPM code. T * L_t is the one-sample estimate of L_vlb = sum_t L_t
+    (the code's ``vb * num_timesteps / 1000``).
+    """
+    frozen = out.detach().float()
+    x0_hat = predict_x0(schedule, x_t, t, frozen, objective)
+    mean = q_posterior(schedule, x0_hat, x_t, t)[0]                   # DDPM eq. 7 with x0_hat
+    log_var = learned_log_var(schedule, t, v.float())                 # Improved DDPM eq. 15
+    vb = vlb_term_bits(schedule, x0.float(), x_t.float(), t, mean, log_var)
+    return HYBRID_LAMBDA * schedule.T * vb
 
 
 def training_loss(net: Callable, schedule: NoiseSchedule, x0: torch.Tensor, **kwargs) -> torch.Tensor:
     """The mean over the batch of :func:`training_losses`: the scalar to minimise."""
     return training_losses(net, schedule, x0, **kwargs)[0].mean()
+
+
+def loss_weights(schedule: NoiseSchedule, t: torch.Tensor, objective: str = "eps", kind: str = "min-snr",
+                 gamma: float = 5.0) -> torch.Tensor:
+    """Per-sample loss weights [B] (float32) at timesteps ``t``: ones for ``none``; for ``min-snr`` the
+    Min-SNR-gamma weighting (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting Strategy").
+
+    The paper weights the x0-space error by min(SNR_t, gamma), SNR_t = alpha_bar_t / (1 - alpha_bar_t)
+    (its eq. 9 and section 3.4). Each objective's error is a fixed multiple of the x0 error (DDPM eq. 4;
+    Salimans & Ho 2022 for v), so the same weighting reads, on each objective's own loss:
+
+    * x0:  ||x0 - x0_hat||^2                                       -> min(SNR, gamma)
+    * eps: x0 - x0_hat = -(eps - eps_hat) / sqrt(SNR), so ||.||^2 = ||eps err||^2 / SNR
+                                                                   -> min(SNR, gamma) / SNR = min(1, gamma / SNR)
+    * v:   x0 = sqrt(ab) x_t - sqrt(1 - ab) v, so ||x0 err||^2 = (1 - ab) ||v err||^2 = ||v err||^2 / (SNR + 1)
+                                                                   -> min(SNR, gamma) / (SNR + 1)
+    """
+    check_objective(objective)
+    if kind not in LOSS_WEIGHTS:
+        raise ValueError(f"unknown loss weight {kind!r}: choose one of {', '.join(LOSS_WEIGHTS)}")
+    if kind == "none":
+        return torch.ones(t.shape, dtype=torch.float32, device=t.device)
+    if not gamma > 0:
+        raise ValueError(f"min-SNR gamma must be positive, got {gamma}")
+    ab = schedule.alpha_bar.double().to(t.device)[t]
+    snr = ab / (1.0 - ab)  # Hang et al. 2023 eq. 9: SNR_t = alpha_bar_t / (1 - alpha_bar_t)
+    if objective == "x0":
+        w = snr.clamp(max=gamma)  # Hang et al. 2023: min(SNR_t, gamma)
+    elif objective == "eps":
+        w = (gamma / snr).clamp(max=1.0)  # min(SNR, gamma) / SNR, written so that SNR -> 0 gives 1, not 0/0
+    else:
+        w = snr.clamp(max=gamma) / (snr + 1.0)  # min(SNR, gamma) / (SNR + 1) (Hang et al. 2023, section 3.4)
+    return w.float()
+
+
+TIMESTEP_SAMPLERS = ("uniform", "loss-second-moment")
+
+
+class LossSecondMomentSampler:
+    """Importance sampling of t for the bound (Improved DDPM section 3.3), as the official ``resample.py`` does.
+
+    p_t is proportional to sqrt(E[L_t^2]) over the last ``history`` losses of every t, mixed with
+    ``uniform_prob`` of the uniform law; uniform until every t has ``history`` losses (the warm-up). A drawn t
+    carries the weight 1 / (T p_t), so that the weighted mean of the losses is an unbiased estimate of their mean
+    under uniform t. The history is state (``state_dict``): a resumed run draws the same timesteps; every process
+    updates it with the losses of the whole global batch, so all ranks agree.
+    """
+
+    def __init__(self, T: int, history: int = 10, uniform_prob: float = 0.001):
+        self.T, self.history, self.uniform_prob = int(T), int(history), float(uniform_prob)
+        self.losses = torch.zeros(self.T, self.history, dtype=torch.float64)
+        self.counts = torch.zeros(self.T, dtype=torch.int64)
+
+    def warmed_up(self) -> bool:
+        return bool((self.counts == self.history).all())
+
+    def probabilities(self) -> torch.Tensor:
+        """p_t, float64 [T]."""
+        if not self.warmed_up():
+            return torch.full((self.T,), 1.0 / self.T, dtype=torch.float64)
+        # Improved DDPM eq. 18: p_t proportional to sqrt(E[L_t^2]), sum p_t = 1
+        w = self.losses.pow(2).mean(dim=1).sqrt()
+        w = w / w.sum()
+        # official resample.py: w * (1 - uniform_prob) + uniform_prob / T
+        return w * (1.0 - self.uniform_prob) + self.uniform_prob / self.T
+
+    def sample(self, batch_size: int, *, generator: torch.Generator | None = None, device=None):
+        """(t [B] long, weights [B] float32): t ~ p, weight 1 / (T p_t)."""
+        p = self.probabilities()
+        gen_device = generator.device if generator is not None else torch.device("cpu")
+        t = torch.multinomial(p.to(gen_device), batch_size, replacement=True, generator=generator).cpu()
+        weights = (1.0 / (self.T * p[t])).float()  # importance weight: E_p[w L] = E_uniform[L]
+        return (t.to(device), weights.to(device)) if device is not None else (t, weights)
+
+    def update(self, t: torch.Tensor, losses: torch.Tensor) -> None:
+        """Record the (unweighted) losses of timesteps t, the oldest of a full history dropped first."""
+        for ti, li in zip(t.detach().cpu().tolist(), losses.detach().double().cpu().tolist()):
+            if self.counts[ti] == self.history:  # official: shift out the oldest loss term
+                self.losses[ti, :-1] = self.losses[ti, 1:].clone()
+                self.losses[ti, -1] = li
+            else:
+                self.losses[ti, self.counts[ti]] = li
+                self.counts[ti] += 1
+
+    def state_dict(self) -> dict:
+        return {"losses": self.losses.clone(), "counts": self.counts.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        losses, counts = torch.as_tensor(state["losses"]), torch.as_tensor(state["counts"])
+        if tuple(losses.shape) != (self.T, self.history) or tuple(counts.shape) != (self.T,):
+            raise ValueError(f"the timestep sampler's history has shape {tuple(losses.shape)}, expected "
+                             f"{(self.T, self.history)}")
+        self.losses = losses.to(torch.float64).clone()
+        self.counts = counts.to(torch.int64).clone()

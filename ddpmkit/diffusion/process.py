@@ -32,7 +32,7 @@ __all__ = [
 ]
 
 OBJECTIVES = ("eps", "x0", "v")
-VARIANCES = ("small", "large")
+VARIANCES = ("small", "large", "learned", "analytic")  # the last two: diffusion/variance.py
 
 
 def check_objective(objective: str) -> None:

@@ -221,7 +221,9 @@ def diffusers_config_from_unet(cfg: Mapping) -> dict:
 
 _OBJECTIVES = {"epsilon": "eps", "sample": "x0", "v_prediction": "v"}
 _VARIANCES = {"fixed_small": "small", "fixed_small_log": "small", "fixed_large": "large",
-              "fixed_large_log": "large"}
+              "fixed_large_log": "large",
+              # diffusers' learned_range is Improved DDPM eq. 15 on a 2C-channel output: ddpmkit's learned
+              "learned_range": "learned"}
 
 
 def _diffusers_betas(scfg: Mapping, T: int) -> np.ndarray:
@@ -256,8 +258,7 @@ def diffusion_from_scheduler(scfg: Mapping) -> dict:
         raise ConfigError(f"unsupported scheduler prediction_type={pred!r} (supported: {', '.join(_OBJECTIVES)})")
     var = scfg.get("variance_type", "fixed_small")
     if var not in _VARIANCES:
-        raise ConfigError(f"unsupported scheduler variance_type={var!r} (supported: {', '.join(_VARIANCES)}); "
-                          "learned variances need a model with twice the output channels")
+        raise ConfigError(f"unsupported scheduler variance_type={var!r} (supported: {', '.join(_VARIANCES)})")
     out = {"T": T, "objective": _OBJECTIVES[pred], "variance": _VARIANCES[var]}
     kind = scfg.get("beta_schedule", "linear")
     if scfg.get("trained_betas") is None and kind == "squaredcos_cap_v2":
@@ -280,7 +281,9 @@ def scheduler_from_diffusion(diffusion: Mapping) -> dict:
     cfg = {
         "_class_name": "DDPMScheduler",
         "num_train_timesteps": T,
-        "variance_type": "fixed_large" if diffusion.get("variance") == "large" else "fixed_small",
+        # learned: Improved DDPM's interpolation, diffusers' learned_range; analytic has no diffusers counterpart
+        "variance_type": {"large": "fixed_large", "learned": "learned_range"}.get(diffusion.get("variance"),
+                                                                                   "fixed_small"),
         "clip_sample": True,
         "clip_sample_range": 1.0,
         "prediction_type": pred,
@@ -510,6 +513,10 @@ def import_diffusers(source: str, out_dir, *, log=print) -> Path:
     sched_path = _find_scheduler(root, model_dir)
     scfg = read_json_object(sched_path, error=CheckpointError) if sched_path is not None else {}
     diffusion = diffusion_from_scheduler(scfg)
+    learned_out = cfg.get("out_channels") == 2 * cfg["in_channels"]
+    if (diffusion["variance"] == "learned") != learned_out:
+        raise ConfigError(f"the scheduler's variance_type={scfg.get('variance_type')!r} does not fit a U-Net with "
+                          f"{cfg['in_channels']} input and {cfg.get('out_channels')} output channels")
     state = state_from_diffusers(_load_weights(model_dir), cfg)
     model = UNet.from_config(cfg)
     check_state_matches(state, model.state_dict(), f"the weights in {model_dir}")

@@ -236,6 +236,9 @@ def load_png_dir(path, image_size: int = IMAGE_SIZE, pattern: str | None = None)
         try:
             with Image.open(f) as im:
                 im = im.convert("L")
+                if im.size == (NATIVE_SIZE, NATIVE_SIZE) and image_size == IMAGE_SIZE:  # native 8x8 samples
+                    out[i, 0] = to_classifier_size(torch.from_numpy(np.asarray(im, dtype=np.uint8))[None, None])[0, 0]
+                    continue
                 if im.size != (image_size, image_size):
                     raise DigitsError(f"{f}: the image is {im.size[0]}x{im.size[1]}, the digits classifier reads "
                                      f"{image_size}x{image_size}")
@@ -260,11 +263,24 @@ def noise_images(n: int, kind: str = "gaussian", seed: int = 1234, image_size: i
     raise ValueError(f"unknown noise kind {kind!r}")
 
 
+NATIVE_SIZE = 8  # the scikit-learn digits' own side: such images are brought to 16x16 first
+
+
+def to_classifier_size(x: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, 1, 8, 8] (a model trained on the native digits) -> [N, 1, 16, 16], resized exactly as the data
+    source makes the 16x16 digits the classifier was trained on (bicubic on uint8); other sizes unchanged."""
+    if x.dtype == torch.uint8 and x.dim() == 4 and tuple(x.shape[1:]) == (1, NATIVE_SIZE, NATIVE_SIZE):
+        from ..data.sources import _resize_uint8
+
+        return _resize_uint8(x, IMAGE_SIZE)
+    return x
+
+
 def _check_images(images) -> torch.Tensor:
-    x = torch.as_tensor(images)
+    x = to_classifier_size(torch.as_tensor(images))
     if x.dtype != torch.uint8 or x.dim() != 4 or tuple(x.shape[1:]) != (1, IMAGE_SIZE, IMAGE_SIZE):
-        raise DigitsError(f"the digits classifier reads uint8 [N, 1, {IMAGE_SIZE}, {IMAGE_SIZE}] images, got "
-                         f"{x.dtype} {tuple(x.shape)}")
+        raise DigitsError(f"the digits classifier reads uint8 [N, 1, {IMAGE_SIZE}, {IMAGE_SIZE}] (or 8x8) images, "
+                          f"got {x.dtype} {tuple(x.shape)}")
     return x
 
 

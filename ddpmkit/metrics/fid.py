@@ -247,8 +247,9 @@ def evaluate_fid(run_dir, *, n: int = 50000, reference: str | None = None, data_
     shape_check = None
     if features == "digits":
         def shape_check(chw):
-            if tuple(chw) != (1, digits.IMAGE_SIZE, digits.IMAGE_SIZE):
-                raise ConfigError(f"--features digits reads 1x16x16 images; this run makes "
+            sides = (digits.IMAGE_SIZE, digits.NATIVE_SIZE)  # 8x8 samples are brought to 16x16 (digits.py)
+            if tuple(chw) not in [(1, k, k) for k in sides]:
+                raise ConfigError(f"--features digits reads 1x16x16 (or 1x8x8) images; this run makes "
                                   f"{chw[0]}x{chw[1]}x{chw[2]}")
 
     # the sampler (and its model) first: a bad run or flag fails before any network is loaded or trained

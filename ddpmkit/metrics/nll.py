@@ -24,7 +24,10 @@ from typing import Callable, Iterable
 
 import torch
 
-from ..diffusion import Denoiser, NoiseSchedule, extract, q_posterior, q_sample
+from ..diffusion import Denoiser, NoiseSchedule, extract, q_sample
+# the terms themselves live in the diffusion package (the training loss of a learned variance uses them too)
+from ..diffusion.bound import (approx_standard_normal_cdf, discretized_gaussian_log_likelihood,  # noqa: F401
+                              normal_kl, vlb_term_bits)
 from ..errors import ConfigError, DataError
 from ..files import atomic_write_text
 
@@ -40,43 +43,6 @@ __all__ = [
 ]
 
 _LN2 = math.log(2.0)
-
-
-# ---------------------------------------------------------------------------------------- distributions
-
-
-def normal_kl(mean1, logvar1, mean2, logvar2) -> torch.Tensor:
-    """KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))), elementwise, in nats (arguments broadcast)."""
-    tensor = next(a for a in (mean1, logvar1, mean2, logvar2) if isinstance(a, torch.Tensor))
-    mean1, logvar1, mean2, logvar2 = (a if isinstance(a, torch.Tensor) else torch.tensor(a, dtype=tensor.dtype,
-                                                                                          device=tensor.device)
-                                      for a in (mean1, logvar1, mean2, logvar2))
-    # Gaussian KL: 0.5 * (log s2^2/s1^2 + (s1^2 + (m1 - m2)^2) / s2^2 - 1)
-    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2)
-                  + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
-
-
-def approx_standard_normal_cdf(x: torch.Tensor) -> torch.Tensor:
-    """The tanh approximation of the standard normal CDF that the official DDPM code uses."""
-    # Page 1977 tanh approximation: Phi(x) ~ 0.5 * (1 + tanh(sqrt(2/pi) * (x + 0.044715 x^3)))
-    return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
-
-
-def discretized_gaussian_log_likelihood(x: torch.Tensor, means: torch.Tensor, log_scales: torch.Tensor) -> torch.Tensor:
-    """Log-likelihood in nats, per element, of data ``x`` in [-1, 1] on the 256-level grid under a Gaussian.
-
-    Each level owns a bin of width 2/255 centred on it; the lowest bin extends to -inf (x < -0.999) and the
-    highest to +inf (x > 0.999). Probabilities are clamped at 1e-12 before the log, as in the official code.
-    """
-    centered = x - means
-    inv_std = torch.exp(-log_scales)
-    # DDPM eq. 13: p(x0|x1) = prod_i int_{delta_-(x_i)}^{delta_+(x_i)} N(x; mu_i, sigma_1^2) dx
-    cdf_plus = approx_standard_normal_cdf(inv_std * (centered + 1.0 / 255.0))
-    cdf_min = approx_standard_normal_cdf(inv_std * (centered - 1.0 / 255.0))
-    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
-    log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
-    log_delta = torch.log((cdf_plus - cdf_min).clamp(min=1e-12))
-    return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_delta))
 
 
 # ---------------------------------------------------------------------------------------- the bound
@@ -118,6 +84,8 @@ def bpd_terms(denoiser: Denoiser, x0: torch.Tensor, *, generator: torch.Generato
     x0 = x0.float()
     device = x0.device
     den = denoiser if denoiser.schedule.device == device else denoiser.to(device)
+    if den.variance == "analytic" and den.clip_sigma:  # the sampling-only clip of the last noisy step stays out
+        den = den._replace(clip_sigma=False)
     sched = den.schedule
     T, B = sched.T, x0.shape[0]
     if noise is not None and tuple(noise.shape) != (T, *x0.shape):
@@ -137,12 +105,8 @@ def bpd_terms(denoiser: Denoiser, x0: torch.Tensor, *, generator: torch.Generato
             eps = torch.randn(xs.shape, generator=generator, device=gen_device).to(device)
         x_t = q_sample(sched, xs, t, eps)                             # DDPM eq. 4
         model_mean, model_logvar, _ = den.p_mean_variance(x_t, t)     # DDPM eq. 7 with x0_hat
-        true_mean, _, true_logvar = q_posterior(sched, xs, x_t, t)    # DDPM eqs. 6-7
-        # DDPM eq. 5: L_{t-1} = KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t)), bits/dim
-        kl = _mean_flat(normal_kl(true_mean, true_logvar, model_mean, model_logvar)) / _LN2
-        # DDPM eq. 13: L_0 = -log p(x_0|x_1), discretized Gaussian decoder, log_scale = 0.5 log sigma_1^2
-        nll = -_mean_flat(discretized_gaussian_log_likelihood(xs, model_mean, 0.5 * model_logvar)) / _LN2
-        terms = torch.where(t == 0, nll, kl)
+        # DDPM eq. 5 (KL terms) and eq. 13 (the decoder), bits/dim: diffusion/bound.py
+        terms = vlb_term_bits(sched, xs, x_t, t, model_mean, model_logvar)
         out[:, start:start + kk] = terms.reshape(kk, B).T
     out[:, T] = prior_bpd(sched, x0)
     return out

@@ -81,25 +81,37 @@ class TrainConfig:
     schedule: str = setting("linear", "noise schedule: linear or cosine", locked=True)
     T: int = setting(1000, "number of diffusion steps", locked=True)
     objective: str = setting("eps", "what the network predicts: eps, x0 or v", locked=True)
-    variance: str = setting("small", "the reverse-process variance the run is made for, small (beta_tilde) or "
-                                     "large (beta, the official CIFAR-10 fixedlarge); sampling and the bound "
+    learn_sigma: bool = setting(False, "learn the reverse variance (Improved DDPM): the network has twice the image "
+                                       "channels and trains on L_hybrid = L_simple + 0.001 L_vlb; the run's variance "
+                                       "is then learned", locked=True)
+    timestep_sampler: str = setting("uniform", "how training draws t: uniform, or loss-second-moment (importance "
+                                               "sampling by sqrt(E[L_t^2]) over the last 10 losses of each t, "
+                                               "Improved DDPM sec. 3.3)")
+    loss_weight: str = setting("none", "per-timestep weight of the loss: none, or min-snr (Min-SNR-gamma, Hang et al. "
+                                       "2023: min(SNR, gamma)/SNR for eps, min(SNR, gamma)/(SNR+1) for v)")
+    min_snr_gamma: float = setting(5.0, "gamma of --loss-weight min-snr")
+    variance: str = setting("small", "the reverse-process variance the run is made for, small (beta_tilde), "
+                                     "large (beta, the official CIFAR-10 fixedlarge), learned (with --learn-sigma) "
+                                     "or analytic (Analytic-DPM, after `eval variance`); sampling and the bound "
                                      "default to it")
     # optimisation
     steps: int = setting(5000, "training steps")
     time_limit: float | None = setting(None, "stop after this many seconds of training (the run can be resumed)",
                                        metavar="SECONDS")
-    batch_size: int = setting(32, "images per optimizer step: the global batch, over all processes and "
+    batch_size: int = setting(128, "images per optimizer step: the global batch, over all processes and "
                                   "micro-batches", locked=True)
     grad_accum: int = setting(1, "split each process's share of the batch into this many micro-batches, one "
                                  "forward and backward each, before one optimizer step: less memory, the same "
                                  "result")
     lr: float = setting(2e-3, "Adam learning rate")
-    warmup: int = setting(50, "linear learning-rate warm-up, in steps")
+    warmup: int = setting(100, "linear learning-rate warm-up, in steps")
+    lr_decay: str = setting("cosine", "learning-rate decay after the warm-up: none, or cosine (to 0 at --steps, or at "
+                                    "--time-limit when that comes first)")
     grad_clip: float = setting(1.0, "clip the gradient norm to this (0: no clipping)")
     adam_beta1: float = setting(0.9, "Adam beta1")
     adam_beta2: float = setting(0.999, "Adam beta2")
     weight_decay: float = setting(0.0, "Adam weight decay")
-    ema_decay: float = setting(0.995, "EMA decay of the weights")
+    ema_decay: float = setting(0.999, "EMA decay of the weights")
     ema_warmup: bool = setting(True, "warm the EMA decay up as min(decay, (1+n)/(10+n))")
     # bookkeeping
     seed: int = setting(0, "random seed of the run", locked=True)
@@ -109,6 +121,11 @@ class TrainConfig:
     num_samples: int = setting(64, "images in each sample grid")
     sample_sampler: str = setting("ddim", "sampler of the sample grids: any of `ddpmkit sample --help`'s")
     sample_steps: int = setting(50, "steps of that sampler for the sample grids")
+    eval_every: int = setting(0, "every N steps (and at the end) draw --eval-n samples from the EMA weights and log "
+                                 "their Frechet distance to metrics.csv (0: never)")
+    eval_n: int = setting(200, "samples of each --eval-every measurement")
+    eval_sampler: str = setting("dpmpp-2m", "sampler of the --eval-every samples")
+    eval_steps: int = setting(10, "steps of that sampler")
     keep: int = setting(3, "checkpoints to keep")
     skip_nonfinite: bool = setting(False, "skip a step whose loss or gradient norm is NaN, inf or above 1e6, "
                                           "instead of stopping")
@@ -125,7 +142,7 @@ class TrainConfig:
         """
         cfg = {f.metadata["unet"]: _json_value(getattr(self, f.name))
                for f in dataclasses.fields(self) if "unet" in f.metadata}
-        cfg["out_channels"] = None  # as many as in_channels
+        cfg["out_channels"] = 2 * self.channels if self.learn_sigma else None  # learn_sigma: Improved DDPM's 2C outputs
         if self.class_cond:
             cfg["num_class_embeds"] = (10 if num_classes is None else int(num_classes)) + 1
         return cfg
@@ -184,6 +201,15 @@ class TrainConfig:
             check_float(flag(name), getattr(self, name), lo, hi, hi_open=hi_open)
         if self.variance not in VARIANCES:
             raise ConfigError(f"unknown variance {self.variance!r}: choose {' or '.join(VARIANCES)}")
+        if (self.variance == "learned") != bool(self.learn_sigma):
+            raise ConfigError("--variance learned goes with --learn-sigma, and a --learn-sigma run's variance is "
+                              f"learned (got --variance {self.variance}"
+                              f"{' with' if self.learn_sigma else ' without'} --learn-sigma)")
+        from ..diffusion.losses import TIMESTEP_SAMPLERS
+
+        if self.timestep_sampler not in TIMESTEP_SAMPLERS:
+            raise ConfigError(f"unknown --timestep-sampler {self.timestep_sampler!r}: choose one of "
+                              f"{', '.join(TIMESTEP_SAMPLERS)}")
         if self.warmup < 0:
             raise ConfigError(f"--warmup must be >= 0, got {self.warmup}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -194,6 +220,17 @@ class TrainConfig:
             raise ConfigError(f"--p-uncond must lie in [0, 1), got {self.p_uncond}")
         if self.time_limit is not None and not (self.time_limit > 0 and math.isfinite(self.time_limit)):
             raise ConfigError(f"--time-limit must be a positive number of seconds, got {self.time_limit}")
+        from ..diffusion.losses import LOSS_WEIGHTS
+
+        if self.loss_weight not in LOSS_WEIGHTS:
+            raise ConfigError(f"unknown --loss-weight {self.loss_weight!r}: choose one of {', '.join(LOSS_WEIGHTS)}")
+        if check_float("--min-snr-gamma", self.min_snr_gamma, 0, 1e6) <= 0:
+            raise ConfigError(f"--min-snr-gamma must be positive, got {self.min_snr_gamma}")
+        if self.lr_decay not in ("none", "cosine"):
+            raise ConfigError(f"unknown --lr-decay {self.lr_decay!r}: choose none or cosine")
+        check_int("--eval-every", self.eval_every, 0, 10**12)
+        check_int("--eval-n", self.eval_n, 2, MAX_GRID)
+        check_int("--eval-steps", self.eval_steps, 1, self.T)
         if self.schedule not in ("linear", "cosine"):
             raise ConfigError(f"unknown schedule {self.schedule!r}: choose linear or cosine")
         if self.objective not in OBJECTIVES:
@@ -206,6 +243,9 @@ class TrainConfig:
 
         if self.sample_sampler not in SAMPLERS:
             raise ConfigError(f"unknown --sample-sampler {self.sample_sampler!r}: choose one of "
+                              f"{', '.join(sampler_names())}")
+        if self.eval_sampler not in SAMPLERS:
+            raise ConfigError(f"unknown --eval-sampler {self.eval_sampler!r}: choose one of "
                               f"{', '.join(sampler_names())}")
         try:
             NoiseSchedule.from_name(self.schedule, self.T)
@@ -225,13 +265,14 @@ def _net_settings(net: dict) -> dict:
             for f in dataclasses.fields(TrainConfig) if "unet" in f.metadata}
 
 
-# What each preset changes in the field defaults. digits: the defaults (a small CPU configuration);
+# What each preset changes in the field defaults. digits: the defaults (a small CPU configuration, the best of the
+# recipe search of bench/bench_demo_recipe.py: 8x8, batch 128, cosine decay, EMA 0.999);
 # cifar10: the paper's setup (DDPM section 4 and appendix B), its U-Net from UNET_PRESETS.
 PRESETS: dict[str, dict] = {
     "digits": {},
     "cifar10": dict(
         _net_settings(UNET_PRESETS["cifar10"]), data="cifar10", flip=True, variance="large",
-        steps=800_000, batch_size=128, lr=2e-4, warmup=5000, ema_decay=0.9999,
+        steps=800_000, batch_size=128, lr=2e-4, warmup=5000, lr_decay="none", ema_decay=0.9999,
         log_every=100, checkpoint_every=10_000, sample_every=10_000, sample_steps=100,
     ),
 }
@@ -246,6 +287,8 @@ def config_from_preset(preset: str, **overrides) -> TrainConfig:
     if bad:
         raise ConfigError(f"unknown configuration field(s): {', '.join(bad)}")
     values = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}, "preset": preset}
+    if values.get("learn_sigma") and overrides.get("variance") is None:
+        values["variance"] = "learned"  # the variance a --learn-sigma run is made for
     for f in dataclasses.fields(TrainConfig):
         if isinstance(f.default, tuple):
             values[f.name] = tuple(values.get(f.name, f.default))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import csv
+import math
 import signal
 import sys
 import threading
@@ -20,6 +21,7 @@ import torch
 
 from ..data import Batcher, load_dataset
 from ..diffusion import Denoiser, NoiseSchedule, sample_timesteps, training_losses
+from ..diffusion.losses import LossSecondMomentSampler
 from ..errors import CheckpointError, ConfigError, DdpmkitError
 from ..files import atomic_write_text
 from ..models.unet import UNet
@@ -141,17 +143,22 @@ def class_names_of(data) -> tuple[str, ...] | None:
     return tuple(str(k) for k in range(int(data.labels.max()) + 1 if data.labels.numel() else 1))
 
 
-def _lr_at(cfg: TrainConfig, step: int) -> float:
-    """Linear warm-up from lr/warmup to lr over the first `warmup` steps, then constant (DDPM appendix B)."""
-    if cfg.warmup <= 0:
-        return cfg.lr
-    return cfg.lr * min(1.0, (step + 1) / cfg.warmup)
+def _lr_at(cfg: TrainConfig, step: int, progress: float | None = None) -> float:
+    """Linear warm-up from lr/warmup to lr over the first `warmup` steps, then constant (DDPM appendix B), or
+    with ``lr_decay = cosine`` lr * (1 + cos(pi p)) / 2 (Loshchilov & Hutter 2017, SGDR eq. 5 without restarts),
+    p the fraction of the run done: of --steps, or of --time-limit when ``progress`` (that fraction) is larger."""
+    lr = cfg.lr if cfg.warmup <= 0 else cfg.lr * min(1.0, (step + 1) / cfg.warmup)
+    if getattr(cfg, "lr_decay", "none") == "cosine":
+        p = min(1.0, max(step / cfg.steps, progress or 0.0))
+        lr *= 0.5 * (1.0 + math.cos(math.pi * p))  # SGDR eq. 5 with eta_min = 0
+    return lr
 
 
 class MetricsLog:
     """metrics.csv of a run, appended row by row; a resume first drops the rows past the checkpoint."""
 
-    COLUMNS = ["step", "loss", "lr", "grad_norm", "img_per_s", "wall_s"] + [f"loss_t{i}" for i in range(NUM_BUCKETS)]
+    COLUMNS = (["step", "loss", "lr", "grad_norm", "img_per_s", "wall_s"] + [f"loss_t{i}" for i in range(NUM_BUCKETS)]
+               + ["fd"])  # fd: the Frechet distance of --eval-every, on the rows of its steps
 
     def __init__(self, path: Path, resume_step: int | None = None):
         self.path = path
@@ -163,9 +170,11 @@ class MetricsLog:
                 atomic_write_text(path, "".join(",".join(r) + "\n" for r in keep))
         if not path.exists():
             atomic_write_text(path, ",".join(self.COLUMNS) + "\n")
+        with open(path, newline="") as f:  # a run started by an older version keeps its file's columns
+            self.columns = next(csv.reader(f), None) or self.COLUMNS
 
     def append(self, row: dict) -> None:
-        line = ",".join(_fmt(row.get(c)) for c in self.COLUMNS) + "\n"
+        line = ",".join(_fmt(row.get(c)) for c in self.columns) + "\n"
         with open(self.path, "a") as f:
             f.write(line)
 
@@ -276,6 +285,8 @@ class Trainer:
         del data
         self.gen = torch.Generator(device=self.device)  # timesteps and noise of the training batches
         self.gen.manual_seed(cfg.seed + 1)
+        # --timestep-sampler loss-second-moment (Improved DDPM sec. 3.3): its loss history is checkpointed
+        self.t_sampler = LossSecondMomentSampler(cfg.T) if cfg.timestep_sampler == "loss-second-moment" else None
         self.step = 0
         self.skipped_steps = 0  # steps skipped by skip_nonfinite, over the whole run
         self.last_step_skipped = False
@@ -319,6 +330,8 @@ class Trainer:
             "batcher": self.batcher.state_dict(),
             "num_images": self.num_images,
         }
+        if self.t_sampler is not None:
+            state["t_sampler"] = self.t_sampler.state_dict()
         if torch.cuda.is_available():
             state["cuda_rng"] = torch.cuda.get_rng_state_all()
         return state
@@ -337,6 +350,8 @@ class Trainer:
             torch.set_rng_state(st["torch_rng"])
             self.gen.set_state(st["gen"].cpu().to(torch.uint8))
             self.batcher.load_state_dict(st["batcher"])
+            if self.t_sampler is not None and "t_sampler" in st:  # absent: a run that sampled t uniformly so far
+                self.t_sampler.load_state_dict(st["t_sampler"])
             if "cuda_rng" in st and torch.cuda.is_available() and len(st["cuda_rng"]) == torch.cuda.device_count():
                 torch.cuda.set_rng_state_all(st["cuda_rng"])
         except (KeyError, RuntimeError, ValueError, TypeError) as e:
@@ -359,10 +374,16 @@ class Trainer:
             keep=self.cfg.keep,
         )
 
+    def _time_progress(self) -> float | None:
+        """The fraction of --time-limit spent in this session (None without a limit or before run())."""
+        if self.cfg.time_limit is None or getattr(self, "_t0", None) is None:
+            return None
+        return (time.perf_counter() - self._t0) / self.cfg.time_limit
+
     # ------------------------------------------------------------------ one step
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
         cfg = self.cfg
-        lr = _lr_at(cfg, self.step)
+        lr = _lr_at(cfg, self.step, self._time_progress())
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         dctx = self.dist
@@ -380,7 +401,10 @@ class Trainer:
         if y is not None and cfg.p_uncond > 0:  # label dropout for classifier-free guidance (Ho & Salimans 2022)
             drop = uncond_mask(cfg.seed, self.step, B, cfg.p_uncond)[lo:lo + per].to(self.device)
             y = torch.where(drop, torch.full_like(y, self.null_class), y)
-        t_all = sample_timesteps(B, cfg.T, generator=self.gen, device=self.device)
+        if self.t_sampler is None:
+            t_all, w_all = sample_timesteps(B, cfg.T, generator=self.gen, device=self.device), None
+        else:  # importance sampling: every rank draws the same global batch from the same history
+            t_all, w_all = self.t_sampler.sample(B, generator=self.gen, device=self.device)
         noise_all = torch.randn((B,) + tuple(x0.shape[1:]), generator=self.gen, device=self.gen.device,
                                 dtype=x0.dtype).to(self.device)
         t_rank, noise_rank = t_all[lo:lo + per], noise_all[lo:lo + per]
@@ -400,8 +424,11 @@ class Trainer:
                 with torch.autocast(self.device.type, dtype=self.autocast_dtype,
                                     enabled=self.autocast_dtype is not None):
                     losses_k, t_k = training_losses(self.forward, self.schedule, x0[sl], objective=cfg.objective,
-                                                    t=t_rank[sl], noise=noise_rank[sl], cond=cond)
-                (losses_k.mean() / K).backward()
+                                                    t=t_rank[sl], noise=noise_rank[sl], cond=cond,
+                                                    loss_weight=cfg.loss_weight, min_snr_gamma=cfg.min_snr_gamma)
+                # importance weights 1 / (T p_t) keep the objective that of uniform t (Improved DDPM sec. 3.3)
+                weighted = losses_k if w_all is None else losses_k * w_all[lo:lo + per][sl]
+                (weighted.mean() / K).backward()
             parts_losses.append(losses_k.detach())
             parts_t.append(t_k)
         losses = parts_losses[0] if K == 1 else torch.cat(parts_losses)
@@ -442,6 +469,8 @@ class Trainer:
             self.step += 1
             self.log(f"warning: {what} at step {self.step}; step skipped ({self.skipped_steps} skipped so far)")
             return losses.detach(), t, grad_norm.detach(), lr
+        if self.t_sampler is not None:  # the global batch's unweighted losses, the same on every rank
+            self.t_sampler.update(t, losses)
         self.optimizer.step()
         self.ema.update(self.model)
         self.step += 1
@@ -474,6 +503,32 @@ class Trainer:
         if self.class_cond:
             return save_labelled_grid(x.cpu(), self.class_names, path)
         return save_grid(x.cpu(), path)
+
+    def evaluate_quality(self) -> dict | None:
+        """--eval-every: ``eval_n`` samples from the EMA weights with ``eval_sampler``, the same noise every time,
+        and their Frechet distance (metrics/quality.py); None where no feature network is at hand."""
+        from ..metrics.quality import QualityProbe
+
+        if not self.dist.is_main:
+            return None
+        if getattr(self, "_probe", False) is False:  # built once: the classifier, or Inception's reference stats
+            images = None
+            if str(self.cfg.data).strip().lower() != "digits":
+                images = load_dataset(self.cfg.data, image_size=self.cfg.image_size, channels=self.cfg.channels,
+                                      data_dir=self.cfg.data_dir, split="train", progress=False).images
+            self._probe = QualityProbe.for_data(self.cfg.data, images, log=self.log)
+        if self._probe is None:
+            return None
+        from ..samplers.options import DEFAULT_GUIDANCE
+
+        model = copy.deepcopy(self.model).eval()
+        model.load_state_dict(self.ema.state_dict())
+        denoiser = Denoiser(model, self.schedule, self.cfg.objective, null_cond=self.null_class)
+        return self._probe.measure(
+            denoiser, self.cfg.eval_n, (self.cfg.channels, self.cfg.image_size, self.cfg.image_size),
+            sampler=self.cfg.eval_sampler, steps=self.cfg.eval_steps, seed=self.cfg.seed,
+            num_classes=None if self.class_names is None else len(self.class_names),
+            guidance=DEFAULT_GUIDANCE if self.class_cond else None, null_class=self.null_class)
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> dict:
@@ -508,6 +563,7 @@ class Trainer:
         window_steps, window_t0 = 0, time.perf_counter()
         last_loss = float("nan")
         stop_reason = "steps"
+        quality = {"fd": None, "last": None, "seconds": 0.0}  # --eval-every: pending value, last result, its cost
 
         def flush_window(lr, grad_norm) -> float:
             """Write one metrics.csv row for the steps since the last one; return their mean loss."""
@@ -516,15 +572,24 @@ class Trainer:
             mean_loss = (window_loss / (window_steps * cfg.batch_size)).item()
             img_s = window_steps * cfg.batch_size / max(elapsed, 1e-9)
             row = {"step": self.step, "loss": mean_loss, "lr": lr, "grad_norm": grad_norm.item(),
-                   "img_per_s": img_s, "wall_s": self.wall_offset + time.perf_counter() - self._t0}
+                   "img_per_s": img_s, "wall_s": self.wall_offset + time.perf_counter() - self._t0,
+                   "fd": quality["fd"]}
+            quality["fd"] = None
             for i, (v, n) in enumerate(zip((bucket_sum / bucket_n.clamp(min=1)).tolist(), bucket_n.tolist())):
                 row[f"loss_t{i}"] = v if n > 0 else None
             if self.metrics is not None:  # rank 0 only
                 self.metrics.append(row)
-            bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{img_s:.0f}", refresh=False)
+            shown = {} if quality["last"] is None else {"fd": f"{quality['last']['fd']:.2f}"}  # --eval-every's last
+            bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{img_s:.0f}", **shown, refresh=False)
             window_loss.zero_(), bucket_sum.zero_(), bucket_n.zero_()
             window_steps, window_t0 = 0, time.perf_counter()
             return mean_loss
+
+        def measure_quality() -> None:
+            r = self.evaluate_quality()
+            if r is not None:
+                quality.update(fd=r["fd"], last=r, seconds=quality["seconds"] + r["seconds"])
+                bar.set_postfix(fd=f"{r['fd']:.2f}", refresh=False)
 
         try:
             while self.step < cfg.steps:
@@ -550,13 +615,18 @@ class Trainer:
                     bar.update(min(time.perf_counter() - self._t0, cfg.time_limit) - bar.n)
                 else:
                     bar.update(1)
-                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                evaluate = cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == cfg.steps)
+                if evaluate:
+                    measure_quality()
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps or evaluate:
                     last_loss = flush_window(lr, grad_norm)
                 if self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
                     self.save()
                 if self.step % cfg.sample_every == 0 and self.step < cfg.steps:
                     self.sample_grid()
             if window_steps:  # a run cut short by its time limit still logs its last steps
+                if cfg.eval_every and stop_reason != "signal":  # and measures its final weights
+                    measure_quality()
                 last_loss = flush_window(lr, grad_norm)
         finally:
             bar.close()
@@ -574,6 +644,9 @@ class Trainer:
         self.dist.barrier()  # the other ranks wait for rank 0's last checkpoint and samples
         res = {"step": self.step, "loss": last_loss, "stop": stop_reason, "checkpoint": ckpt, "grid": grid,
                "seconds": time.perf_counter() - self._t0}
+        if quality["last"] is not None:
+            res["quality"] = quality["last"]
+            res["eval_seconds"] = quality["seconds"]
         if stop_reason == "signal":
             res["signal"] = signal.Signals(stop.signum).name
         return res

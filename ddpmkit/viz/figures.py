@@ -76,6 +76,7 @@ COLORS = {
     "grad_norm": "#7570b3",
     "lr": "#1b9e77",
     "throughput": "#e7298a",
+    "fd": "#d95f02",  # the Frechet distance of --eval-every
 }
 RAW_ALPHA = 0.3  # the unsmoothed curve, drawn light under its EMA
 BUCKET_CMAP = "viridis"  # timestep buckets: small t dark, large t light
@@ -575,6 +576,16 @@ def plot_loss(metrics_csv, path, smoothing: float | None = None) -> Path:
         _curve(ax_loss, step, data["loss"], COLORS["loss"], beta, "loss", True)
         ax_loss.set_title("training loss")
         ax_loss.legend(loc="upper right")
+        if _has(data, "fd"):  # --eval-every: the sample quality over the steps, on its own axis
+            ok = np.isfinite(data["fd"])
+            ax_fd = ax_loss.twinx()
+            ax_fd.plot(step[ok], data["fd"][ok], color=COLORS["fd"], marker="o", ms=3, label="Frechet distance")
+            ax_fd.set_yscale("log")
+            ax_fd.set_ylabel("Frechet distance of samples (log)", color=COLORS["fd"])
+            ax_fd.grid(False)
+            ax_fd.spines["right"].set_visible(True)
+            ax_fd.legend(loc="lower left")
+            ax_loss.set_title(f"training loss; sample quality (last FD {data['fd'][ok][-1]:.3g})")
         if _has(data, "grad_norm"):
             _curve(ax_gn, step, data["grad_norm"], COLORS["grad_norm"], beta, "grad norm", True)
         else:
@@ -664,4 +675,30 @@ def plot_bpd_terms(terms, path, *, title: str | None = None) -> Path:
         ax.set_ylabel("bits / dim")
         ax.set_title(title or f"variational bound by timestep: {y.sum():.3f} bits/dim in all\n"
                               f"L_0 (decoder) {y[0]:.3f}, prior L_T {y[T]:.2g}")
+        return _save_figure(fig, path)
+
+
+def plot_nearest_pairs(samples, nearest, distances, threshold: float | None, path) -> Path:
+    """The memorisation check's figure: each sample (top row) above its nearest training image (bottom row), with
+    their distance (RMS over pixels in [0, 1]); ``threshold`` is the near-copy distance, named in the title."""
+    a, b = _as_uint8_nhwc(samples, "samples"), _as_uint8_nhwc(nearest, "nearest images")
+    k = a.shape[0]
+    if k < 1 or b.shape != a.shape or len(distances) != k:
+        raise PlotError("plot_nearest_pairs needs as many samples, nearest images and distances, at least one")
+    with matplotlib.rc_context(STYLE):
+        fig = _new_figure((1.3 * k + 0.6, 3.2))
+        axes = np.atleast_2d(fig.subplots(2, k, squeeze=False))
+        cmap = "gray" if a.shape[-1] == 1 else None
+        for i in range(k):
+            for row, img in ((0, a[i]), (1, b[i])):
+                ax = axes[row, i]
+                ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap=cmap, vmin=0, vmax=255,
+                          interpolation="nearest")
+                ax.set_xticks([]), ax.set_yticks([])
+                ax.grid(False)
+            axes[0, i].set_title(f"{float(distances[i]):.3f}", fontsize=9, fontweight="normal")
+        axes[0, 0].set_ylabel("sample")
+        axes[1, 0].set_ylabel("nearest\ntraining")
+        sub = f" (near copy: below {threshold:.3f})" if threshold is not None else ""
+        fig.suptitle(f"closest samples to the training set, RMS pixel distance{sub}", fontsize=10)
         return _save_figure(fig, path)

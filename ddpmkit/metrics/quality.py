@@ -1,0 +1,123 @@
+"""Sample quality of a model while it trains (``--eval-every``) and in benchmarks: n samples with a fast sampler,
+their Frechet distance to the real data in a feature space.
+
+Features: the digits classifier (:mod:`.digits`) for the digits, at any training resolution (the samples are
+brought to its 16x16 the way the data source makes 16x16 digits from the 8x8 originals: bicubic on uint8);
+for any other data the Inception network of FID where its file is present (never downloaded here), against
+the training images. Without either, there is nothing to measure and :meth:`QualityProbe.for_data` says so.
+
+The noise of the samples is the same at every measurement (sample i from the stream (seed, i), as in
+``ddpmkit sample``), so the curve over the steps moves with the weights, not with the draw. A Frechet distance
+from n samples is biased upwards by about 1/n (see :mod:`.digits`): compare curves at equal n.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from .frechet import frechet_distance, mean_cov
+
+__all__ = ["QualityProbe", "classifier_view", "draw_samples"]
+
+
+def classifier_view(x: torch.Tensor, size: int = 16) -> torch.Tensor:
+    """Float images in [-1, 1] [N, C, H, W] -> uint8 [N, 1, size, size]: grey, resized as the data source
+    resizes the digits (bicubic on uint8, ``data.sources._resize_uint8``)."""
+    from ..data.sources import _resize_uint8
+    from ..images import to_uint8
+
+    u8 = to_uint8(x.detach().cpu())
+    if u8.shape[1] == 3:  # ITU-R 601-2 luma, as PIL's "L"
+        w = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+        u8 = (u8.float() * w).sum(1, keepdim=True).round().clamp(0, 255).to(torch.uint8)
+    return _resize_uint8(u8, size)
+
+
+@torch.no_grad()
+def draw_samples(denoiser, n: int, shape, *, sampler: str, steps: int | None, seed: int = 0,
+                 batch_size: int = 250, num_classes: int | None = None, guidance: float | None = None,
+                 null_class: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``n`` samples (float [n, C, H, W] in [-1, 1]) and their labels: for a class-conditional denoiser
+    (``num_classes`` given) sample i is of class i mod K, guided with weight ``guidance``."""
+    from ..samplers.batches import sample_batches
+
+    labels = None
+    den = denoiser
+    if num_classes:
+        labels = torch.arange(n) % num_classes
+        if guidance:
+            den = denoiser.guided(guidance, null_class)
+    out = [x for _, x in sample_batches(den, n=n, shape=shape, sampler=sampler, steps=steps, seed=seed,
+                                        batch_size=batch_size, labels=labels, log=lambda *a: None)]
+    return torch.cat(out), labels
+
+
+class QualityProbe:
+    """Frechet distance (and, for the digits, the classifier's mean confidence) of samples against real data."""
+
+    def __init__(self, kind: str, features, ref_mu, ref_sigma, *, classifier=None):
+        self.kind, self.features, self.classifier = kind, features, classifier
+        self.ref_mu, self.ref_sigma = ref_mu, ref_sigma
+
+    @classmethod
+    def digits(cls, log=None) -> "QualityProbe":
+        from .digits import DigitsClassifier
+
+        clf = DigitsClassifier.load_or_train(log=log)
+        return cls("digits", clf.features, clf.ref_mu, clf.ref_sigma, classifier=clf)
+
+    @classmethod
+    def for_data(cls, data: str, images: torch.Tensor | None = None, log=None) -> "QualityProbe | None":
+        """The probe for a data source: the digits classifier for ``digits``; else Inception when its file is in
+        the cache (reference: ``images``, uint8, the training set); else None (with a line through ``log``)."""
+        if str(data).strip().lower() == "digits":
+            return cls.digits(log=log)
+        from .inception import InceptionFeatures, default_inception_path
+
+        path = default_inception_path()
+        if not path.is_file() or images is None:
+            if log is not None:
+                log(f"--eval-every: no feature network for {data}: the Inception file is not at {path} "
+                    "(fetch it with `ddpmkit eval fid --download`); quality is not measured")
+            return None
+        from .fid import reference_stats
+
+        ext = InceptionFeatures(path, progress=False)
+        ref = reference_stats(ext, images, progress=False, name=str(data))
+        return cls("inception", ext, ref["mu"], ref["sigma"])
+
+    def _view(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "digits":
+            return classifier_view(x, 16)
+        from ..images import to_uint8
+
+        u8 = to_uint8(x.detach().cpu())
+        return u8.expand(-1, 3, -1, -1) if u8.shape[1] == 1 else u8
+
+    def score(self, x: torch.Tensor) -> dict:
+        """``fd`` (and ``confidence`` for the digits) of float samples in [-1, 1]."""
+        imgs = self._view(x)
+        if self.classifier is not None:
+            feats, probs = self.classifier._run(imgs)
+            conf = float(probs.max(axis=1).mean())
+        else:
+            feats, conf = np.asarray(self.features(imgs)), None
+        mu, sigma = mean_cov(feats)
+        out = {"fd": frechet_distance(mu, sigma, self.ref_mu, self.ref_sigma), "n": int(feats.shape[0])}
+        if conf is not None:
+            out["confidence"] = conf
+        return out
+
+    def measure(self, denoiser, n: int, shape, *, sampler: str, steps: int | None, seed: int = 0,
+                num_classes: int | None = None, guidance: float | None = None, null_class: int | None = None,
+                batch_size: int = 250) -> dict:
+        """Draw ``n`` samples and score them; adds ``seconds``."""
+        t0 = time.perf_counter()
+        x, _ = draw_samples(denoiser, n, shape, sampler=sampler, steps=steps, seed=seed, batch_size=batch_size,
+                            num_classes=num_classes, guidance=guidance, null_class=null_class)
+        res = self.score(x)
+        res["seconds"] = time.perf_counter() - t0
+        return res
