@@ -9,7 +9,7 @@ judges 500 samples with the project's digits classifier (ddpmkit.metrics.digits;
 (dpmpp-2m-sde, 20 steps), a class-conditional model guided with the default weight 0.5 and with the demo's 0.1
 (50 samples of each class; an unconditional model ignores the weight).
 
-    python bench/bench_demo_recipe.py [--only NAME ...] [--budget 210] [--cache /tmp/helperF/recipe] [--n 500]
+    python bench/bench_demo_recipe.py [--only NAME ...] [--budget 210] [--cache runs/bench-demo-recipe] [--n 500]
 
 Results are cached per candidate (``CACHE/NAME/result.json``); the table (markdown) is printed at the end, with
 the classifier's real-data floor: the 359 held-out real digits, and that floor scaled to n by the 1/n bias of a
@@ -168,7 +168,7 @@ def main(argv=None) -> int:
     ap.add_argument("--probe-steps", type=int, default=10, help="steps in each of the 3 timed chunks")
     ap.add_argument("--probe-only", action="store_true", help="measure (and cache) the seconds per step only")
     ap.add_argument("--n", type=int, default=500)
-    ap.add_argument("--cache", default="/tmp/helperF/recipe")
+    ap.add_argument("--cache", default="runs/bench-demo-recipe")
     ap.add_argument("--table-only", action="store_true", help="print the table of the cached results")
     ap.add_argument("--judge-run", default=None, metavar="RUN_DIR",
                     help="judge a finished run (the demo's: runs/demo) on the same columns, and stop")

@@ -1,7 +1,7 @@
 """Reverse variances on digits (issue 18): the bound and few-step DDPM with small, large, learned and analytic.
 
     python bench/bench_variance.py                          # trains two models once (cached), then measures
-    python bench/bench_variance.py --cache /tmp/helperE --steps 1500 --nll-n 32 --fd-n 200
+    python bench/bench_variance.py --cache runs/bench-variance --steps 1500 --nll-n 32 --fd-n 200
 
 Two models with the same recipe and budget (the digits preset, ``--steps`` steps, one CPU thread): ``fixed``
 (L_simple, DDPM) and ``learned`` (``--learn-sigma``: L_hybrid, Improved DDPM). On ``fixed`` the bound and the
@@ -57,7 +57,7 @@ def train(out: Path, steps: int, learn_sigma: bool) -> Path:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cache", default="/tmp/helperE", help="where the two runs are trained and kept")
+    ap.add_argument("--cache", default="runs/bench-variance", help="where the two runs are trained and kept")
     ap.add_argument("--steps", type=int, default=1500, help="training steps of each model")
     ap.add_argument("--gamma-n", type=int, default=64, help="images of the Gamma_t estimate")
     ap.add_argument("--nll-n", type=int, default=32, help="images of the bound")
