@@ -34,6 +34,7 @@ __all__ = [
     "read_json",
     "read_json_object",
     "parse_json",
+    "file_digest",
     "sha256_file",
     "fsync_dir",
     "cache_dir",
@@ -85,9 +86,9 @@ def fsync_dir(directory, *, error: ErrorClass = FileError) -> None:
         os.close(fd)
 
 
-def sha256_file(path, *, error: ErrorClass = FileError) -> str:
-    """The SHA-256 of a file as 64 hex digits, read in 4 MiB pieces."""
-    h = hashlib.sha256()
+def file_digest(path, algorithm: str = "sha256", *, error: ErrorClass = FileError) -> str:
+    """The hex digest of a file by ``algorithm`` (a hashlib name: sha256, md5, ...), read in 4 MiB pieces."""
+    h = hashlib.new(algorithm, usedforsecurity=False)  # a checksum of a download, not a password
     try:
         with open(path, "rb") as f:
             while True:
@@ -100,6 +101,11 @@ def sha256_file(path, *, error: ErrorClass = FileError) -> str:
     except OSError as e:
         raise error(f"could not read {path}: {reason(e)}") from e
     return h.hexdigest()
+
+
+def sha256_file(path, *, error: ErrorClass = FileError) -> str:
+    """The SHA-256 of a file as 64 hex digits."""
+    return file_digest(path, "sha256", error=error)
 
 
 # ============================================================================ JSON

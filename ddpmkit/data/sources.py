@@ -392,18 +392,6 @@ def _read_cifar_batch(raw: bytes, where: str) -> tuple[np.ndarray, np.ndarray]:
     return data, labels
 
 
-def _md5_file(path: Path) -> str:
-    """The MD5 of a file (CIFAR-10 publishes only an MD5); a DataError naming it if it cannot be read."""
-    h = hashlib.md5(usedforsecurity=False)
-    try:
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 22), b""):
-                h.update(chunk)
-        return h.hexdigest()
-    except OSError as e:
-        raise DataError(f"cannot read {path} ({files.reason(e)})") from None
-
-
 def _find_cifar10(root: Path, names: list[str], download: bool, progress: bool) -> Path:
     """The unpacked directory if it holds every needed file, else the archive (fetched if asked)."""
     folder, archive = root / CIFAR10_DIRNAME, root / CIFAR10_ARCHIVE
@@ -411,7 +399,7 @@ def _find_cifar10(root: Path, names: list[str], download: bool, progress: bool) 
         return folder
     if archive.is_file():
         if download:  # asked to fetch: make sure what is already there is the real thing
-            got = _md5_file(archive)
+            got = files.file_digest(archive, "md5", error=DataError)  # CIFAR-10 publishes only an MD5
             if got != CIFAR10_MD5:
                 raise DataError(f"{archive} has MD5 {got}, expected {CIFAR10_MD5}: it is corrupt or not the "
                                 f"official archive; delete it and run again to download a fresh copy")

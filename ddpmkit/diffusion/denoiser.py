@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from .process import (VARIANCES, check_objective, eps_from_x0, model_variance, output_from, predict_eps,
-                      predict_x0, q_posterior, x0_from_output)
+                      predict_x0, q_posterior, split_output, x0_from_output)
 from .schedule import NoiseSchedule, extract
 from .variance import analytic_log_var, learned_log_var, sampling_sigma2_max
 
@@ -100,16 +100,6 @@ class Denoiser:
             log_var[1] = min(float(log_var[1]), math.log(sampling_sigma2_max()))
         return log_var.float().to(self.schedule.device)
 
-    def _split(self, out: torch.Tensor, x_t: torch.Tensor):
-        """(the objective's C channels, the learned-variance channels or None) of a C- or 2C-channel output."""
-        C = x_t.shape[1]
-        if out.shape == x_t.shape:
-            return out, None
-        if out.ndim == x_t.ndim and out.shape[1] == 2 * C and out.shape[2:] == x_t.shape[2:] \
-                and out.shape[0] == x_t.shape[0]:
-            return out[:, :C], out[:, C:]
-        raise ValueError(f"the network returned shape {tuple(out.shape)} for inputs {tuple(x_t.shape)}")
-
     # ------------------------------------------------------------------ the network
     @property
     def T(self) -> int:
@@ -132,7 +122,7 @@ class Denoiser:
             out = self._guided_output(x_t, t, t_net, cond)
         else:
             out = self.net(x_t, t_net) if cond is None else self.net(x_t, t_net, cond)
-        self._split(out, x_t)  # C channels, or 2C with a learned variance
+        split_output(out, x_t)  # C channels, or 2C with a learned variance
         return out if out.dtype == torch.float64 else out.float()
 
     # ------------------------------------------------------------------ reading it
@@ -142,7 +132,7 @@ class Denoiser:
         since the discrete reverse variance is defined only on the grid."""
         if t.is_floating_point():
             return self._at_real_t(x_t, t, cond)
-        out, v = self._split(self.net_output(x_t, t, cond), x_t)
+        out, v = split_output(self.net_output(x_t, t, cond), x_t)
         x0 = predict_x0(self.schedule, x_t, t, out, self.objective)
         if self.clip_x0:
             x0 = x0.clamp(-1.0, 1.0)
@@ -160,7 +150,7 @@ class Denoiser:
     def _at_real_t(self, x_t: torch.Tensor, t: torch.Tensor, cond) -> Prediction:
         if self.timestep_map is not None:
             raise ValueError("a respaced Denoiser takes integer timesteps only")
-        out = self._split(self.net_output(x_t, t, cond), x_t)[0]  # no variance between grid points: see __call__
+        out = split_output(self.net_output(x_t, t, cond), x_t)[0]  # no variance between grid points: see __call__
         ab = self.schedule.alpha_bar_at(t).view(-1, *([1] * (x_t.ndim - 1)))
         x0 = x0_from_output(x_t, out, ab, self.objective)
         if self.clip_x0:
@@ -186,7 +176,7 @@ class Denoiser:
         out = self.net(torch.cat([x_t, x_t]), torch.cat([tt, tt]), torch.cat([c, null.expand_as(c)]))
         if out.shape[0] != 2 * B:
             raise ValueError(f"the network returned shape {tuple(out.shape)} for a doubled batch of {2 * B}")
-        (out_c, v_c), out_u = self._split(out[:B], x_t), self._split(out[B:], x_t)[0]
+        (out_c, v_c), out_u = split_output(out[:B], x_t), split_output(out[B:], x_t)[0]
         if v_c is not None:  # a learned variance: the first half is guided, the conditional variance kept (as GLIDE)
             return torch.cat([self._guide(x_t, t, out_c, out_u), v_c], dim=1)
         return self._guide(x_t, t, out_c, out_u)

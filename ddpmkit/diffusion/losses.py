@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 
 from .bound import vlb_term_bits
-from .process import check_objective, predict_x0, q_posterior, q_sample, training_target
+from .process import check_objective, predict_x0, q_posterior, q_sample, split_output, training_target
 from .variance import learned_log_var
 from .schedule import NoiseSchedule
 
@@ -46,7 +46,7 @@ def training_losses(net: Callable, schedule: NoiseSchedule, x0: torch.Tensor, *,
     x_t = q_sample(schedule, x0, t, noise)
     target = training_target(schedule, x0, t, noise, objective)
     out = net(x_t, t) if cond is None else net(x_t, t, cond)
-    out, v = _learned_split(out, x_t)  # v: the variance channels of a --learn-sigma network, else None
+    out, v = split_output(out, x_t)  # v: the variance channels of a --learn-sigma network, else None
     # DDPM eq. 14 (L_simple): || eps - eps_theta(x_t, t) ||^2, averaged over the dimensions
     losses = (out.float() - target.float()).pow(2).flatten(1).mean(dim=1)
     if loss_weight != "none":
@@ -58,13 +58,6 @@ def training_losses(net: Callable, schedule: NoiseSchedule, x0: torch.Tensor, *,
 
 # Improved DDPM eq. 16 and section 3.1: L_hybrid = L_simple + lambda L_vlb with lambda = 0.001
 HYBRID_LAMBDA = 0.001
-
-
-def _learned_split(out: torch.Tensor, x_t: torch.Tensor):
-    C = x_t.shape[1]
-    if out.ndim == x_t.ndim and out.shape[1] == 2 * C and out.shape[2:] == x_t.shape[2:]:
-        return out[:, :C], out[:, C:]
-    return out, None
 
 
 def hybrid_vlb(schedule: NoiseSchedule, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, out: torch.Tensor,

@@ -29,6 +29,7 @@ __all__ = [
     "x0_from_output",
     "eps_from_x0",
     "output_from",
+    "split_output",
 ]
 
 OBJECTIVES = ("eps", "x0", "v")
@@ -136,3 +137,15 @@ def output_from(x0: torch.Tensor, eps: torch.Tensor, ab: torch.Tensor, objective
     if objective == "x0":
         return x0
     return ab.sqrt() * eps - (1.0 - ab).sqrt() * x0
+
+
+def split_output(out: torch.Tensor, x_t: torch.Tensor):
+    """(the objective's C channels, the learned-variance channels or None) of a network's C- or 2C-channel output
+    for x_t (Improved DDPM section 3.1: the network outputs the mean's prediction and v side by side)."""
+    C = x_t.shape[1]
+    if out.shape == x_t.shape:
+        return out, None
+    if out.ndim == x_t.ndim and out.shape[1] == 2 * C and out.shape[2:] == x_t.shape[2:] \
+            and out.shape[0] == x_t.shape[0]:
+        return out[:, :C], out[:, C:]
+    raise ValueError(f"the network returned shape {tuple(out.shape)} for inputs {tuple(x_t.shape)}")
