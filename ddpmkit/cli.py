@@ -326,6 +326,7 @@ def _eval_memorization(args) -> int:
 
 def _eval_fid(args) -> int:
     from .metrics.fid import evaluate_fid
+    from .samplers import get_sampler
 
     n = 50_000 if args.n is None else args.n
     if n < 2 or (args.batch_size is not None and args.batch_size < 1):
@@ -337,8 +338,8 @@ def _eval_fid(args) -> int:
                        inception_path=args.inception, download=args.download, sample_options=opt,
                        batch_size=args.batch_size, seed=args.seed, protocol=args.protocol)
     opts = "".join(f", {k} {v:g}" if isinstance(v, float) else f", {k} {v}" for k, v in res["options"].items())
-    # DDPM is the one sampler here that reads the reverse variance
-    variance = f", {res['variance']} variance" if res["sampler"] == "ddpm" else ""
+    reads = get_sampler(res["sampler"]).reads_variance(res["options"], res["variance"])
+    variance = f", {res['variance']} variance" if reads else ""
     sampler = f"{res['sampler']}{variance}, {res['steps']} steps{opts}, {res['spacing']} spacing"
     if res.get("guidance") is not None:
         sampler += f", guidance w = {res['guidance']:g}"

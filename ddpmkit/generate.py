@@ -108,8 +108,9 @@ def generate(run_or_checkpoint, out_dir, opt: SampleOptions, *, gif_path=None, d
 def default_out_dir(run_or_checkpoint, opt: SampleOptions) -> Path:
     """``RUN/samples/<sampler>-<steps>-<spacing>[-<options>][-<variance>]-seed<K>``."""
     run = Run.open(run_or_checkpoint)
-    tag = opt.plan(run.schedule).tag()
-    if opt.sampler == "ddpm":
+    plan = opt.plan(run.schedule)
+    tag = plan.tag()
+    if plan.reads_variance(opt.variance or run.variance):
         tag += f"-{opt.variance or run.variance}"
     if run.class_cond:  # the classes and the guidance weight: -class3.5.8-w1, -classall-w1, -w1
         cond, _ = _conditioning(run, opt)

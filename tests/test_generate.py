@@ -73,3 +73,8 @@ def test_default_folder_names_the_settings(old_run):
     assert default_out_dir(OLD_RUN, SampleOptions(sampler="ddpm", seed=3)).name == "ddpm-40-uniform-small-seed3"
     opt = SampleOptions(sampler="ddim", steps=10, spacing="trailing", options={"eta": 0.5})
     assert default_out_dir(OLD_RUN, opt).name == "ddim-10-trailing-eta0.5-seed0"
+    # DDIM reads the reverse variance only where it changes the samples: the analytic one at eta > 0
+    opt.variance = "analytic"
+    assert default_out_dir(OLD_RUN, opt).name == "ddim-10-trailing-eta0.5-analytic-seed0"
+    opt.options = {"eta": 0.0}
+    assert default_out_dir(OLD_RUN, opt).name == "ddim-10-trailing-eta0-seed0"

@@ -17,6 +17,7 @@ from ddpmkit.diffusion.variance import (estimate_gamma, learned_log_var, optimal
                                         sampling_sigma2_max)
 from ddpmkit.errors import ConfigError
 from ddpmkit.metrics.nll import bpd_terms, nll_bpd
+from ddpmkit.samplers import NoiseSource, plan, sample
 from ddpmkit.store import load_checkpoint
 from ddpmkit.train import Trainer
 
@@ -85,6 +86,56 @@ def test_analytic_denoiser_variance_full_and_respaced_is_the_true_one():
                                    rtol=2e-5)  # the schedule and log variance are stored as float32
         # step 0, the decoder, keeps beta_tilde of the next step (the official code's bound)
         assert log_var[0] == pytest.approx(float(d.schedule.posterior_log_variance_clipped[0]), rel=1e-6)
+
+
+class _Probe(NoiseSource):
+    """Noise that is zeros except at call ``j`` (ones): with an affine network the sampler is affine in x_T and in
+    each noise draw, so runs with single probes give its output's exact law."""
+
+    def __init__(self, j: int = -1):
+        self.j, self.calls = j, 0
+
+    def initial(self, shape, device=None):
+        raise AssertionError("the test gives x_T")
+
+    def like(self, x):
+        z = torch.ones_like(x) if self.calls == self.j else torch.zeros_like(x)
+        self.calls += 1
+        return z
+
+
+def _law_before_the_last_step(den, sampler, steps, **opts):
+    """Mean and variance of x at the last visited timestep (the sampler's second-to-last state), x_T ~ q(x_T)."""
+    tau = plan(sampler, den.schedule, steps, None, **opts)[1]
+    ab = den.schedule.alpha_bar.double()
+
+    def run(x_T, probe):
+        seen = []
+        sample(den, torch.full((1, 1, 1, 1), x_T, dtype=torch.float64), sampler=sampler, steps=steps, noise=probe,
+               callback=lambda i, t, x, x0: seen.append(float(x)), **opts)
+        return seen[-2], probe.calls
+
+    b, calls = run(0.0, _Probe())
+    a = run(1.0, _Probe())[0] - b
+    c2 = sum((run(0.0, _Probe(j))[0] - b) ** 2 for j in range(calls))
+    ab_T = float(ab[int(tau[-1])])
+    mean_T, var_T = math.sqrt(ab_T) * M, ab_T * S ** 2 + 1 - ab_T                # q(x_T), DDPM eq. 4
+    return a * mean_T + b, a * a * var_T + c2, float(ab[int(tau[0])])
+
+
+@pytest.mark.parametrize("sampler,opts", [("ddpm", {}), ("ddim", {"eta": 1.0}), ("ddim", {"eta": 0.4})])
+def test_analytic_variance_chains_keep_the_exact_marginals_of_gaussian_data(sampler, opts):
+    """With the exact noise predictor of Gaussian data, every step of a sampler with the optimal variance is the
+    true reverse conditional, so x keeps the true marginal q(x_t) down to the last visited timestep; the fixed
+    variance of the same sampler (beta_tilde, or DDIM's sigma) does not, at 8 steps."""
+    sched = NoiseSchedule.linear(100)
+    exact = Denoiser(gaussian_eps(sched), sched, variance="analytic", clip_x0=False, gamma=exact_gamma(sched),
+                     clip_sigma=False)
+    mean, var, ab0 = _law_before_the_last_step(exact, sampler, 8, **opts)
+    assert mean == pytest.approx(math.sqrt(ab0) * M, rel=1e-5)
+    assert var == pytest.approx(ab0 * S ** 2 + 1 - ab0, rel=1e-5)
+    fixed_var = _law_before_the_last_step(exact._replace(variance="small"), sampler, 8, **opts)[1]
+    assert abs(fixed_var / (ab0 * S ** 2 + 1 - ab0) - 1) > 0.01
 
 
 def test_analytic_clipping_bounds_and_sampling_clip():
@@ -222,6 +273,33 @@ def test_hybrid_loss_stops_the_vlb_gradient_at_the_mean():
     torch.testing.assert_close(losses.detach(), want, rtol=1e-5, atol=1e-6)
 
 
+def test_vlb_only_loss_is_T_times_the_bound_terms_and_trains_the_mean_too():
+    """L_vlb alone (Improved DDPM sec. 3.3): at each t, T times that term of the bound as the evaluation computes
+    it (metrics.nll.bpd_terms, through the Denoiser), and its gradient reaches the mean, which L_hybrid's does not."""
+    sched = NoiseSchedule.linear(40)
+    g = torch.Generator().manual_seed(3)
+    x0 = torch.randint(0, 256, (3, 1, 4, 4), generator=g).float() / 127.5 - 1
+    noise = torch.randn(40, 3, 1, 4, 4, generator=g)
+    w = torch.tensor(0.3, requires_grad=True)
+
+    def net(x, t):
+        return torch.cat([w * x, 0.4 * torch.tanh(x)], dim=1)  # an eps half and a per-pixel v half
+
+    terms = bpd_terms(Denoiser(net, sched, variance="learned", clip_x0=False), x0, noise=noise)
+    for t in (0, 1, 7, 39):
+        tt = torch.full((3,), t)
+        losses, _ = training_losses(net, sched, x0, t=tt, noise=noise[t], vlb_only=True)
+        torch.testing.assert_close(losses.detach(), 40 * terms[:, t].detach(), rtol=1e-5, atol=1e-6)
+        assert torch.autograd.grad(losses.sum(), w)[0] != 0
+        x_t = q_sample(sched, x0, tt, noise[t])
+        hybrid = hybrid_vlb(sched, x0, x_t, tt, net(x_t, tt)[:, :1], net(x_t, tt)[:, 1:])
+        assert torch.autograd.grad(hybrid.sum(), w)[0] == 0
+    with pytest.raises(ValueError, match="learned variance"):
+        training_losses(lambda x, t: x, sched, x0, vlb_only=True)
+    with pytest.raises(ValueError, match="no loss weight"):
+        training_losses(net, sched, x0, vlb_only=True, loss_weight="min-snr")
+
+
 def test_bound_of_learned_at_minus_one_equals_the_fixed_small_bound():
     sched = NoiseSchedule.linear(40)
     x = torch.randint(0, 256, (3, 1, 4, 4), generator=torch.Generator().manual_seed(1)).to(torch.uint8)
@@ -271,11 +349,12 @@ class _Prefilled(LossSecondMomentSampler):
         self.counts[:] = self.history
 
 
-def test_learn_sigma_with_importance_sampling_resumes_bit_exactly(tmp_path, monkeypatch):
+@pytest.mark.parametrize("vlb_only", [False, True])
+def test_learn_sigma_with_importance_sampling_resumes_bit_exactly(tmp_path, monkeypatch, vlb_only):
     import ddpmkit.train.trainer as trainer_mod
 
     monkeypatch.setattr(trainer_mod, "LossSecondMomentSampler", _Prefilled)
-    kw = dict(learn_sigma=True, timestep_sampler="loss-second-moment", checkpoint_every=3)
+    kw = dict(learn_sigma=True, timestep_sampler="loss-second-moment", checkpoint_every=3, vlb_only=vlb_only)
     Trainer(tiny_cfg(steps=6, **kw), tmp_path / "straight", quiet=True).run()
     Trainer(tiny_cfg(steps=4, **kw), tmp_path / "split", quiet=True).run()
     Trainer(tiny_cfg(steps=6, **kw), tmp_path / "split", resume=True, quiet=True).run()
@@ -297,6 +376,11 @@ def test_learn_sigma_settings():
         tiny_cfg(learn_sigma=True, variance="small").validate()
     with pytest.raises(ConfigError, match="timestep-sampler"):
         tiny_cfg(timestep_sampler="nope").validate()
+    with pytest.raises(ConfigError, match="needs --learn-sigma"):
+        tiny_cfg(vlb_only=True).validate()
+    with pytest.raises(ConfigError, match="no --loss-weight"):
+        tiny_cfg(learn_sigma=True, vlb_only=True, loss_weight="min-snr").validate()
+    tiny_cfg(learn_sigma=True, vlb_only=True).validate()
 
 
 # ------------------------------------------------------------------------------------------ a run

@@ -29,7 +29,7 @@ import torch
 from .process import (VARIANCES, check_objective, eps_from_x0, model_variance, output_from, predict_eps,
                       predict_x0, q_posterior, split_output, x0_from_output)
 from .schedule import NoiseSchedule, extract
-from .variance import analytic_log_var, learned_log_var, sampling_sigma2_max
+from .variance import analytic_log_var, learned_log_var, optimal_reverse_variance, sampling_sigma2_max
 
 __all__ = ["Prediction", "Denoiser", "GUIDANCE_SPACES"]
 
@@ -201,6 +201,24 @@ class Denoiser:
         pred = self(x_t, t, cond)
         mean, _, _ = q_posterior(self.schedule, pred.x0, x_t, t)  # DDPM eq. 7 with x0_hat for x_0
         return mean, pred.log_var, pred
+
+    def step_variance(self, t: int, t_prev: int, lambda2: float, *, last_noisy: bool = False) -> float:
+        """sigma^2 of a reverse step from timestep ``t`` to ``t_prev`` < t of this schedule, for a sampler whose
+        forward process q(x_prev | x_t, x_0) has variance ``lambda2`` (DDIM's family: eta^2 times eq. 16's).
+
+        Under the analytic variance it is the optimal one, Analytic-DPM Theorem 1 with lambda_n^2 = ``lambda2``
+        and Gamma at t, clipped like DDPM's when ``last_noisy`` (the step to the last visited timestep). Every
+        other variance leaves the sampler its own: ``lambda2``.
+        """
+        if self.variance != "analytic":
+            return float(lambda2)
+        ab = self.schedule.alpha_bar.double().cpu()
+        t_net = int(t) if self.timestep_map is None else int(self.timestep_map[int(t)])
+        var = float(optimal_reverse_variance(ab[int(t)], ab[int(t_prev)], self.gamma[t_net],
+                                             torch.tensor(float(lambda2), dtype=torch.float64)))
+        if last_noisy and self.clip_sigma:  # as _fixed_log_var: the official sampler's clip of the last noisy step
+            var = min(var, sampling_sigma2_max())
+        return var
 
     # ------------------------------------------------------------------ variants
     def respaced(self, timesteps) -> "Denoiser":

@@ -11,7 +11,7 @@ from .process import check_objective, predict_x0, q_posterior, q_sample, split_o
 from .variance import learned_log_var
 from .schedule import NoiseSchedule
 
-__all__ = ["sample_timesteps", "training_losses", "training_loss", "HYBRID_LAMBDA", "hybrid_vlb",
+__all__ = ["sample_timesteps", "training_losses", "training_loss", "HYBRID_LAMBDA", "hybrid_vlb", "vlb_loss",
            "TIMESTEP_SAMPLERS", "LossSecondMomentSampler", "LOSS_WEIGHTS", "loss_weights"]
 
 LOSS_WEIGHTS = ("none", "min-snr")
@@ -28,15 +28,19 @@ def sample_timesteps(batch_size: int, T: int, *, generator: torch.Generator | No
 def training_losses(net: Callable, schedule: NoiseSchedule, x0: torch.Tensor, *, objective: str = "eps",
                     t: torch.Tensor | None = None, noise: torch.Tensor | None = None,
                     generator: torch.Generator | None = None, cond=None, loss_weight: str = "none",
-                    min_snr_gamma: float = 5.0):
+                    min_snr_gamma: float = 5.0, vlb_only: bool = False):
     """Per-sample mean squared error of the objective, and the timesteps used.
 
     t is drawn uniformly per sample and noise from N(0, I) unless given (DDPM algorithm 1). ``cond`` (for
     example class labels [B]) is passed to the network as ``net(x_t, t, cond)`` when it is not None.
     ``loss_weight="min-snr"`` multiplies each sample's loss by :func:`loss_weights` (Hang et al. 2023).
+    A network with 2C output channels (a learned variance) trains on L_hybrid (:func:`hybrid_vlb` added), or
+    with ``vlb_only`` on L_vlb alone (:func:`vlb_loss`, the mean trained by the bound too; Improved DDPM sec. 3.3).
     Returns ``(losses [B], t [B])``.
     """
     check_objective(objective)
+    if vlb_only and loss_weight != "none":
+        raise ValueError("L_vlb alone is the bound itself: it takes no loss weight")
     B = x0.shape[0]
     if t is None:
         t = sample_timesteps(B, schedule.T, generator=generator, device=x0.device)
@@ -47,6 +51,11 @@ def training_losses(net: Callable, schedule: NoiseSchedule, x0: torch.Tensor, *,
     target = training_target(schedule, x0, t, noise, objective)
     out = net(x_t, t) if cond is None else net(x_t, t, cond)
     out, v = split_output(out, x_t)  # v: the variance channels of a --learn-sigma network, else None
+    if vlb_only:
+        if v is None:
+            raise ValueError("training on L_vlb alone needs a learned variance: a network with twice the image "
+                             "channels (--learn-sigma)")
+        return vlb_loss(schedule, x0, x_t, t, out, v, objective, stop_mean_gradient=False), t
     # DDPM eq. 14 (L_simple): || eps - eps_theta(x_t, t) ||^2, averaged over the dimensions
     losses = (out.float() - target.float()).pow(2).flatten(1).mean(dim=1)
     if loss_weight != "none":
@@ -60,21 +69,29 @@ def training_losses(net: Callable, schedule: NoiseSchedule, x0: torch.Tensor, *,
 HYBRID_LAMBDA = 0.001
 
 
-def hybrid_vlb(schedule: NoiseSchedule, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, out: torch.Tensor,
-               v: torch.Tensor, objective: str = "eps") -> torch.Tensor:
-    """lambda * T * L_t per sample [B]: the L_vlb part of L_hybrid for a learned variance (Improved DDPM sec. 3.1).
+def vlb_loss(schedule: NoiseSchedule, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, out: torch.Tensor,
+             v: torch.Tensor, objective: str = "eps", *, stop_mean_gradient: bool = True) -> torch.Tensor:
+    """T * L_t per sample [B], in bits/dim: the one-sample estimate, under uniform t, of L_vlb = sum_t L_t (the
+    bound without its prior term, which has no parameters; the official code's ``vb * num_timesteps``).
 
-    L_t (bits/dim, :func:`~ddpmkit.diffusion.bound.vlb_term_bits`) uses the mean of the detached output, so that
-    L_vlb trains the variance channels ``v`` alone ("stop-gradient to the mu_theta(x_t, t) output"); x0_hat is not
-    clipped, as in training in the Improved DDPM code. T * L_t is the one-sample estimate of L_vlb = sum_t L_t
-    (the code's ``vb * num_timesteps / 1000``).
+    L_t (:func:`~ddpmkit.diffusion.bound.vlb_term_bits`) compares q(x_{t-1} | x_t, x_0) with the model's mean, the
+    posterior mean at the unclipped x0_hat of ``out`` (as training does in the Improved DDPM code), and its
+    learned variance from ``v`` (eq. 15). With ``stop_mean_gradient`` the mean comes from the detached output, so
+    that the bound trains the variance channels alone (L_hybrid, "stop-gradient to the mu_theta(x_t, t) output",
+    sec. 3.1); without it the bound trains both (L_vlb alone, sec. 3.3).
     """
-    frozen = out.detach().float()
-    x0_hat = predict_x0(schedule, x_t, t, frozen, objective)
+    mean_out = out.detach().float() if stop_mean_gradient else out.float()
+    x0_hat = predict_x0(schedule, x_t, t, mean_out, objective)
     mean = q_posterior(schedule, x0_hat, x_t, t)[0]                   # DDPM eq. 7 with x0_hat
     log_var = learned_log_var(schedule, t, v.float())                 # Improved DDPM eq. 15
-    vb = vlb_term_bits(schedule, x0.float(), x_t.float(), t, mean, log_var)
-    return HYBRID_LAMBDA * schedule.T * vb
+    return schedule.T * vlb_term_bits(schedule, x0.float(), x_t.float(), t, mean, log_var)
+
+
+def hybrid_vlb(schedule: NoiseSchedule, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, out: torch.Tensor,
+               v: torch.Tensor, objective: str = "eps") -> torch.Tensor:
+    """lambda * T * L_t per sample [B]: the L_vlb part of L_hybrid (Improved DDPM eq. 16), the mean's gradient
+    stopped, so that it trains the variance channels ``v`` alone (:func:`vlb_loss`)."""
+    return HYBRID_LAMBDA * vlb_loss(schedule, x0, x_t, t, out, v, objective, stop_mean_gradient=True)
 
 
 def training_loss(net: Callable, schedule: NoiseSchedule, x0: torch.Tensor, **kwargs) -> torch.Tensor:

@@ -8,7 +8,7 @@ from .registry import register
 
 
 @register("ddpm", summary="ancestral sampling, DDPM algorithm 2; S < T respaces the betas (Improved DDPM sec. 4)",
-          default_steps=None, default_spacing="uniform")
+          default_steps=None, default_spacing="uniform", variance=True)
 def ddpm(denoiser, x_T, timesteps, *, noise, callback=None):
     """x_{t-1} = mu_theta(x_t, t) + sigma_t z over the visited timesteps; the last step returns the mean.
 

@@ -146,6 +146,13 @@ class SamplingPlan:
     options: dict
     model_calls: int
 
+    def reads_variance(self, variance: str) -> bool:
+        """Whether this plan's sampler reads the reverse ``variance`` (DDPM always; DDIM the analytic one at
+        eta > 0)."""
+        from .registry import get_sampler
+
+        return get_sampler(self.sampler).reads_variance(self.options, variance)
+
     def tag(self) -> str:
         """A folder name for these settings: ``ddim-50-uniform-eta0``."""
         opts = "".join(f"-{k}{v:g}" if isinstance(v, float) else f"-{k}{v}" for k, v in sorted(self.options.items()))

@@ -48,6 +48,12 @@ class SamplerInfo:
     options: tuple[Option, ...] = field(default=())
     calls: Callable[[int], int] | None = None  # network evaluations for S timesteps (None: S)
     continuous: bool = False  # takes real-valued timesteps (the logsnr and karras spacings are then exact)
+    variance: Callable[[dict, str], bool] | bool = False  # whether it reads the Denoiser's reverse variance
+
+    def reads_variance(self, options: dict, variance: str) -> bool:
+        """Whether a run with these (resolved) options reads the Denoiser's reverse ``variance``: a different
+        variance then gives other samples."""
+        return bool(self.variance(options, variance) if callable(self.variance) else self.variance)
 
     def steps_for(self, T: int, steps: int | None) -> int:
         """The number of timesteps to visit: ``steps``, else the sampler's default (at most T)."""
@@ -73,14 +79,16 @@ SAMPLERS: dict[str, SamplerInfo] = {}
 
 
 def register(name: str, *, summary: str, default_steps: int | None = 50, default_spacing: str = "uniform",
-             options: tuple[Option, ...] = (), calls: Callable[[int], int] | None = None, continuous: bool = False):
-    """Decorator that enters a sampler function in :data:`SAMPLERS` under ``name``."""
+             options: tuple[Option, ...] = (), calls: Callable[[int], int] | None = None, continuous: bool = False,
+             variance: Callable[[dict, str], bool] | bool = False):
+    """Decorator that enters a sampler function in :data:`SAMPLERS` under ``name``. ``variance``: whether it
+    reads the Denoiser's reverse variance (a bool, or a function of its options and the variance)."""
 
     def deco(fn: Callable) -> Callable:
         if name in SAMPLERS and SAMPLERS[name].fn is not fn:
             raise ValueError(f"a sampler named {name!r} is already registered")
         SAMPLERS[name] = SamplerInfo(name, fn, summary, default_steps, default_spacing, tuple(options), calls,
-                                     continuous)
+                                     continuous, variance)
         return fn
 
     return deco

@@ -84,6 +84,9 @@ class TrainConfig:
     learn_sigma: bool = setting(False, "learn the reverse variance (Improved DDPM): the network has twice the image "
                                        "channels and trains on L_hybrid = L_simple + 0.001 L_vlb; the run's variance "
                                        "is then learned", locked=True)
+    vlb_only: bool = setting(False, "with --learn-sigma: train on L_vlb alone, the bound, instead of L_hybrid "
+                                    "(Improved DDPM sec. 3.3; for the lowest bits/dim, best with "
+                                    "--timestep-sampler loss-second-moment)")
     timestep_sampler: str = setting("uniform", "how training draws t: uniform, or loss-second-moment (importance "
                                                "sampling by sqrt(E[L_t^2]) over the last 10 losses of each t, "
                                                "Improved DDPM sec. 3.3)")
@@ -205,6 +208,11 @@ class TrainConfig:
             raise ConfigError("--variance learned goes with --learn-sigma, and a --learn-sigma run's variance is "
                               f"learned (got --variance {self.variance}"
                               f"{' with' if self.learn_sigma else ' without'} --learn-sigma)")
+        if self.vlb_only and not self.learn_sigma:
+            raise ConfigError("--vlb-only trains a learned variance on the bound: it needs --learn-sigma")
+        if self.vlb_only and self.loss_weight != "none":
+            raise ConfigError(f"--vlb-only trains on the bound itself: it takes no --loss-weight (got "
+                              f"{self.loss_weight})")
         from ..diffusion.losses import TIMESTEP_SAMPLERS
 
         if self.timestep_sampler not in TIMESTEP_SAMPLERS:

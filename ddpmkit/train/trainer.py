@@ -425,7 +425,8 @@ class Trainer:
                                     enabled=self.autocast_dtype is not None):
                     losses_k, t_k = training_losses(self.forward, self.schedule, x0[sl], objective=cfg.objective,
                                                     t=t_rank[sl], noise=noise_rank[sl], cond=cond,
-                                                    loss_weight=cfg.loss_weight, min_snr_gamma=cfg.min_snr_gamma)
+                                                    loss_weight=cfg.loss_weight, min_snr_gamma=cfg.min_snr_gamma,
+                                                    vlb_only=cfg.vlb_only)
                 # importance weights 1 / (T p_t) keep the objective that of uniform t (Improved DDPM sec. 3.3)
                 weighted = losses_k if w_all is None else losses_k * w_all[lo:lo + per][sl]
                 (weighted.mean() / K).backward()

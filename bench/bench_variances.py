@@ -1,0 +1,189 @@
+"""Reverse variances on digits (issue 18): the bound and few-step DDPM with small, large, learned and analytic.
+
+    python bench/bench_variances.py                    # trains the models once (cached in --cache), then measures
+    python bench/bench_variances.py --vlb              # and a third model on L_vlb alone, for the bound
+    python bench/bench_variances.py --steps 1000 --nll-n 32 --fd-n 400 --fd-n-1000 100   # a quick look
+
+Models, the digits preset with one recipe and budget (``--steps``):
+
+- ``L_simple``: DDPM's loss, fixed variance; measured with ``small`` (beta_tilde), ``large`` (beta) and the
+  ``analytic`` variance of Analytic-DPM, whose Gamma_t is estimated once on ``--gamma-n`` training images
+  (``ddpmkit eval variance``): no training;
+- ``L_hybrid``: ``--learn-sigma`` (Improved DDPM), measured with its ``learned`` variance and with ``small``;
+- ``L_vlb`` (with ``--vlb``): ``--learn-sigma --vlb-only --timestep-sampler loss-second-moment``, Improved DDPM's
+  recipe for the bound (sec. 3.3); the bound only.
+
+The bound is in bits/dim on the first ``--nll-n`` digits, with the same images and the same noise for every row,
+so that each row's difference to ``L_simple / small`` is paired: its standard error is that of the per-image
+differences. Sample quality is the Frechet distance (FD) of the digits classifier's features
+(``ddpmkit.metrics.digits``; an FD of n samples is biased upward by about 1/n, so compare within a column) for
+DDPM at S = 10, 25, 50, 100 respaced steps (``--fd-n`` samples) and S = 1000 (``--fd-n-1000``), and for DDIM with
+eta = 1 at S = 25 and 50. Sample i of every row starts from the same noise and draws its step noise from the same
+stream (seed, i), so rows are paired too. Each FD is printed with the difference to the same model's ``small``
+row, +- its standard error, estimated from the spread of that difference over four disjoint quarters of the
+samples (the standard deviation of the quarters' differences, halved: a quarter's FD noise is about twice the
+whole set's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+try:
+    import ddpmkit  # noqa: F401
+except ImportError:  # run from a checkout without installing
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from ddpmkit.data import load_dataset  # noqa: E402
+from ddpmkit.images import from_uint8, to_uint8  # noqa: E402
+from ddpmkit.metrics.digits import DigitsClassifier  # noqa: E402
+from ddpmkit.metrics.nll import bpd_terms  # noqa: E402
+from ddpmkit.run import Run  # noqa: E402
+from ddpmkit.samplers import PerSampleNoise, sample  # noqa: E402
+from ddpmkit.store import latest_checkpoint  # noqa: E402
+
+DDPM_STEPS = (10, 25, 50, 100)
+DDIM_STEPS = (25, 50)
+MODELS = {  # name: (run folder, training settings, variances measured)
+    "L_simple": ("simple", dict(), ("small", "large", "analytic")),
+    "L_hybrid": ("hybrid", dict(learn_sigma=True), ("learned", "small")),
+    "L_vlb": ("vlb", dict(learn_sigma=True, vlb_only=True, timestep_sampler="loss-second-moment"), ("learned",)),
+}
+
+
+def train(out: Path, steps: int, settings: dict) -> Path:
+    from ddpmkit.train import Trainer, config_from_preset
+
+    try:
+        if latest_checkpoint(out)[0] is not None and Run.open(out).checkpoint(parts=("train",)).step >= steps:
+            print(f"reusing {out}", flush=True)
+            return out
+    except Exception:  # noqa: BLE001 - no usable run there: train it
+        pass
+    cfg = config_from_preset("digits", steps=steps, sample_every=10 ** 9, num_samples=0, checkpoint_every=10 ** 9,
+                             **settings)
+    res = Trainer(cfg, out, quiet=True).run()
+    print(f"trained {out.name}: {res['step']} steps in {res['seconds']:.0f} s, last loss {res['loss']:.4f}",
+          flush=True)
+    return out
+
+
+def paired(values: torch.Tensor, base: torch.Tensor) -> tuple[float, float]:
+    """Mean difference and its standard error, over paired per-image values."""
+    d = values - base
+    return float(d.mean()), float(d.std(unbiased=True) / math.sqrt(d.numel()))
+
+
+def fd_quarters(clf: DigitsClassifier, feats) -> tuple[float, list[float]]:
+    """FD of the whole set and of its four disjoint quarters."""
+    n = feats.shape[0]
+    q = n // 4
+    return clf.fd(feats=feats), [clf.fd(feats=feats[k * q:(k + 1) * q]) for k in range(4)]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cache", default="runs/bench-variances", help="where the runs are trained and kept")
+    ap.add_argument("--steps", type=int, default=5000, help="training steps of each model (the preset's 5000)")
+    ap.add_argument("--vlb", action="store_true", help="also train and bound a model on L_vlb alone")
+    ap.add_argument("--gamma-n", type=int, default=256, help="images of the Gamma_t estimate")
+    ap.add_argument("--nll-n", type=int, default=256, help="images of the bound")
+    ap.add_argument("--fd-n", type=int, default=2000, help="samples per Frechet distance, S <= 100")
+    ap.add_argument("--fd-n-1000", type=int, default=500, help="samples per Frechet distance at S = 1000 (0: skip)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--skip-fd", action="store_true")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    cache = Path(args.cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    names = [m for m in MODELS if m != "L_vlb" or args.vlb]
+    runs = {m: train(cache / MODELS[m][0], args.steps, MODELS[m][1]) for m in names}
+    rows = [(m, v) for m in names for v in MODELS[m][2]]
+
+    run = Run.open(runs["L_simple"])
+    if run.gamma() is None or run.diffusion_config["analytic"].get("n") != args.gamma_n:
+        t0 = time.perf_counter()
+        gamma, note = run.estimate_gamma(n=args.gamma_n, seed=args.seed)
+        run.save_gamma(gamma, note)
+        print(f"Gamma_t on {note['n']} images in {time.perf_counter() - t0:.0f} s (min {float(gamma.min()):.3f}, "
+              f"max {float(gamma.max()):.3f})", flush=True)
+    results = {"args": vars(args), "bound": {}, "fd": {}}
+
+    # ---------------------------------------------------------------- the bound, paired over images and noise
+    ds = load_dataset("digits", image_size=8, channels=1, progress=False)
+    images = from_uint8(ds.images[:args.nll_n]) if ds.images.dtype == torch.uint8 else ds.images[:args.nll_n].float()
+    per_image = {}
+    for m, var in rows:
+        den = Run.open(runs[m]).denoiser(variance=var)
+        gen = torch.Generator().manual_seed(args.seed)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            per_image[(m, var)] = torch.cat([bpd_terms(den, images[i:i + 16], generator=gen).double().sum(dim=1)
+                                             for i in range(0, images.shape[0], 16)])
+        print(f"bound {m}/{var}: {time.perf_counter() - t0:.0f} s", flush=True)
+    base = per_image[("L_simple", "small")]
+    print(f"\n| model | variance | bound (bits/dim), {args.nll_n} digits | difference to L_simple / small |")
+    print("| --- | --- | --- | --- |")
+    for m, var in rows:
+        b = per_image[(m, var)]
+        d, se = paired(b, base)
+        results["bound"][f"{m}/{var}"] = {"bpd": float(b.mean()), "stderr": float(b.std() / math.sqrt(b.numel())),
+                                          "diff": d, "diff_stderr": se}
+        print(f"| {m} | {var} | {float(b.mean()):.4f} +- {float(b.std() / math.sqrt(b.numel())):.4f} | "
+              f"{d:+.4f} +- {se:.4f} |", flush=True)
+
+    if not args.skip_fd:
+        clf = DigitsClassifier.load_or_train()
+        cols = [("ddpm", S, args.fd_n) for S in DDPM_STEPS]
+        if args.fd_n_1000 > 0:
+            cols.append(("ddpm", 1000, args.fd_n_1000))
+        cols += [("ddim", S, args.fd_n) for S in DDIM_STEPS]
+        fd_rows = [r for r in rows if r[0] != "L_vlb"]  # the L_vlb model is for the bound (Improved DDPM sec. 3.3)
+        fds = {}
+        for sampler, S, n in cols:
+            for m, var in fd_rows:
+                if sampler == "ddim" and (m != "L_simple" or var == "large"):
+                    continue  # DDIM eta = 1 reads only the analytic variance: small against analytic
+                den = Run.open(runs[m]).denoiser(variance=var)
+                opts = {"eta": 1.0} if sampler == "ddim" else {}
+                t0 = time.perf_counter()
+                x = sample(den, (n, 1, 8, 8), sampler=sampler, steps=S, noise=PerSampleNoise(args.seed), **opts)
+                fds[(sampler, S, m, var)] = fd_quarters(clf, clf.features(to_uint8(x)))
+                print(f"{sampler} S={S} {m}/{var}: FD {fds[(sampler, S, m, var)][0]:.2f} "
+                      f"({time.perf_counter() - t0:.0f} s)", flush=True)
+        for sampler in ("ddpm", "ddim"):
+            mine = [(S, n) for smp, S, n in cols if smp == sampler]
+            title = "DDPM" if sampler == "ddpm" else "DDIM eta = 1"
+            print(f"\n| {title}: model | variance | " + " | ".join(f"S={S} (n={n})" for S, n in mine) + " |")
+            print("| --- | --- |" + " --- |" * len(mine))
+            for m, var in fd_rows:
+                cells = []
+                for S, n in mine:
+                    if (sampler, S, m, var) not in fds:
+                        continue
+                    fd, q = fds[(sampler, S, m, var)]
+                    ref_fd, ref_q = fds[(sampler, S, m, "small")] if var != "small" else (fd, q)
+                    diff = [a - b for a, b in zip(q, ref_q)]
+                    mean = sum(diff) / 4
+                    se = math.sqrt(sum((v - mean) ** 2 for v in diff) / 3) / 2
+                    results["fd"][f"{sampler}/{S}/{m}/{var}"] = {"fd": fd, "n": n, "quarters": q,
+                                                                 "diff_to_small": fd - ref_fd, "diff_stderr": se}
+                    cells.append(f"{fd:.2f}" if var == "small" else f"{fd:.2f} ({fd - ref_fd:+.2f} +- {se:.2f})")
+                if cells:
+                    print(f"| {m} | {var} | " + " | ".join(cells) + " |", flush=True)
+    path = cache / "bench_variances.json"
+    path.write_text(json.dumps(results, indent=2))
+    print(f"\nwrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
