@@ -11,18 +11,20 @@ Models, the digits preset with one recipe and budget (``--steps``):
   (``ddpmkit eval variance``): no training;
 - ``L_hybrid``: ``--learn-sigma`` (Improved DDPM), measured with its ``learned`` variance and with ``small``;
 - ``L_vlb`` (with ``--vlb``): ``--learn-sigma --vlb-only --timestep-sampler loss-second-moment``, Improved DDPM's
-  recipe for the bound (sec. 3.3); the bound only.
+  recipe for the bound (sec. 3.3), with its learned variance.
 
-The bound is in bits/dim on the first ``--nll-n`` digits, with the same images and the same noise for every row,
-so that each row's difference to ``L_simple / small`` is paired: its standard error is that of the per-image
-differences. Sample quality is the Frechet distance (FD) of the digits classifier's features
-(``ddpmkit.metrics.digits``; an FD of n samples is biased upward by about 1/n, so compare within a column) for
-DDPM at S = 10, 25, 50, 100 respaced steps (``--fd-n`` samples) and S = 1000 (``--fd-n-1000``), and for DDIM with
-eta = 1 at S = 25 and 50. Sample i of every row starts from the same noise and draws its step noise from the same
-stream (seed, i), so rows are paired too. Each FD is printed with the difference to the same model's ``small``
-row, +- its standard error, estimated from the spread of that difference over four disjoint quarters of the
-samples (the standard deviation of the quarters' differences, halved: a quarter's FD noise is about twice the
-whole set's).
+First, where the answer is known: Gaussian data with its exact noise predictor (no training), DDPM's samples
+with each variance against the data's law. Then the digits. The bound is in bits/dim on the first ``--nll-n``
+digits, with the same images and the same noise for every row, so that each row's difference to
+``L_simple / small`` is paired: its standard error is that of the per-image differences. Sample quality is the
+Frechet distance (FD) of the digits classifier's features (``ddpmkit.metrics.digits``; an FD of n samples is biased
+upward by about 1/n, so compare within a column) for DDPM at S = 10, 25, 50, 100 respaced steps (``--fd-n``
+samples) and S = 1000 (``--fd-n-1000``), and for DDIM with eta = 0.5 at S = 25 and 50 (at eta = 1 DDIM's chain is
+respaced DDPM's, and so are its samples). Sample i of every row starts from the same noise and draws its step
+noise from the same stream (seed, i), so rows are paired too. Each FD is printed with the difference to the same
+model's ``small`` row, +- its standard error, estimated from the spread of that difference over four disjoint
+quarters of the samples (the standard deviation of the quarters' differences, halved: a quarter's FD noise is
+about twice the whole set's).
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ from ddpmkit.store import latest_checkpoint  # noqa: E402
 
 DDPM_STEPS = (10, 25, 50, 100)
 DDIM_STEPS = (25, 50)
+DDIM_ETA = 0.5
 MODELS = {  # name: (run folder, training settings, variances measured)
     "L_simple": ("simple", dict(), ("small", "large", "analytic")),
     "L_hybrid": ("hybrid", dict(learn_sigma=True), ("learned", "small")),
@@ -72,6 +75,36 @@ def train(out: Path, steps: int, settings: dict) -> Path:
     res = Trainer(cfg, out, quiet=True).run()
     print(f"trained {out.name}: {res['step']} steps in {res['seconds']:.0f} s, last loss {res['loss']:.4f}",
           flush=True)
+    return out
+
+
+def gaussian_table(n: int, seed: int) -> dict:
+    """Where the answer is known: data N(M, s^2) per pixel, whose exact noise predictor and Gamma_t have closed
+    forms. DDPM's samples with each variance, against the data law, by the Frechet distance of 1-d Gaussians
+    (mu_1 - mu_2)^2 + (sd_1 - sd_2)^2 per dimension, from ``n`` sampled pixels."""
+    from ddpmkit.diffusion import Denoiser, NoiseSchedule
+
+    M, s = 0.3, 0.5
+    sched = NoiseSchedule.linear(1000)
+    ab = sched.alpha_bar.double()
+    gamma = (1 - ab) / (ab * s * s + 1 - ab)  # E||E[eps | x_t]||^2 / d = bbar / Var(x_t)
+
+    def exact(x, t):  # E[eps | x_t] = sqrt(bbar) (x_t - sqrt(abar) M) / Var(x_t)
+        a = ab[t].view(-1, 1, 1, 1)
+        return ((1 - a).sqrt() * (x.double() - a.sqrt() * M) / (a * s * s + 1 - a)).float()
+
+    out = {}
+    print("\n| Gaussian data, exact denoiser: DDPM | " + " | ".join(f"S={S}" for S in DDPM_STEPS) + " |")
+    print("| --- |" + " --- |" * len(DDPM_STEPS))
+    for var in ("small", "large", "analytic"):
+        den = Denoiser(exact, sched, variance=var, clip_x0=False, gamma=gamma)
+        cells = []
+        for S in DDPM_STEPS:
+            x = sample(den, (n, 1, 1, 1), sampler="ddpm", steps=S, noise=torch.Generator().manual_seed(seed))
+            fd = (float(x.mean()) - M) ** 2 + (float(x.std()) - s) ** 2
+            out[f"{var}/{S}"] = fd
+            cells.append(f"{fd:.2e}")
+        print(f"| {var} | " + " | ".join(cells) + " |", flush=True)
     return out
 
 
@@ -115,7 +148,7 @@ def main(argv=None) -> int:
         run.save_gamma(gamma, note)
         print(f"Gamma_t on {note['n']} images in {time.perf_counter() - t0:.0f} s (min {float(gamma.min()):.3f}, "
               f"max {float(gamma.max()):.3f})", flush=True)
-    results = {"args": vars(args), "bound": {}, "fd": {}}
+    results = {"args": vars(args), "bound": {}, "fd": {}, "gaussian": gaussian_table(10 ** 6, args.seed)}
 
     # ---------------------------------------------------------------- the bound, paired over images and noise
     ds = load_dataset("digits", image_size=8, channels=1, progress=False)
@@ -146,14 +179,13 @@ def main(argv=None) -> int:
         if args.fd_n_1000 > 0:
             cols.append(("ddpm", 1000, args.fd_n_1000))
         cols += [("ddim", S, args.fd_n) for S in DDIM_STEPS]
-        fd_rows = [r for r in rows if r[0] != "L_vlb"]  # the L_vlb model is for the bound (Improved DDPM sec. 3.3)
         fds = {}
         for sampler, S, n in cols:
-            for m, var in fd_rows:
+            for m, var in rows:
                 if sampler == "ddim" and (m != "L_simple" or var == "large"):
-                    continue  # DDIM eta = 1 reads only the analytic variance: small against analytic
+                    continue  # DDIM reads only the analytic variance: small against analytic
                 den = Run.open(runs[m]).denoiser(variance=var)
-                opts = {"eta": 1.0} if sampler == "ddim" else {}
+                opts = {"eta": DDIM_ETA} if sampler == "ddim" else {}
                 t0 = time.perf_counter()
                 x = sample(den, (n, 1, 8, 8), sampler=sampler, steps=S, noise=PerSampleNoise(args.seed), **opts)
                 fds[(sampler, S, m, var)] = fd_quarters(clf, clf.features(to_uint8(x)))
@@ -161,22 +193,25 @@ def main(argv=None) -> int:
                       f"({time.perf_counter() - t0:.0f} s)", flush=True)
         for sampler in ("ddpm", "ddim"):
             mine = [(S, n) for smp, S, n in cols if smp == sampler]
-            title = "DDPM" if sampler == "ddpm" else "DDIM eta = 1"
+            title = "DDPM" if sampler == "ddpm" else f"DDIM eta = {DDIM_ETA:g}"
             print(f"\n| {title}: model | variance | " + " | ".join(f"S={S} (n={n})" for S, n in mine) + " |")
             print("| --- | --- |" + " --- |" * len(mine))
-            for m, var in fd_rows:
+            for m, var in rows:
                 cells = []
                 for S, n in mine:
                     if (sampler, S, m, var) not in fds:
                         continue
                     fd, q = fds[(sampler, S, m, var)]
-                    ref_fd, ref_q = fds[(sampler, S, m, "small")] if var != "small" else (fd, q)
-                    diff = [a - b for a, b in zip(q, ref_q)]
+                    results["fd"][f"{sampler}/{S}/{m}/{var}"] = {"fd": fd, "n": n, "quarters": q}
+                    ref = fds.get((sampler, S, m, "small"))
+                    if var == "small" or ref is None:  # the reference row, or a model measured without one
+                        cells.append(f"{fd:.2f}")
+                        continue
+                    diff = [a - b for a, b in zip(q, ref[1])]
                     mean = sum(diff) / 4
                     se = math.sqrt(sum((v - mean) ** 2 for v in diff) / 3) / 2
-                    results["fd"][f"{sampler}/{S}/{m}/{var}"] = {"fd": fd, "n": n, "quarters": q,
-                                                                 "diff_to_small": fd - ref_fd, "diff_stderr": se}
-                    cells.append(f"{fd:.2f}" if var == "small" else f"{fd:.2f} ({fd - ref_fd:+.2f} +- {se:.2f})")
+                    results["fd"][f"{sampler}/{S}/{m}/{var}"].update(diff_to_small=fd - ref[0], diff_stderr=se)
+                    cells.append(f"{fd:.2f} ({fd - ref[0]:+.2f} +- {se:.2f})")
                 if cells:
                     print(f"| {m} | {var} | " + " | ".join(cells) + " |", flush=True)
     path = cache / "bench_variances.json"
