@@ -13,18 +13,19 @@ Models, the digits preset with one recipe and budget (``--steps``):
 - ``L_vlb`` (with ``--vlb``): ``--learn-sigma --vlb-only --timestep-sampler loss-second-moment``, Improved DDPM's
   recipe for the bound (sec. 3.3), with its learned variance.
 
-First, where the answer is known: Gaussian data with its exact noise predictor (no training), DDPM's samples
-with each variance against the data's law. Then the digits. The bound is in bits/dim on the first ``--nll-n``
-digits, with the same images and the same noise for every row, so that each row's difference to
-``L_simple / small`` is paired: its standard error is that of the per-image differences. Sample quality is the
-Frechet distance (FD) of the digits classifier's features (``ddpmkit.metrics.digits``; an FD of n samples is biased
-upward by about 1/n, so compare within a column) for DDPM at S = 10, 25, 50, 100 respaced steps (``--fd-n``
-samples) and S = 1000 (``--fd-n-1000``), and for DDIM with eta = 0.5 at S = 25 and 50 (at eta = 1 DDIM's chain is
-respaced DDPM's, and so are its samples). Sample i of every row starts from the same noise and draws its step
-noise from the same stream (seed, i), so rows are paired too. Each FD is printed with the difference to the same
-model's ``small`` row, +- its standard error, estimated from the spread of that difference over four disjoint
-quarters of the samples (the standard deviation of the quarters' differences, halved: a quarter's FD noise is
-about twice the whole set's).
+First, where the answer is known: Gaussian data with its exact noise predictor (no training), DDPM's samples with
+each variance against the data's law. Then the digits. The bound is in bits/dim on the first ``--nll-n`` digits,
+with the same images and the same noise for every row, so that each row's difference to ``L_simple / small`` is
+paired: its standard error is that of the per-image differences. Sample quality is the Frechet distance (FD) of the
+digits classifier's features (``ddpmkit.metrics.digits``; an FD of n samples is biased upward by about 1/n, so
+compare within a column) for DDPM at S = 10, 25, 50, 100 respaced steps (``--fd-n`` samples), S = 1000
+(``--fd-n-1000``) and S = 50 again with more samples (``--confirm-n``), and for DDIM with eta = 0.5 at S = 25 and
+50 (at eta = 1 DDIM's chain is respaced DDPM's, and so are its samples). Sample i of every row starts from the same
+noise and draws its step noise from the same stream (seed, i), so rows are paired too. Each FD is printed with the
+difference to the same model's ``small`` row, +- its standard error, estimated from the spread of that difference
+over four disjoint quarters of the samples (the standard deviation of the quarters' differences, halved: a
+quarter's FD noise is about twice the whole set's). Every measurement is kept in ``--cache``/measured.json, keyed
+by what it depends on, so a second invocation (``--vlb`` after a first without) measures only what is new.
 """
 
 from __future__ import annotations
@@ -57,7 +58,8 @@ DDIM_ETA = 0.5
 MODELS = {  # name: (run folder, training settings, variances measured)
     "L_simple": ("simple", dict(), ("small", "large", "analytic")),
     "L_hybrid": ("hybrid", dict(learn_sigma=True), ("learned", "small")),
-    "L_vlb": ("vlb", dict(learn_sigma=True, vlb_only=True, timestep_sampler="loss-second-moment"), ("learned",)),
+    "L_vlb": ("vlb", dict(learn_sigma=True, vlb_only=True, timestep_sampler="loss-second-moment"),
+              ("learned", "small")),
 }
 
 
@@ -108,6 +110,21 @@ def gaussian_table(n: int, seed: int) -> dict:
     return out
 
 
+class Measured:
+    """Measurements kept in ``--cache``/measured.json under keys that name everything they depend on (the run's
+    checkpoint step, Gamma_t's images, the seed and sizes), so that a second invocation measures only what is new."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.data = json.loads(path.read_text()) if path.is_file() else {}
+
+    def get(self, key: str, compute):
+        if key not in self.data:
+            self.data[key] = compute()
+            self.path.write_text(json.dumps(self.data))
+        return self.data[key]
+
+
 def paired(values: torch.Tensor, base: torch.Tensor) -> tuple[float, float]:
     """Mean difference and its standard error, over paired per-image values."""
     d = values - base
@@ -130,6 +147,7 @@ def main(argv=None) -> int:
     ap.add_argument("--nll-n", type=int, default=256, help="images of the bound")
     ap.add_argument("--fd-n", type=int, default=2000, help="samples per Frechet distance, S <= 100")
     ap.add_argument("--fd-n-1000", type=int, default=500, help="samples per Frechet distance at S = 1000 (0: skip)")
+    ap.add_argument("--confirm-n", type=int, default=8000, help="samples of a second S = 50 column (0: skip)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-fd", action="store_true")
@@ -149,19 +167,28 @@ def main(argv=None) -> int:
         print(f"Gamma_t on {note['n']} images in {time.perf_counter() - t0:.0f} s (min {float(gamma.min()):.3f}, "
               f"max {float(gamma.max()):.3f})", flush=True)
     results = {"args": vars(args), "bound": {}, "fd": {}, "gaussian": gaussian_table(10 ** 6, args.seed)}
+    measured = Measured(cache / "measured.json")
+    steps = {m: Run.open(runs[m]).checkpoint(parts=("train",)).step for m in names}
+
+    def tag(m: str, var: str) -> str:
+        gamma = f"-gamma{args.gamma_n}" if var == "analytic" else ""
+        return f"{m}@{steps[m]}/{var}{gamma}/seed{args.seed}"
 
     # ---------------------------------------------------------------- the bound, paired over images and noise
     ds = load_dataset("digits", image_size=8, channels=1, progress=False)
     images = from_uint8(ds.images[:args.nll_n]) if ds.images.dtype == torch.uint8 else ds.images[:args.nll_n].float()
-    per_image = {}
-    for m, var in rows:
+    def bound(m, var):
         den = Run.open(runs[m]).denoiser(variance=var)
         gen = torch.Generator().manual_seed(args.seed)
         t0 = time.perf_counter()
         with torch.inference_mode():
-            per_image[(m, var)] = torch.cat([bpd_terms(den, images[i:i + 16], generator=gen).double().sum(dim=1)
-                                             for i in range(0, images.shape[0], 16)])
+            b = torch.cat([bpd_terms(den, images[i:i + 16], generator=gen).double().sum(dim=1)
+                           for i in range(0, images.shape[0], 16)])
         print(f"bound {m}/{var}: {time.perf_counter() - t0:.0f} s", flush=True)
+        return b.tolist()
+
+    per_image = {(m, var): torch.tensor(measured.get(f"bound/{args.nll_n}/{tag(m, var)}", lambda: bound(m, var)),
+                                        dtype=torch.float64) for m, var in rows}
     base = per_image[("L_simple", "small")]
     print(f"\n| model | variance | bound (bits/dim), {args.nll_n} digits | difference to L_simple / small |")
     print("| --- | --- | --- | --- |")
@@ -178,19 +205,27 @@ def main(argv=None) -> int:
         cols = [("ddpm", S, args.fd_n) for S in DDPM_STEPS]
         if args.fd_n_1000 > 0:
             cols.append(("ddpm", 1000, args.fd_n_1000))
+        if args.confirm_n > 0:
+            cols.append(("ddpm", 50, args.confirm_n))
         cols += [("ddim", S, args.fd_n) for S in DDIM_STEPS]
+
+        def frechet(sampler, S, n, m, var):
+            den = Run.open(runs[m]).denoiser(variance=var)
+            opts = {"eta": DDIM_ETA} if sampler == "ddim" else {}
+            t0 = time.perf_counter()
+            x = sample(den, (n, 1, 8, 8), sampler=sampler, steps=S, noise=PerSampleNoise(args.seed), **opts)
+            fd = fd_quarters(clf, clf.features(to_uint8(x)))
+            print(f"{sampler} S={S} n={n} {m}/{var}: FD {fd[0]:.2f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+            return fd
+
         fds = {}
         for sampler, S, n in cols:
             for m, var in rows:
                 if sampler == "ddim" and (m != "L_simple" or var == "large"):
                     continue  # DDIM reads only the analytic variance: small against analytic
-                den = Run.open(runs[m]).denoiser(variance=var)
-                opts = {"eta": DDIM_ETA} if sampler == "ddim" else {}
-                t0 = time.perf_counter()
-                x = sample(den, (n, 1, 8, 8), sampler=sampler, steps=S, noise=PerSampleNoise(args.seed), **opts)
-                fds[(sampler, S, m, var)] = fd_quarters(clf, clf.features(to_uint8(x)))
-                print(f"{sampler} S={S} {m}/{var}: FD {fds[(sampler, S, m, var)][0]:.2f} "
-                      f"({time.perf_counter() - t0:.0f} s)", flush=True)
+                opt = f"-eta{DDIM_ETA:g}" if sampler == "ddim" else ""
+                key = f"fd/{sampler}{opt}/{S}/{n}/{tag(m, var)}"
+                fds[(sampler, S, n, m, var)] = measured.get(key, lambda: frechet(sampler, S, n, m, var))
         for sampler in ("ddpm", "ddim"):
             mine = [(S, n) for smp, S, n in cols if smp == sampler]
             title = "DDPM" if sampler == "ddpm" else f"DDIM eta = {DDIM_ETA:g}"
@@ -199,18 +234,18 @@ def main(argv=None) -> int:
             for m, var in rows:
                 cells = []
                 for S, n in mine:
-                    if (sampler, S, m, var) not in fds:
+                    if (sampler, S, n, m, var) not in fds:
                         continue
-                    fd, q = fds[(sampler, S, m, var)]
-                    results["fd"][f"{sampler}/{S}/{m}/{var}"] = {"fd": fd, "n": n, "quarters": q}
-                    ref = fds.get((sampler, S, m, "small"))
+                    fd, q = fds[(sampler, S, n, m, var)]
+                    results["fd"][f"{sampler}/{S}/{n}/{m}/{var}"] = {"fd": fd, "n": n, "quarters": q}
+                    ref = fds.get((sampler, S, n, m, "small"))
                     if var == "small" or ref is None:  # the reference row, or a model measured without one
                         cells.append(f"{fd:.2f}")
                         continue
                     diff = [a - b for a, b in zip(q, ref[1])]
                     mean = sum(diff) / 4
                     se = math.sqrt(sum((v - mean) ** 2 for v in diff) / 3) / 2
-                    results["fd"][f"{sampler}/{S}/{m}/{var}"].update(diff_to_small=fd - ref[0], diff_stderr=se)
+                    results["fd"][f"{sampler}/{S}/{n}/{m}/{var}"].update(diff_to_small=fd - ref[0], diff_stderr=se)
                     cells.append(f"{fd:.2f} ({fd - ref[0]:+.2f} +- {se:.2f})")
                 if cells:
                     print(f"| {m} | {var} | " + " | ".join(cells) + " |", flush=True)
