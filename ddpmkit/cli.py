@@ -68,7 +68,10 @@ def cmd_train(args) -> int:
         cfg = config_from_preset(args.preset, **overrides)
     trainer = Trainer(cfg, out, resume=args.resume, quiet=args.quiet)
     main_rank = trainer.dist.is_main
-    if main_rank:
+    if main_rank and trainer.step >= cfg.steps:  # a resume asked for no more steps than the run has
+        print(f"{out} is at step {trainer.step}, at or past --steps {cfg.steps}: nothing to train (give a larger "
+              f"--steps to go on)", file=sys.stderr)
+    elif main_rank:
         print(f"training {out} on {trainer.device} ({trainer.model.num_parameters():,} parameters, "
               f"{trainer.num_images:,} images), from step {trainer.step} to {cfg.steps}", file=sys.stderr)
     res = trainer.run()
@@ -84,7 +87,8 @@ def cmd_train(args) -> int:
     if not main_rank:
         return 0
     how = "time limit reached" if res["stop"] == "time_limit" else "done"
-    print(f"{how} at step {res['step']}: loss {res['loss']:.4f}, {res['seconds']:.0f} s")
+    loss = f"loss {res['loss']:.4f}" if res["loss"] == res["loss"] else "no step taken"  # NaN: no step was taken
+    print(f"{how} at step {res['step']}: {loss}, {res['seconds']:.0f} s")
     if res["checkpoint"]:
         print(f"checkpoint: {res['checkpoint']}")
     if res["grid"]:

@@ -95,6 +95,12 @@ def test_cli_train_sample_resume_end_to_end(tmp_path, capsys):
                 + TINY) == 0
     assert main(["train", "--out", str(run), "--steps", "6", "--resume", "--quiet"]) == 0
     assert load_checkpoint(run).step == 6
+    capsys.readouterr()
+    # a resume to fewer steps than the run has: said so, nothing trained, no NaN loss printed
+    assert main(["train", "--out", str(run), "--steps", "3", "--resume", "--quiet"]) == 0
+    said = capsys.readouterr()
+    assert "at step 6, at or past --steps 3: nothing to train" in said.err
+    assert "no step taken" in said.out and "nan" not in said.out and load_checkpoint(run).step == 6
     out = tmp_path / "samples"
     gif = tmp_path / "chain.gif"
     assert main(["sample", str(run), "--sampler", "ddim", "--steps", "5", "--n", "6", "--batch-size", "4",
