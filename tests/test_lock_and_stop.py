@@ -95,8 +95,16 @@ def _signal_at(monkeypatch, step: int, *signums):
     monkeypatch.setattr(train_mod.Trainer, "train_step", step_then_signal)
 
 
+def _needs_handled(signum):
+    """Skip where the test process was started with ``signum`` ignored (nohup, or a script's background job): a
+    training then rightly leaves it ignored (test_an_ignored_sigint_stays_ignored)."""
+    if signal.getsignal(signum) is signal.SIG_IGN:
+        pytest.skip(f"{signal.Signals(signum).name} is ignored in this process, as in a background job")
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_the_first_signal_finishes_the_step_and_saves(tmp_path, monkeypatch, signum):
+    _needs_handled(signum)
     _signal_at(monkeypatch, 3, signum)
     before = signal.getsignal(signum)
     res = Trainer(tiny_cfg(steps=50, checkpoint_every=100), tmp_path / "run", quiet=True).run()
@@ -107,11 +115,24 @@ def test_the_first_signal_finishes_the_step_and_saves(tmp_path, monkeypatch, sig
 
 
 def test_a_second_ctrl_c_aborts_at_once(tmp_path, monkeypatch):
+    _needs_handled(signal.SIGINT)
     _signal_at(monkeypatch, 3, signal.SIGINT, signal.SIGINT)
     with pytest.raises(KeyboardInterrupt, match="aborted training at once"):
         Trainer(tiny_cfg(steps=50, checkpoint_every=2), tmp_path / "run", quiet=True).run()
     assert load_checkpoint(tmp_path / "run").step == 2  # no new checkpoint; the last complete one is intact
     RunLock(tmp_path / "run").acquire().release()  # and the lock went with the aborted training
+
+
+def test_an_ignored_sigint_stays_ignored(tmp_path, monkeypatch):
+    """A training started with SIGINT ignored (nohup, a background job) keeps ignoring it and trains on."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        _signal_at(monkeypatch, 2, signal.SIGINT)
+        res = Trainer(tiny_cfg(steps=4, checkpoint_every=100), tmp_path / "run", quiet=True).run()
+        assert res["stop"] == "steps" and res["step"] == 4
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _train_cmd(run: Path, steps: int, *extra) -> list:
