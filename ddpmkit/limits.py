@@ -15,12 +15,14 @@ import math
 
 from .errors import ConfigError
 
-__all__ = ["MAX_T", "MAX_BATCH", "MAX_PARAMETERS", "MAX_GRID", "check_int", "check_float", "check_T",
+__all__ = ["MAX_T", "MAX_BATCH", "MAX_PARAMETERS", "MAX_GRID", "MAX_CHANNELS", "MAX_IMAGE_SIZE", "check_int", "check_float", "check_T",
            "check_model_config", "count_parameters"]
 
 MAX_T = 100_000  # diffusion steps (the papers use 1000 to 4000)
 MAX_BATCH = 65_536  # images in one batch (the paper's CIFAR-10 batch is 128)
 MAX_GRID = 4_096  # images in a training sample grid
+MAX_CHANNELS = 64  # image channels (RGB is 3)
+MAX_IMAGE_SIZE = 4_096  # image side in pixels (CIFAR-10 is 32)
 MAX_PARAMETERS = 10_000_000_000  # 40 GB of float32 weights, 280 times the paper's CIFAR-10 U-Net
 
 
@@ -68,7 +70,7 @@ def check_model_config(model_config: dict, where: str, error=ConfigError) -> int
     """
     if type(model_config) is not dict:
         raise error(f"{where}: the model settings must be a JSON object, got {_show(model_config)}")
-    ranges = {"image_size": (1, 4096), "in_channels": (1, 64), "base_channels": (1, 8192),
+    ranges = {"image_size": (1, MAX_IMAGE_SIZE), "in_channels": (1, MAX_CHANNELS), "base_channels": (1, 8192),
               "num_res_blocks": (1, 64), "num_groups": (1, 8192), "num_heads": (1, 1024),
               "num_class_embeds": (1, 1_000_000)}
     for key, (lo, hi) in ranges.items():
@@ -83,7 +85,7 @@ def check_model_config(model_config: dict, where: str, error=ConfigError) -> int
         if not isinstance(v, (list, tuple)) or len(v) > most:
             raise error(f"{where}: {key} must be a list of at most {most} integers, got {_show(v)}")
         for x in v:
-            check_int(f"{where}: each of {key}", x, 1, 64 if key == "channel_mults" else 4096, error)
+            check_int(f"{where}: each of {key}", x, 1, 64 if key == "channel_mults" else MAX_IMAGE_SIZE, error)
     try:
         n = count_parameters(model_config)
     except (ConfigError, TypeError, ValueError, KeyError) as e:

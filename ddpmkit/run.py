@@ -181,10 +181,10 @@ class Run:
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"the 'model' section of {self.config_path} lacks a valid in_channels and "
                                   f"image_size ({e})") from e
-        from .limits import check_int
+        from .limits import MAX_CHANNELS, MAX_IMAGE_SIZE, check_int
 
-        check_int(f"{self.config_path}: model.in_channels", c, 1, 64, CheckpointError)
-        check_int(f"{self.config_path}: model.image_size", s, 1, 4096, CheckpointError)
+        check_int(f"{self.config_path}: model.in_channels", c, 1, MAX_CHANNELS, CheckpointError)
+        check_int(f"{self.config_path}: model.image_size", s, 1, MAX_IMAGE_SIZE, CheckpointError)
         return (c, s, s)
 
     # ------------------------------------------------------------------ classes

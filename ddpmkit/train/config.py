@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from .. import __version__
 from ..diffusion import OBJECTIVES, VARIANCES, NoiseSchedule
 from ..errors import CheckpointError, ConfigError
-from ..limits import MAX_BATCH, MAX_GRID, MAX_T, check_float, check_int, check_model_config
+from ..limits import (MAX_BATCH, MAX_CHANNELS, MAX_GRID, MAX_IMAGE_SIZE, MAX_T, check_float, check_int,
+                      check_model_config)
 from ..models.unet import UNET_PRESETS, UNet
 
 __all__ = ["TrainConfig", "PRESETS", "config_from_preset", "flag", "settings", "preset_value", "show_value",
@@ -195,7 +196,8 @@ class TrainConfig:
                      "checkpoint_every", "sample_every", "keep", "sample_steps"]:
             positive_int(name)
         # upper bounds before anything is allocated (ddpmkit/limits.py): a config.json or a flag of 2^40 is one line
-        for name, hi in (("T", MAX_T), ("batch_size", MAX_BATCH), ("channels", 64), ("image_size", 4096)):
+        for name, hi in (("T", MAX_T), ("batch_size", MAX_BATCH), ("channels", MAX_CHANNELS),
+                         ("image_size", MAX_IMAGE_SIZE)):
             check_int(flag(name), getattr(self, name), 1, hi)
         check_int("--num-samples", self.num_samples, 0, MAX_GRID)
         for name, lo, hi, hi_open in (("grad_clip", 0, 1e12, False), ("adam_beta1", 0, 1, True),
