@@ -478,14 +478,20 @@ class Trainer:
         return losses.detach(), t, grad_norm.detach(), lr
 
     # ------------------------------------------------------------------ samples
+    def _ema_copy(self) -> torch.nn.Module:
+        """A copy of the network with the EMA weights, in eval mode (a copy draws nothing from the random
+        generators, and leaves the trained model as it is)."""
+        model = copy.deepcopy(self.model).eval()
+        model.load_state_dict(self.ema.state_dict())
+        return model
+
     def sample_grid(self) -> Path | None:
         from ..viz.figures import save_grid
         from ..samplers import sample
 
         if self.cfg.num_samples <= 0 or not self.dist.is_main:
             return None
-        model = copy.deepcopy(self.model).eval()  # a copy draws nothing from the random generators
-        model.load_state_dict(self.ema.state_dict())
+        model = self._ema_copy()
         g = torch.Generator(device="cpu").manual_seed(self.cfg.seed + 2)
         n = self.cfg.num_samples
         denoiser = Denoiser(model, self.schedule, self.cfg.objective)
@@ -522,9 +528,7 @@ class Trainer:
             return None
         from ..samplers.options import DEFAULT_GUIDANCE
 
-        model = copy.deepcopy(self.model).eval()
-        model.load_state_dict(self.ema.state_dict())
-        denoiser = Denoiser(model, self.schedule, self.cfg.objective, null_cond=self.null_class)
+        denoiser = Denoiser(self._ema_copy(), self.schedule, self.cfg.objective, null_cond=self.null_class)
         return self._probe.measure(
             denoiser, self.cfg.eval_n, (self.cfg.channels, self.cfg.image_size, self.cfg.image_size),
             sampler=self.cfg.eval_sampler, steps=self.cfg.eval_steps, seed=self.cfg.seed,
