@@ -82,6 +82,7 @@ class Denoiser:
         # the last noisy step for sampling (off for the bound, see ddpmkit.metrics.nll)
         self.gamma = None if gamma is None else torch.as_tensor(gamma, dtype=torch.float64).cpu()
         self.clip_sigma = bool(clip_sigma)
+        self._gamma_steps = None  # analytic: Gamma at each step of this schedule (float64, CPU); see _fixed_log_var
         self._log_var = self._fixed_log_var()
 
     def _fixed_log_var(self) -> torch.Tensor | None:
@@ -95,6 +96,8 @@ class Denoiser:
         gamma = self.gamma if self.timestep_map is None else self.gamma[self.timestep_map.cpu()]
         if gamma.ndim != 1 or gamma.shape[0] != self.schedule.T:
             raise ValueError(f"gamma must hold one value per network timestep, got shape {tuple(self.gamma.shape)}")
+        self._gamma_steps = gamma
+        self._alpha_bar_cpu = self.schedule.alpha_bar.double().cpu()  # for step_variance, read once per sampler step
         log_var = analytic_log_var(self.schedule.to("cpu"), gamma)  # Analytic-DPM Theorem 1 (and its sec. 4)
         if self.clip_sigma and self.schedule.T > 1:  # official sampler: clip_sigma_idx = 1, clip_pixel = 2
             log_var[1] = min(float(log_var[1]), math.log(sampling_sigma2_max()))
@@ -212,9 +215,8 @@ class Denoiser:
         """
         if self.variance != "analytic":
             return float(lambda2)
-        ab = self.schedule.alpha_bar.double().cpu()
-        t_net = int(t) if self.timestep_map is None else int(self.timestep_map[int(t)])
-        var = float(optimal_reverse_variance(ab[int(t)], ab[int(t_prev)], self.gamma[t_net],
+        ab = self._alpha_bar_cpu
+        var = float(optimal_reverse_variance(ab[int(t)], ab[int(t_prev)], self._gamma_steps[int(t)],
                                              torch.tensor(float(lambda2), dtype=torch.float64)))
         if last_noisy and self.clip_sigma:  # as _fixed_log_var: the official sampler's clip of the last noisy step
             var = min(var, sampling_sigma2_max())
