@@ -26,13 +26,12 @@ __all__ = ["QualityProbe", "classifier_view", "draw_samples"]
 def classifier_view(x: torch.Tensor, size: int = 16) -> torch.Tensor:
     """Float images in [-1, 1] [N, C, H, W] -> uint8 [N, 1, size, size]: grey, resized as the data source
     resizes the digits (bicubic on uint8, ``data.sources._resize_uint8``)."""
-    from ..data.sources import _resize_uint8
+    from ..data.sources import _resize_uint8, _rgb_to_gray
     from ..images import to_uint8
 
     u8 = to_uint8(x.detach().cpu())
     if u8.shape[1] == 3:  # ITU-R 601-2 luma, as PIL's "L"
-        w = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
-        u8 = (u8.float() * w).sum(1, keepdim=True).round().clamp(0, 255).to(torch.uint8)
+        u8 = _rgb_to_gray(u8)
     return _resize_uint8(u8, size)
 
 
