@@ -263,9 +263,6 @@ def make_labelled_grid(images, row_labels: Sequence[str], padding: int = 2, scal
     ``images`` [R * K, C, H, W] (float [-1, 1] or uint8) hold the R rows one after the other, K images each; the
     tiles are those of :func:`make_grid` with ``nrow=K``, and a white column on the left carries the labels.
     """
-    from PIL import ImageDraw
-
-
     arr = _as_uint8_nhwc(images)
     rows = len(row_labels)
     if rows < 1 or arr.shape[0] % rows:
