@@ -51,7 +51,7 @@ def make_model(image_size: int, channels: int) -> tuple[nn.Module, str]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=10, help="A/B pairs")
     ap.add_argument("--steps", type=int, default=3, help="training steps per timed block")

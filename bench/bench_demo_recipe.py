@@ -162,7 +162,7 @@ def table(rows: list[dict], floor: dict) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     ap.add_argument("--only", nargs="*", default=None, help="candidate names (default: all)")
     ap.add_argument("--budget", type=float, default=210.0, help="seconds of training on 2 threads (default 210)")
     ap.add_argument("--probe-steps", type=int, default=10, help="steps in each of the 3 timed chunks")

@@ -50,7 +50,8 @@ def run_demo(out: Path, train_seconds: float | None, n: int | None) -> int:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="Train the demo (or take a finished one) and judge its DDPM and "
+    p = argparse.ArgumentParser(
+        allow_abbrev=False, description="Train the demo (or take a finished one) and judge its DDPM and "
                                             "DDIM samples with a classifier trained on the real digits.")
     p.add_argument("--dir", default=None, help="a finished demo folder (with samples_ddpm/ and samples_ddim/); "
                                                "skips running the demo")

@@ -33,7 +33,7 @@ from ddpmkit.samplers import PerSampleNoise  # noqa: E402
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     p.add_argument("run_dir")
     p.add_argument("--n", type=int, default=500, help="digits to inpaint (default: 500)")
     p.add_argument("--steps", type=int, default=100, help="respaced DDPM steps S (default: 100)")

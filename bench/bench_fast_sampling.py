@@ -96,7 +96,7 @@ def diffusers_runner(run: Run, export_dir: Path):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     p.add_argument("--run", default=None, help="a digits run (default: train the demo's model into --workdir)")
     p.add_argument("--workdir", default="runs/bench-fast-sampling", help="where the trained model and export go")
     p.add_argument("--train-steps", type=int, default=1200,

@@ -85,7 +85,7 @@ def measure(clf, images, labels, ref_feats, ref_labels) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     p.add_argument("--cond", required=True, help="class-conditional run (trained here when absent)")
     p.add_argument("--uncond", required=True, help="unconditional run of the same budget (trained when absent)")
     p.add_argument("--train-seconds", type=float, default=300.0)

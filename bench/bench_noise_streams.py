@@ -30,7 +30,7 @@ from ddpmkit.samplers import PerSampleNoise, sample  # noqa: E402
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="digits")
     p.add_argument("--n", type=int, default=64)
     p.add_argument("--steps", type=int, default=100)

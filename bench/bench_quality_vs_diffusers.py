@@ -237,7 +237,7 @@ def launch(name: str, args, core, result: Path, threads: int) -> subprocess.Pope
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0])
     p.add_argument("--minutes", type=parse_minutes, default=parse_minutes("5,20"),
                    help="training budgets in minutes, comma-separated (default 5,20)")
     p.add_argument("--n", type=int, default=256, help="samples per snapshot (default 256)")

@@ -40,7 +40,7 @@ from ddpmkit.models.unet import UNET_PRESETS  # noqa: E402
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="cifar10", choices=sorted(UNET_PRESETS), help="UNet preset (default cifar10)")
     p.add_argument("--n", type=int, default=64, help="images per DDIM run (the batch; default 64)")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")

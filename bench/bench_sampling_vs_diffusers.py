@@ -151,7 +151,7 @@ def overhead_lines(ddim: list[float], inside: list[float], fwd: list[float], ste
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0])
     p.add_argument("--n", type=int, default=64, help="images per DDIM run (the batch; default 64)")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
     p.add_argument("--threads", type=int, default=all_cores(), help="torch threads (default: all cores)")

@@ -162,7 +162,7 @@ def run_worker(name: str, args) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0])
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--threads", type=int, default=all_cores(), help="torch threads (default: all cores)")
     p.add_argument("--rounds", type=int, default=3, help="rounds; each runs both contenders once (default: 3)")

@@ -47,7 +47,7 @@ def report(name: str, times: list[float], batch: int) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="cifar10", help="UNet preset (default: cifar10)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default: 2)")

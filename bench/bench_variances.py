@@ -139,7 +139,8 @@ def fd_quarters(clf: DigitsClassifier, feats) -> tuple[float, list[float]]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cache", default="runs/bench-variances", help="where the runs are trained and kept")
     ap.add_argument("--steps", type=int, default=5000, help="training steps of each model (the preset's 5000)")
     ap.add_argument("--vlb", action="store_true", help="also train and bound a model on L_vlb alone")

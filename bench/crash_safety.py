@@ -187,7 +187,7 @@ def run_crash_safety(workdir: Path, *, kills: int = 20, steps: int = 800, checkp
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     p.add_argument("--kills", type=int, default=20)
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--checkpoint-every", type=int, default=2)

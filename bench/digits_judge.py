@@ -91,7 +91,8 @@ def describe_classifier(clf: DigitsClassifier, log=print) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="Judge folders of generated 16x16 digits with a CNN trained on "
+    p = argparse.ArgumentParser(
+        allow_abbrev=False, description="Judge folders of generated 16x16 digits with a CNN trained on "
                                             "the real digits: confidence, class coverage, Frechet distance.")
     p.add_argument("dirs", nargs="*", metavar="DIR", help="folders of 16x16 PNG samples")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of the classifier (split, init, batches)")

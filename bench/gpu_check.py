@@ -334,7 +334,7 @@ def ddp(sz: dict, device, dry: bool) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     p.add_argument("--dry", action="store_true", help="a tiny model and a few steps, on whatever device there is")
     p.add_argument("--out", default=None, metavar="FILE", help="the JSON of figures (default: gpu-check.json)")
     p.add_argument("--skip", default="", help="comma-separated parts to skip: train, peer, compare, sample, ddp")

@@ -16,6 +16,13 @@ class CLIError(DdpmkitError):
 
 
 class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors and no prefix matching: ``--log`` is refused, never read as ``--log-every``,
+    so that adding a flag can never change what an existing command line means."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs["allow_abbrev"] = False
+        super().__init__(*args, **kwargs)
+
     def error(self, message):  # one line and exit status 2, as argparse does, without the usage block
         self.exit(2, f"{self.prog}: error: {message}\n")
 

@@ -11,6 +11,7 @@ subclass) and gets the same message in that class.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import http.client
@@ -40,6 +41,7 @@ __all__ = [
     "cache_dir",
     "download",
     "reason",
+    "output_dir",
 ]
 
 ErrorClass = type[DdpmkitError]
@@ -55,6 +57,32 @@ def reason(e: BaseException) -> str:
         return e.strerror
     text = " ".join(str(getattr(e, "reason", None) or e).split())
     return text or type(e).__name__
+
+
+@contextlib.contextmanager
+def output_dir(path, *, error: ErrorClass = FileError):
+    """``with output_dir(out) as out:`` creates the folder ``out`` (and its missing parents) for a command's files;
+    when the block fails, the folders it created are removed again where they are still empty (deepest first), so
+    a failed command leaves no empty folder behind and removes nothing that was there before."""
+    path = Path(path)
+    created = []
+    p = path
+    while not p.exists() and p != p.parent:
+        created.append(p)
+        p = p.parent
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise error(f"cannot create the folder {path}: {reason(e)}") from None
+    try:
+        yield path
+    except BaseException:
+        for d in created:
+            try:
+                d.rmdir()  # only an empty folder: whatever the block wrote stays
+            except OSError:
+                break
+        raise
 
 
 def cache_dir() -> Path:

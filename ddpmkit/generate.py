@@ -41,7 +41,7 @@ def generate(run_or_checkpoint, out_dir, opt: SampleOptions, *, gif_path=None, d
     """
     from .progress import steps_bar
     from .samplers.batches import sample_batches
-    from .files import atomic_write_text
+    from .files import atomic_write_text, output_dir
     from .viz import ChainRecorder, save_chain_gif, save_grid, save_images, save_labelled_grid
 
     run = Run.open(run_or_checkpoint)
@@ -51,58 +51,58 @@ def generate(run_or_checkpoint, out_dir, opt: SampleOptions, *, gif_path=None, d
     denoiser = run.denoiser(ema=opt.ema, variance=opt.variance, clip_x0=opt.clip_x0, device=dev,
                             guidance=cond.guidance)
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    recorder = None
+    # the folder is made only now, after every setting was checked; a failure below removes it again if empty
+    with output_dir(out_dir) as out_dir:
+        recorder = None
 
-    def start_recorder(x_T):  # the first batch's chain, recorded for the GIF (anew after an out-of-memory retry)
-        nonlocal recorder
-        recorder = ChainRecorder(plan.model_calls, num_samples=min(opt.gif_samples, n_total),
-                                 num_frames=opt.gif_frames)
-        recorder.initial(x_T)
-        return recorder
+        def start_recorder(x_T):  # the first batch's chain, recorded for the GIF (anew after an out-of-memory retry)
+            nonlocal recorder
+            recorder = ChainRecorder(plan.model_calls, num_samples=min(opt.gif_samples, n_total),
+                                     num_frames=opt.gif_frames)
+            recorder.initial(x_T)
+            return recorder
 
-    rows = cond.classes if cond.classes is not None and len(cond.classes) > 1 else None  # one grid row per class
-    per_row = min(opt.n, ROW_MAX)
-    grid_images, files = [], []  # only the samples shown in the grid stay in memory
-    t0 = time.perf_counter()
-    # a bar of network calls, so that a 1000-step DDPM batch moves at every step (progress.py)
-    with steps_bar(denoiser.net, n=n_total, batch_size=opt.batch_size, calls_per_batch=plan.model_calls,
-                   desc=plan.sampler, disable=not progress) as bar:
-        for start, x in sample_batches(denoiser, n=n_total, shape=run.image_shape, sampler=plan.sampler,
-                                       steps=plan.steps, spacing=plan.spacing, seed=opt.seed,
-                                       batch_size=opt.batch_size, options=plan.options,
-                                       on_first_batch=start_recorder if gif_path else None, log=log,
-                                       labels=cond.labels):
-            u8 = to_uint8(x.cpu())
-            files += save_images(u8, out_dir, prefix="sample", start=start)
-            if rows is not None:  # the first ROW_MAX samples of each class
-                keep = (torch.arange(start, start + u8.shape[0]) % opt.n) < per_row
-                grid_images.append(u8[keep])
-            else:
-                room = GRID_MAX - sum(len(i) for i in grid_images)
-                if room > 0:
-                    grid_images.append(u8[:room])
-            bar.images(start + u8.shape[0])
-    seconds = time.perf_counter() - t0
-    images = torch.cat(grid_images)
-    if rows is not None:
-        names = [run.class_names[c] for c in rows]
-        grid = save_labelled_grid(images, names, out_dir / "grid.png")
-    else:
-        grid = save_grid(images, out_dir / "grid.png")
-    if cond.labels is not None:  # which class each file shows
-        lines = ["file,label,class"] + [f"{f.name},{int(y)},{run.class_names[int(y)]}"
-                                        for f, y in zip(files, cond.labels.tolist())]
-        atomic_write_text(out_dir / "labels.csv", "\n".join(lines) + "\n")
-    result = {"n": n_total, "seconds": seconds, "per_second": n_total / max(seconds, 1e-9), "dir": out_dir,
-              "grid": grid, "files": files, "images": images, "steps": plan.model_calls, "plan": plan,
-              "classes": cond.classes, "guidance": cond.guidance,
-              "labels": None if cond.labels is None else cond.labels}
-    if recorder is not None:
-        result["gif"] = Path(gif_path)
-        result["gif_frames"] = save_chain_gif(recorder, gif_path)
-    return result
+        rows = cond.classes if cond.classes is not None and len(cond.classes) > 1 else None  # one grid row per class
+        per_row = min(opt.n, ROW_MAX)
+        grid_images, files = [], []  # only the samples shown in the grid stay in memory
+        t0 = time.perf_counter()
+        # a bar of network calls, so that a 1000-step DDPM batch moves at every step (progress.py)
+        with steps_bar(denoiser.net, n=n_total, batch_size=opt.batch_size, calls_per_batch=plan.model_calls,
+                       desc=plan.sampler, disable=not progress) as bar:
+            for start, x in sample_batches(denoiser, n=n_total, shape=run.image_shape, sampler=plan.sampler,
+                                           steps=plan.steps, spacing=plan.spacing, seed=opt.seed,
+                                           batch_size=opt.batch_size, options=plan.options,
+                                           on_first_batch=start_recorder if gif_path else None, log=log,
+                                           labels=cond.labels):
+                u8 = to_uint8(x.cpu())
+                files += save_images(u8, out_dir, prefix="sample", start=start)
+                if rows is not None:  # the first ROW_MAX samples of each class
+                    keep = (torch.arange(start, start + u8.shape[0]) % opt.n) < per_row
+                    grid_images.append(u8[keep])
+                else:
+                    room = GRID_MAX - sum(len(i) for i in grid_images)
+                    if room > 0:
+                        grid_images.append(u8[:room])
+                bar.images(start + u8.shape[0])
+        seconds = time.perf_counter() - t0
+        images = torch.cat(grid_images)
+        if rows is not None:
+            names = [run.class_names[c] for c in rows]
+            grid = save_labelled_grid(images, names, out_dir / "grid.png")
+        else:
+            grid = save_grid(images, out_dir / "grid.png")
+        if cond.labels is not None:  # which class each file shows
+            lines = ["file,label,class"] + [f"{f.name},{int(y)},{run.class_names[int(y)]}"
+                                            for f, y in zip(files, cond.labels.tolist())]
+            atomic_write_text(out_dir / "labels.csv", "\n".join(lines) + "\n")
+        result = {"n": n_total, "seconds": seconds, "per_second": n_total / max(seconds, 1e-9), "dir": out_dir,
+                  "grid": grid, "files": files, "images": images, "steps": plan.model_calls, "plan": plan,
+                  "classes": cond.classes, "guidance": cond.guidance,
+                  "labels": None if cond.labels is None else cond.labels}
+        if recorder is not None:
+            result["gif"] = Path(gif_path)
+            result["gif_frames"] = save_chain_gif(recorder, gif_path)
+        return result
 
 
 def default_out_dir(run_or_checkpoint, opt: SampleOptions) -> Path:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .diffusion import NoiseSchedule
-from .errors import CheckpointError, DdpmkitError
+from .errors import CheckpointError, ConfigError, DdpmkitError
 from .store.checkpoint import Checkpoint, check_state_matches, load_checkpoint, locate, strip_wrappers
 from .store.rundir import CONFIG_NAME, read_config
 
@@ -270,8 +270,9 @@ class Run:
         """A Denoiser over the run's model (on ``device``, default the CPU), schedule and objective.
 
         ``variance`` defaults to the run's (``config["diffusion"]["variance"]`` or "small"). A class-conditional
-        run's Denoiser knows its null class; give it labels with ``with_cond`` and a guidance weight here (or with
-        ``guided``).
+        run's Denoiser knows its null class and refuses a call without labels: give them with ``with_cond`` (a
+        tensor [B], or one int; ``null_class`` for the unconditional model) and a guidance weight here (or with
+        ``guided``). The analytic variance refuses a guidance weight: its Gamma_t is the unguided model's.
         """
         from .diffusion import Denoiser
         from .diffusion.process import check_objective
@@ -291,6 +292,11 @@ class Run:
             raise CheckpointError(f"{self.dir} cannot use the learned variance: its network was not trained with "
                                   "--learn-sigma (choose small, large or analytic)")
         gamma = None
+        if variance == "analytic" and guidance:
+            # Gamma_t = E||eps_theta||^2 / d is measured on the model's own predictions (Analytic-DPM); guided ones
+            # are another quantity, so the stored or estimated Gamma_t would not be the optimal variance for them
+            raise ConfigError(f"the analytic variance cannot be used with guidance w = {guidance:g}: its Gamma_t "
+                              "holds for the unguided model only; use --guidance 0, or --variance small or large")
         if variance == "analytic":
             gamma = self.gamma()
             if gamma is None:

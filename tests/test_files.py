@@ -231,3 +231,21 @@ def test_download_unwritable_destination(tmp_path):
     blocker.write_text("x")
     with pytest.raises(FileError, match="cannot write to"):
         download(url, blocker / "sub" / "f.bin", progress=False)
+
+
+def test_output_dir_removes_only_the_empty_folders_it_made_when_the_block_fails(tmp_path):
+    (tmp_path / "run").mkdir()
+    out = tmp_path / "run" / "samples" / "tag"
+    with pytest.raises(RuntimeError):
+        with files.output_dir(out):
+            assert out.is_dir()
+            raise RuntimeError("the sampler failed")
+    assert not (tmp_path / "run" / "samples").exists() and (tmp_path / "run").is_dir()  # the run was there before
+    with pytest.raises(KeyboardInterrupt):
+        with files.output_dir(out):
+            (out / "sample_000.png").write_bytes(b"x")  # what was written stays, and so do its folders
+            raise KeyboardInterrupt
+    assert (out / "sample_000.png").is_file()
+    with files.output_dir(tmp_path / "new") as made:  # success keeps it
+        pass
+    assert made.is_dir()

@@ -373,6 +373,32 @@ def test_a_sample_depends_on_its_class_not_on_its_batch(cond_run):
     torch.testing.assert_close(one, two, atol=1e-5, rtol=0)
 
 
+def test_the_python_api_on_a_class_conditional_run_names_what_to_pass(cond_run):
+    run = Run.open(cond_run)
+    den = run.denoiser()
+    shape = (3, *run.image_shape)
+    with pytest.raises(ValueError, match=r"with_cond\(labels\).*guided\(w\).*null_class"):
+        sample(den, shape, sampler="ddim", steps=3, noise=0)
+    # one int label for all is labels [B] of that int; the null class is the unconditional model
+    seven = sample(den.with_cond(7), shape, sampler="ddim", steps=3, noise=0)
+    assert torch.equal(seven, sample(den.with_cond(torch.tensor([7, 7, 7])), shape, sampler="ddim", steps=3, noise=0))
+    null = sample(den.with_cond(run.null_class), shape, sampler="ddim", steps=3, noise=0)
+    assert not torch.equal(null, seven)
+    guided = sample(den.with_cond(7).guided(1.0), shape, sampler="ddim", steps=3, noise=0)
+    assert guided.shape == shape and not torch.equal(guided, seven)
+
+
+def test_the_analytic_variance_refuses_guidance_in_one_line(cond_run, tmp_path, capsys):
+    out = tmp_path / "a"
+    rc = main(["sample", str(cond_run), "--sampler", "ddpm", "--steps", "2", "--variance", "analytic", "--quiet",
+               "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "analytic" in err[0] and "--guidance 0" in err[0]
+    assert not out.exists()
+    with pytest.raises(ConfigError, match="analytic"):
+        Run.open(cond_run).denoiser(variance="analytic", guidance=0.5)
+
+
 @pytest.mark.parametrize("args,fragment", [
     (["--class", "12"], "no class '12'"),
     (["--guidance", "-1"], "--guidance must be a number >= 0"),

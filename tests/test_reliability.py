@@ -328,9 +328,42 @@ def test_bad_sampling_flags(runs, capsys):
         (["--spacing", "cubic"], "spacing"),
         (["--batch-size", "0"], "--batch-size"),
         (["--n", "0"], "--n"),
+        (["--sampler", "unipc", "--order", "4"], "--order"),  # outside the option's declared range
+        (["--sampler", "unipc", "--order", "0"], "--order"),
     ]:
         assert_one_line_error(["sample", str(a), "--quiet", "--out", str(runs / "s")] + extra, capsys, runs, match)
     assert_one_line_error(["sample", str(runs)], capsys, runs)  # the folder that holds runs is not one
+
+
+def _parsers(parser):
+    """The parser and every subparser below it."""
+    import argparse
+
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield from _parsers(sub)
+
+
+def test_no_parser_matches_an_abbreviated_flag(tmp_path, capsys):
+    from ddpmkit.cli import build_parser
+
+    parsers = list(_parsers(build_parser()))
+    assert len(parsers) > 10 and all(not p.allow_abbrev for p in parsers)
+    # --log is not --log-every, --samp not --sampler: refused in one line, nothing written
+    assert_one_line_error(["train", "--out", str(tmp_path / "out"), "--log", "tensorboard"] + TINY, capsys,
+                          tmp_path, "--log")
+    assert_one_line_error(["sample", str(tmp_path), "--samp", "ddim"], capsys, tmp_path, "--samp")
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_benchmarks_parsers_match_no_abbreviated_flag():
+    bench = Path(__file__).resolve().parent.parent / "bench"
+    for path in sorted(bench.glob("*.py")):
+        text = path.read_text()
+        made = text.count("argparse.ArgumentParser(")
+        assert text.count("allow_abbrev=False") == made, path.name
 
 
 def test_run_dir_that_is_not_a_run(tmp_path, capsys):

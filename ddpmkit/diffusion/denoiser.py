@@ -121,6 +121,13 @@ class Denoiser:
         """The network's raw output at (x_t, t), as float32 (float64 kept, for exact-arithmetic tests)."""
         t_net = t if self.timestep_map is None else self.timestep_map.to(t.device)[t]
         cond = self.cond if cond is None else cond
+        if cond is None and getattr(self.net, "needs_cond", False):
+            raise ValueError(
+                "this Denoiser's network is class-conditional, and no label was given: use den.with_cond(labels) "
+                "(a tensor [B] of class labels, or one int for all), den.guided(w) for classifier-free guidance, or "
+                "den.with_cond(run.null_class) for the unconditional model")
+        if isinstance(cond, int) or (torch.is_tensor(cond) and cond.ndim == 0 and not cond.is_floating_point()):
+            cond = torch.full((x_t.shape[0],), int(cond), dtype=torch.int64, device=x_t.device)  # one label for all
         if self.guidance and cond is not None:  # w = 0 (or None) is the conditional model alone: one evaluation
             out = self._guided_output(x_t, t, t_net, cond)
         else:
@@ -238,7 +245,8 @@ class Denoiser:
         return self._replace(schedule=schedule.to(self.schedule.device), timestep_map=mapped)
 
     def with_cond(self, cond) -> "Denoiser":
-        """This Denoiser with ``cond`` (for example class labels [B]) passed to every call that gives none."""
+        """This Denoiser with ``cond`` passed to every call that gives none: class labels [B], or one int label for
+        every sample (the null class draws from the unconditional model)."""
         return self._replace(cond=cond)
 
     def guided(self, guidance: float | None, null_cond=None, guidance_space: str | None = None) -> "Denoiser":

@@ -340,6 +340,11 @@ class UNet(nn.Module):
             raise ConfigError("UNet config lacks 'image_size'")
         return cls(**config)
 
+    @property
+    def needs_cond(self) -> bool:
+        """Whether the network takes class labels (a Denoiser refuses to call it without)."""
+        return self.class_embed is not None
+
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 

@@ -40,7 +40,7 @@ def _diffs(hist, lam_s0, h, m0, count):
 
 @register("unipc", summary="UniPC, Zhao et al. 2023: multistep predictor-corrector, B(h) = e^h - 1",
           default_steps=10, default_spacing="logsnr", continuous=True,
-          options=(Option("order", int, 2, "UniPC's order: 1, 2 or 3", minimum=1),))
+          options=(Option("order", int, 2, "UniPC's order: 1, 2 or 3", minimum=1, maximum=3),))
 def unipc(denoiser, x_T, timesteps, *, noise, callback=None, order: int = 2):
     """One network call per timestep. Each new prediction first corrects the step that led to it (UniC), then the
     predictor (UniP) takes the next step with up to ``order`` predictions; the orders warm up from 1 and fall to 1
