@@ -154,16 +154,18 @@ def _add_sampler_flags(p, variance: bool = True, default_sampler: str = "ddim") 
                    help="clip the predicted x0 to [-1, 1] (default: on)")
 
 
-def _add_class_flags(p, what: str = "samples") -> None:
-    """--class and --guidance, for a class-conditional run."""
+def _add_class_flags(p, what: str = "samples", class_help: str | None = None, guidance_help: str | None = None) -> None:
+    """--class and --guidance, for a class-conditional run (``class_help``, ``guidance_help``: another command's
+    reading of them)."""
     from .samplers.options import DEFAULT_GUIDANCE
 
     p.add_argument("--class", dest="classes", default=None, metavar="C",
-                   help=f"class-conditional runs: the class of the {what}, by label or name: 7, 3,5,8 or all "
-                        "(default: every class in turn)")
+                   help=class_help or f"class-conditional runs: the class of the {what}, by label or name: 7, 3,5,8 "
+                                      "or all (default: every class in turn)")
     p.add_argument("--guidance", type=float, default=None, metavar="W",
                    help="classifier-free guidance weight w >= 0, eps = (1 + w) eps(x, c) - w eps(x, null); 0 is the "
-                        f"conditional model alone (default: {DEFAULT_GUIDANCE:g} for a class-conditional run)")
+                        "conditional model alone " + (guidance_help or "(default: {w:g} for a class-conditional "
+                                                                       "run)").format(w=DEFAULT_GUIDANCE))
 
 
 def _sample_options(args, **extra):
@@ -271,17 +273,27 @@ def cmd_eval(args) -> int:
     if args.variance not in (None, *VARIANCES):
         raise CLIError(f"unknown variance {args.variance!r}: choose one of {', '.join(VARIANCES)}")
     res = evaluate_nll(args.run_dir, data=args.data, split=args.split, n=args.n, batch_size=args.batch_size,
-                       ema=args.ema, variance=args.variance, seed=args.seed)
+                       ema=args.ema, variance=args.variance, seed=args.seed, classes=args.classes,
+                       guidance=args.guidance)
     out = Path(args.out) if args.out else Path(args.run_dir) / "eval"
     out.mkdir(parents=True, exist_ok=True)
     if res.get("note"):
         print(f"note: {res['note']}", file=sys.stderr)
-    csv_path = write_terms_csv(out / "nll_terms.csv", res["terms"])
-    png = plot_bpd_terms(res["terms"], out / "nll_terms.png")
+    import json
+
+    from .files import atomic_write_text
+
+    name = f"nll_terms{res['tag']}"  # -classnone, -class3, -w0.5: each conditioning keeps its own files
+    csv_path = write_terms_csv(out / f"{name}.csv", res["terms"])
+    png = plot_bpd_terms(res["terms"], out / f"{name}.png")
+    keys = ("bpd", "bpd_stderr", "n", "source", "split", "variance", "objective", "ema", "T", "conditioning",
+            "guidance", "seed", "note")
+    notes = atomic_write_text(out / f"{name}.json", json.dumps({k: res.get(k) for k in keys}, indent=2) + "\n")
+    cond = f", conditioned on {res['conditioning']}" if res["conditioning"] else ""
     print(f"NLL bound: {res['bpd']:.4f} +- {res['bpd_stderr']:.4f} bits/dim on {res['n']} images of "
-          f"{res['source']} ({res['split']}), variance {res['variance']}, {'EMA' if res['ema'] else 'raw'} "
+          f"{res['source']} ({res['split']}){cond}, variance {res['variance']}, {'EMA' if res['ema'] else 'raw'} "
           f"weights, {res['seconds']:.1f} s")
-    print(f"terms: {csv_path}")
+    print(f"terms: {csv_path} (notes: {notes.name})")
     print(f"plot:  {png}")
     return 0
 
@@ -405,9 +417,11 @@ def cmd_inpaint(args) -> int:
     res = inpaint_run(args.checkpoint or args.run_dir, image=args.image, mask=args.mask, out=args.out,
                       jump=args.jump, resample=args.resample, n=args.n, steps=args.steps, spacing=args.spacing,
                       variance=args.variance, clip_x0=args.clip, seed=args.seed, batch_size=args.batch_size,
-                      ema=args.ema, device=args.device, resize=args.resize)
+                      ema=args.ema, device=args.device, resize=args.resize, classes=args.classes,
+                      guidance=args.guidance)
+    cond = f"; conditioned on {res['conditioning']}" if res["conditioning"] else ""
     print(f"{res['n']} inpaintings in {res['seconds']:.1f} s (RePaint, {res['steps']} steps, jump "
-          f"{args.jump}, resample {args.resample}: {res['model_calls']} network calls per image)")
+          f"{args.jump}, resample {args.resample}: {res['model_calls']} network calls per image{cond})")
     print(f"images: {res['dir']}")
     print(f"figure: {res['figure']}")
     return 0
@@ -421,8 +435,9 @@ def cmd_edit(args) -> int:
     res = edit_run(args.checkpoint or args.run_dir, image=args.image, strengths=strengths, sample_options=opt,
                    out=args.out, device=args.device, resize=args.resize)
     calls = ", ".join(f"{c} at {s:g}" for s, c in zip(res["strengths"], res["model_calls"]))
+    cond = f"; conditioned on {res['conditioning']}" if res["conditioning"] else ""
     print(f"{res['n']} edits in {res['seconds']:.1f} s (SDEdit with {res['plan'].sampler}; network calls per "
-          f"image: {calls})")
+          f"image: {calls}{cond})")
     print(f"images: {res['dir']}")
     print(f"strip:  {res['figure']}")
     return 0
@@ -514,15 +529,22 @@ def build_parser() -> argparse.ArgumentParser:
                         "EMA, 50,000 samples against the CIFAR-10 train set, Inception features); the FID line "
                         "always names the protocol (default: custom, from the flags)")
     e.set_defaults(sampler=None)  # ddim unless --protocol says otherwise (_eval_fid)
-    _add_class_flags(f, what="samples, and of the reference images when they have labels")
+    _add_class_flags(f, class_help="class-conditional runs. fid: the class of the samples, and of the reference "
+                                   "images when they have labels: 7, 3,5,8 or all (default: every class in turn). "
+                                   "nll: the label of every image, one class or none (the null class: the model as "
+                                   "an unconditional one) (default: each image's true label)",
+                     guidance_help="(default: fid and memorization {w:g} for a class-conditional run; nll 0, "
+                                   "the conditional model's bound: w > 0 gives the bound of DDPM's guided ancestral "
+                                   "chain)")
     e.add_argument("--variance", default=None, metavar="NAME",
                    help="small, large, learned (a --learn-sigma run) or analytic (after `eval variance`): the "
                         "bound's variance, or the sampler's for fid (default: the run's own, its `variance` setting)")
     e.set_defaults(func=cmd_eval)
 
     r = sub.add_parser("report", help="write one self-contained report.html of a run",
-                       description="One HTML page with the configuration, curves, samples, GIFs and figures of a "
-                                   "run, every picture embedded, viewable offline.")
+                       description="One HTML page of a run: a summary (samples, quality, training time, the commands "
+                                   "that reproduce it), then samples, curves, evaluation, GIFs, figures and the "
+                                   "configuration, every picture embedded, viewable offline.")
     r.add_argument("run_dir", metavar="RUN_DIR")
     r.add_argument("--out", default=None, metavar="FILE", help="output file (default: RUN_DIR/report.html)")
     r.set_defaults(func=cmd_report)
@@ -550,9 +572,12 @@ def build_parser() -> argparse.ArgumentParser:
                                                                     "be empty)")
     im.set_defaults(func=cmd_import_diffusers)
 
-    ex = sub.add_parser("export-diffusers", help="write a run as a diffusers DDPMPipeline folder",
-                        description="Write a run's model and schedule as a diffusers DDPMPipeline folder "
-                                    "(model_index.json, unet/, scheduler/).")
+    ex = sub.add_parser("export-diffusers", help="write a run as a diffusers pipeline folder",
+                        description="Write a run's model and schedule as a diffusers pipeline folder "
+                                    "(model_index.json, unet/, scheduler/): a DDPMPipeline, or for a "
+                                    "class-conditional run a ClassConditionalDDPMPipeline in the folder's own "
+                                    "pipeline.py, which takes class labels and a guidance weight. It prints the "
+                                    "Python call that loads and runs the folder.")
     ex.add_argument("run_dir", metavar="RUN_DIR")
     ex.add_argument("--out", required=True, metavar="DIR", help="the new folder (must not exist or be empty)")
     ex.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
@@ -611,6 +636,10 @@ def _add_edit_inputs(p) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--out", default=None, metavar="DIR", help="output folder (default: RUN_DIR/edits/<settings>)")
     p.add_argument("--device", default=None, help="device (default: cpu)")
+    _add_class_flags(p, class_help="class-conditional runs: the class of every input image, by label or name (7), "
+                                   "or none: the null class, the model as an unconditional one (default: the "
+                                   "image's own label, digits:I of a digits run, else none)",
+                     guidance_help="(default: {w:g} with a class, refused with none)")
 
 
 # What to reduce when a command runs out of memory (CPU RAM or GPU memory).

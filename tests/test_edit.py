@@ -304,3 +304,109 @@ def test_report_shows_the_edits_of_a_run(run_dir):
     assert len(list((run_dir / "edits").glob("*/inpaint.png"))) == 1
     page = write_report(run_dir).read_text()
     assert "<h2>Editing</h2>" in page and page.count("edits/") >= 2
+
+
+# ---------------------------------------------------------------------------------------------- class-conditional
+@pytest.fixture(scope="module")
+def cond_run(tmp_path_factory):
+    from conftest import tiny_run
+
+    return tiny_run(tmp_path_factory.mktemp("edit-cond"), class_cond=True, steps=2, num_samples=0)
+
+
+@pytest.fixture
+def labels_seen(monkeypatch):
+    """The labels y of every call of the U-Net."""
+    from ddpmkit.models.unet import UNet
+
+    seen, forward = [], UNet.forward
+
+    def spy(self, x, t, y=None):
+        seen.append(None if y is None else y.tolist())
+        return forward(self, x, t, y)
+
+    monkeypatch.setattr(UNet, "forward", spy)
+    return seen
+
+
+INPAINT = ["--mask", "bottom-half", "--steps", "3", "--jump", "1", "--resample", "1"]
+EDIT = ["--strength", "1", "--steps", "2"]
+
+
+def test_inpaint_takes_each_digit_its_own_label(cond_run, tmp_path, capsys, labels_seen):
+    # digits 17 and 0 are a 7 and a 0; rows 7, 7 | 0, 0 in batches of 3: [7, 7, 0] then [0]
+    assert main(["inpaint", str(cond_run), "--image", "digits:17,0", *INPAINT, "--n", "2", "--batch-size", "3",
+                 "--guidance", "0", "--out", str(tmp_path / "own")]) == 0
+    assert labels_seen == [[7, 7, 0]] * 3 + [[0]] * 3
+    assert "conditioned on each image's own label, guidance w = 0" in capsys.readouterr().out
+    labels_seen.clear()
+    # the default guidance doubles each batch: the labels, then the null class (10)
+    assert main(["inpaint", str(cond_run), "--image", "digits:17", *INPAINT, "--n", "1"]) == 0
+    assert labels_seen == [[7, 10]] * 3
+    assert "-w0.5-seed0" in capsys.readouterr().out  # RUN/edits/inpaint-...-w0.5-seed0
+
+
+def test_inpaint_and_edit_with_class_none_use_the_null_label(cond_run, tmp_path, capsys, labels_seen):
+    assert main(["inpaint", str(cond_run), "--image", "digits:17", *INPAINT, "--n", "2", "--class", "none",
+                 "--out", str(tmp_path / "none")]) == 0
+    assert labels_seen == [[10, 10]] * 3
+    labels_seen.clear()
+    assert main(["edit", str(cond_run), "--image", "digits:17", *EDIT, "--n", "2", "--class", "none"]) == 0
+    assert labels_seen == [[10, 10]] * 2
+    printed = capsys.readouterr().out
+    assert "null class" in printed and "-classnone-seed0" in printed
+
+
+def test_edit_with_one_class_for_every_image(cond_run, tmp_path, capsys, labels_seen):
+    assert main(["edit", str(cond_run), "--image", "digits:17,0", *EDIT, "--n", "1", "--class", "3",
+                 "--guidance", "1"]) == 0
+    assert labels_seen == [[3, 3, 10, 10]] * 2
+    assert "-class3-w1-seed0" in capsys.readouterr().out
+
+
+def test_an_image_file_without_a_label_takes_the_null_class(cond_run, tmp_path, labels_seen):
+    Image.fromarray(np.full((8, 8), 90, np.uint8), "L").save(tmp_path / "img.png")
+    assert main(["inpaint", str(cond_run), "--image", str(tmp_path / "img.png"), *INPAINT, "--n", "1",
+                 "--out", str(tmp_path / "f")]) == 0
+    assert labels_seen == [[10]] * 3
+
+
+def _no_null_copy(run, dest):
+    import json
+    import shutil
+
+    shutil.copytree(run, dest, ignore=shutil.ignore_patterns("edits"))
+    config = json.loads((dest / "config.json").read_text())
+    del config["classes"]  # as an imported model: labels unnamed, no null class known
+    (dest / "config.json").write_text(json.dumps(config))
+    return dest
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["inpaint", "COND", "--class", "none", "--guidance", "1"], "nothing to guide"),
+    (["edit", "COND", "--class", "none", "--guidance", "1"], "nothing to guide"),
+    (["inpaint", "COND", "--class", "3,5"], "one class"),
+    (["edit", "COND", "--class", "12"], "no class '12'"),
+    (["edit", "COND", "--guidance", "-1"], "--guidance must be a number >= 0"),
+    (["inpaint", "FILE", "NO-NULL"], "pass --class K"),
+    (["edit", "NO-NULL", "--class", "none"], "no null class"),
+    (["inpaint", "UNCOND", "--class", "3"], "unconditional"),
+    (["edit", "UNCOND", "--class", "none"], "unconditional"),
+    (["edit", "UNCOND", "--guidance", "1"], "unconditional"),
+])
+def test_conditioning_errors_are_one_line(run_dir, cond_run, tmp_path, capsys, argv, message):
+    cmd, rest = argv[0], argv[1:]
+    run = run_dir if "UNCOND" in rest else cond_run
+    if "NO-NULL" in rest:
+        run = _no_null_copy(cond_run, tmp_path / "nonull")
+    image = "digits:17"
+    if "FILE" in rest:
+        Image.fromarray(np.full((8, 8), 90, np.uint8), "L").save(tmp_path / "img.png")
+        image = str(tmp_path / "img.png")
+    rest = [a for a in rest if a not in ("COND", "UNCOND", "NO-NULL", "FILE")]
+    out = tmp_path / "never"
+    assert main([cmd, str(run), "--image", image, *(INPAINT if cmd == "inpaint" else EDIT), *rest,
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and message in err and "Traceback" not in err, err
+    assert not out.exists()

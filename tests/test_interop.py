@@ -157,6 +157,10 @@ def test_export_round_trip_loads_in_diffusers(tmp_path):
     assert main(["export-diffusers", str(run), "--out", str(tmp_path / "out")]) == 0
     theirs = UNet2DModel.from_pretrained(tmp_path / "out", subfolder="unet").eval()
     pipe = DDPMPipeline.from_pretrained(tmp_path / "out")
+    # an unconditional run stays a plain DDPMPipeline folder, with no code of ours in it
+    assert json.loads((tmp_path / "out" / "model_index.json").read_text()) == {
+        "_class_name": "DDPMPipeline", "scheduler": ["diffusers", "DDPMScheduler"], "unet": ["diffusers", "UNet2DModel"]}
+    assert not (tmp_path / "out" / "pipeline.py").exists()
     assert pipe.scheduler.config.prediction_type == "v_prediction"
     assert pipe.scheduler.config.beta_schedule == "squaredcos_cap_v2"
     torch.testing.assert_close(pipe.scheduler.alphas_cumprod, Run.open(run).schedule.alpha_bar, rtol=1e-5, atol=1e-6)
@@ -380,6 +384,13 @@ def test_class_conditional_unet2dmodel_imports_and_exports_exactly(tmp_path):
     assert _compare_cond(theirs, ours, 8, 5) < TOL
     run = Run.open(tmp_path / "run")
     assert run.class_names == ("0", "1", "2", "3", "4") and run.null_class is None  # no null class known
+    # exported as it is: diffusers runs it with labels, unguided (no null class to guide with)
+    assert main(["export-diffusers", str(tmp_path / "run"), "--out", str(tmp_path / "out0")]) == 0
+    pipe = _cond_pipeline(tmp_path / "out0")
+    assert pipe.config.null_class is None and not (tmp_path / "out0" / "unet" / "class_names.json").exists()
+    assert pipe([1, 4], num_inference_steps=2, output_type="pt").images.shape == (2, 3, 8, 8)
+    with pytest.raises(ValueError, match="cannot be guided"):
+        pipe([1, 4], guidance=0.5)
     # a ddpmkit class-conditional run exported: diffusers gives the same outputs, and names and null come back
     from ddpmkit.store import write_config
 
@@ -393,3 +404,93 @@ def test_class_conditional_unet2dmodel_imports_and_exports_exactly(tmp_path):
     _import(tmp_path / "out", tmp_path / "run2")
     again = Run.open(tmp_path / "run2")
     assert again.class_names == ("a", "b", "c", "d") and again.null_class == 4
+
+
+# ------------------------------------------------------------------------- class-conditional export: its own pipeline
+@pytest.fixture(scope="module")
+def cond_export(tmp_path_factory):
+    """A tiny class-conditional digits run (10 classes + the null class, T = 40) with its weights perturbed, so that
+    the label and the guidance matter after two training steps, exported through the CLI: (run, out, printed).
+    The v objective: an untrained eps network's x0_hat = (x_t - sqrt(1 - ab) eps_hat) / sqrt(ab) is huge at large t
+    and every pixel ends at -1 or 1; v's x0_hat = sqrt(ab) x_t - sqrt(1 - ab) v_hat stays in range (3/4 of them)."""
+    import contextlib
+    import io
+
+    from conftest import tiny_run
+    from ddpmkit.store import save_checkpoint
+
+    root = tmp_path_factory.mktemp("cond_export")
+    run = tiny_run(root, class_cond=True, steps=2, num_samples=0, objective="v")
+    torch.manual_seed(4)
+    state = {k: v + 0.05 * torch.randn_like(v) if v.is_floating_point() else v
+             for k, v in Run.open(run).load_model().state_dict().items()}
+    save_checkpoint(run, 100, model_state=state, ema_state=state, keep=None)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["export-diffusers", str(run), "--out", str(root / "out")]) == 0
+    return run, root / "out", printed.getvalue()
+
+
+def _cond_pipeline(out: Path):
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(out, trust_remote_code=True)  # the call the export prints
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.parametrize("clip", [True, False])
+@pytest.mark.parametrize("w", [0.0, 2.0])
+def test_class_conditional_export_samples_in_diffusers_as_our_ddim(cond_export, w, clip):
+    run, out, _ = cond_export
+    pipe = _cond_pipeline(out)
+    assert type(pipe).__name__ == "ClassConditionalDDPMPipeline"  # not DDPMPipeline, which passes no labels
+    null = json.loads((out / "unet" / "class_names.json").read_text())["null"]
+    assert pipe.config.null_class == null == Run.open(run).null_class == 10
+    # clipping agrees: the exported scheduler clips x0 to [-1, 1], as ddpmkit's Denoiser does by default
+    assert pipe.scheduler.config.clip_sample is True and pipe.scheduler.config.clip_sample_range == 1.0
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    assert Run.open(run).denoiser().clip_x0 is True
+    # DDIM from the folder's scheduler config: leading spacing, which is our uniform one when S divides T
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=clip)
+    S, labels = 10, [3, 7, 0]
+    x_T = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(8))
+    # eta 0; diffusers re-derives eps from the clipped x0 only when asked, ddpmkit always does: ask it to
+    kw = dict(num_inference_steps=S, latents=x_T.clone(), eta=0.0, use_clipped_model_output=clip)
+    a = pipe(labels, guidance=w, output_type="pt", **kw).images
+    assert pipe.scheduler.timesteps.tolist()[::-1] == list(timesteps(40, S, "uniform"))
+    den = Run.open(run).denoiser(guidance=w, clip_x0=clip).with_cond(torch.tensor(labels))
+    b = (sample(den, x_T, sampler="ddim", steps=S, spacing="uniform") / 2 + 0.5).clamp(0, 1)
+    diff = (a - b).abs().max().item()
+    print(f"class-conditional export, DDIM {S} steps, w = {w:g}, clip {clip}: max abs difference {diff:.2e}")
+    assert a.shape == (3, 1, 8, 8) and ((a > 0.05) & (a < 0.95)).float().mean() > 0.2  # not all clamped
+    # Measured: 2e-7 to 6e-7 on these [0, 1] images, float32 rounding only (diffusers multiplies its alphas in
+    # float32, ddpmkit in float64, and the two sum in other orders); a wrong label, null class or w moves them by
+    # 0.1 to 1 (test below), so 1e-5 leaves a 20x margin and catches any of them
+    assert diff < 1e-5
+    np_images = pipe(labels, guidance=w, output_type="np", **kw).images
+    assert np_images.shape == (3, 8, 8, 1)
+    torch.testing.assert_close(torch.from_numpy(np_images), a.permute(0, 2, 3, 1), rtol=0, atol=1e-6)
+
+
+def test_class_conditional_export_prints_the_call_that_runs_it(cond_export):
+    run, out, printed = cond_export
+    assert "DDPMPipeline.from_pretrained" not in printed and "guidance_scale = 1 + w" in printed
+    code = printed.split("in Python: ", 1)[1].strip()
+    assert f"DiffusionPipeline.from_pretrained({str(out)!r}, trust_remote_code=True)" in code
+    assert "pipe(class_labels=[0, 9], guidance=0.5)" in code
+    scope: dict = {}
+    exec(code, scope)  # the printed call itself: 40 DDPM steps of the folder's scheduler, labels 0 and 9, w = 0.5
+    assert [im.size for im in scope["images"]] == [(8, 8), (8, 8)]
+    pipe = scope["pipe"]
+    pipe.set_progress_bar_config(disable=True)
+    x_T = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+
+    def run_(labels, w):
+        return pipe(labels, guidance=w, num_inference_steps=5, latents=x_T, output_type="pt",
+                    generator=torch.Generator().manual_seed(2)).images
+
+    base = run_([3, 7], 0.0)
+    assert (base - run_([4, 8], 0.0)).abs().max() > 1e-3 and (base - run_([3, 7], 2.0)).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="class_labels"):
+        pipe([11], guidance=0.5)  # 0..10 only: the ten digits and the null class

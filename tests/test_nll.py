@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -256,3 +257,191 @@ def test_evaluate_nll_on_a_run_dir(tmp_path):
     assert res["objective"] == "eps" and res["variance"] == "small"
     again = E.evaluate_nll(tmp_path, n=3, batch_size=2, seed=0)
     assert again["bpd"] == pytest.approx(res["bpd"], rel=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- class-conditional
+class LabelNet(torch.nn.Module):
+    """TinyNet whose output depends on the class label y too."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.conv = torch.nn.Conv2d(1, 1, 3, padding=1)
+        self.emb = torch.nn.Embedding(50, 1)
+        self.cls = torch.nn.Embedding(4, 1)
+
+    def forward(self, x, t, y):
+        return self.conv(x) + (self.emb(t) + self.cls(y)).reshape(-1, 1, 1, 1)
+
+
+def test_conditional_terms_pair_each_image_with_its_label():
+    from ddpmkit.diffusion import extract, predict_x0, q_posterior, q_sample
+    sched = NoiseSchedule.linear(50)
+    g = torch.Generator().manual_seed(4)
+    x0 = (torch.randint(0, 256, (3, 1, 4, 4), generator=g).float() / 127.5 - 1)
+    noise = torch.randn(50, 3, 1, 4, 4, generator=g)
+    net = LabelNet().eval()
+    den = Denoiser(net, sched)
+    y = torch.tensor([0, 1, 2])
+    got = E.bpd_terms(den, x0, noise=noise, cond=y, t_batch=7)  # t = 17 shares a call with 14..20
+    assert torch.allclose(got, E.bpd_terms(den.with_cond(y), x0, noise=noise, t_batch=1), atol=1e-5)
+    # term 17 by hand, the net called on each image with its own label
+    t = torch.full((3,), 17, dtype=torch.long)
+    x_t = q_sample(sched, x0, t, noise[17])
+    with torch.no_grad():
+        x0_hat = predict_x0(sched, x_t, t, net(x_t, t, y), "eps").clamp(-1.0, 1.0)
+    mean, _, _ = q_posterior(sched, x0_hat, x_t, t)  # DDPM eq. 7 with x0_hat
+    tm, _, tlv = q_posterior(sched, x0, x_t, t)
+    logvar = extract(model_variance(sched, "small")[1], t, x_t.ndim)
+    ref = E.normal_kl(tm, tlv, mean, logvar).flatten(1).mean(1) / LN2  # DDPM eq. 5
+    assert torch.allclose(got[:, 17], ref, atol=1e-5)
+    other = E.bpd_terms(den, x0, noise=noise, cond=torch.tensor([3, 0, 1]), t_batch=7)
+    assert not torch.allclose(got[:, :-1], other[:, :-1])  # the labels change the bound
+    one = E.bpd_terms(den, x0, noise=noise, cond=3, t_batch=7)  # one label for all images
+    assert torch.equal(one, E.bpd_terms(den, x0, noise=noise, cond=torch.tensor([3, 3, 3]), t_batch=7))
+    # nll_bpd hands each batch its slice of the labels
+    u8 = ((x0 + 1) * 127.5).round().to(torch.uint8)
+    whole = E.nll_bpd(den, u8, labels=y, batch_size=3, seed=1, t_batch=50)
+    gen = torch.Generator().manual_seed(1)
+    rows = [E.bpd_terms(den, from_u8(u8[i:i + 2]), generator=gen, t_batch=50, cond=y[i:i + 2]) for i in (0, 2)]
+    split = E.nll_bpd(den, u8, labels=y, batch_size=2, seed=1, t_batch=50)
+    assert split["bpd"] == pytest.approx(float(torch.cat(rows).double().sum(1).mean()), rel=1e-6)
+    assert whole["n"] == 3
+
+
+def from_u8(u8):
+    from ddpmkit.images import from_uint8
+    return from_uint8(u8)
+
+
+@pytest.fixture(scope="module")
+def cond_run(tmp_path_factory):
+    from conftest import tiny_run
+
+    return tiny_run(tmp_path_factory.mktemp("nll-cond"), class_cond=True, steps=2, num_samples=0)
+
+
+@pytest.fixture
+def labels_seen(monkeypatch):
+    """The labels y of every call of the U-Net."""
+    from ddpmkit.models.unet import UNet
+
+    seen, forward = [], UNet.forward
+
+    def spy(self, x, t, y=None):
+        seen.append(None if y is None else y.clone())
+        return forward(self, x, t, y)
+
+    monkeypatch.setattr(UNet, "forward", spy)
+    return seen
+
+
+def test_evaluate_nll_conditions_on_the_true_labels(cond_run, labels_seen):
+    from ddpmkit.data import load_dataset
+
+    truth = load_dataset("digits", image_size=8, channels=1, progress=False).labels[:3]
+    res = E.evaluate_nll(cond_run, n=3, batch_size=2, seed=0, t_batch=40)
+    assert res["conditioning"] == "true labels" and res["tag"] == "" and res["guidance"] is None
+    assert [y.tolist() for y in labels_seen] == [truth[:2].repeat(40).tolist(), truth[2:].repeat(40).tolist()]
+    labels_seen.clear()
+    none = E.evaluate_nll(cond_run, n=3, batch_size=2, seed=0, t_batch=40, classes="none")
+    assert none["conditioning"] == "null class (unconditional)" and none["tag"] == "-classnone"
+    assert all(bool((y == 10).all()) for y in labels_seen)
+    labels_seen.clear()
+    three = E.evaluate_nll(cond_run, n=3, batch_size=2, seed=0, t_batch=40, classes="3")
+    assert three["conditioning"] == "class 3" and all(bool((y == 3).all()) for y in labels_seen)
+    # the same computation by hand: the run's Denoiser, the true labels, the same noise
+    from ddpmkit.run import Run
+
+    ds = load_dataset("digits", image_size=8, channels=1, progress=False)
+    want = E.nll_bpd(Run.open(cond_run).denoiser(), ds.images[:3], labels=ds.labels[:3], batch_size=2, seed=0,
+                     t_batch=40)
+    assert res["bpd"] == pytest.approx(want["bpd"], rel=1e-6)
+
+
+def test_evaluate_nll_guided_is_the_bound_of_the_guided_chain(cond_run, labels_seen):
+    from ddpmkit.data import load_dataset
+    from ddpmkit.run import Run
+
+    ds = load_dataset("digits", image_size=8, channels=1, progress=False)
+    res = E.evaluate_nll(cond_run, n=2, batch_size=2, seed=0, t_batch=40, guidance=2.0)
+    assert res["guidance"] == 2.0 and res["tag"] == "-w2" and "guidance w = 2" in res["conditioning"]
+    # one doubled batch per call: the true labels, then the null class (Ho & Salimans 2022 eq. 6)
+    truth = ds.labels[:2].repeat(40)
+    assert all(y.tolist() == truth.tolist() + [10] * 80 for y in labels_seen)
+    den = Run.open(cond_run).denoiser().guided(2.0, 10)
+    want = E.nll_bpd(den, ds.images[:2], labels=ds.labels[:2], batch_size=2, seed=0, t_batch=40)
+    assert res["bpd"] == pytest.approx(want["bpd"], rel=1e-6)
+
+
+def test_eval_nll_command_on_a_class_conditional_run(cond_run, tmp_path, capsys):
+    import json
+
+    from ddpmkit.cli import main
+
+    out = tmp_path / "ev"
+    assert main(["eval", "nll", str(cond_run), "--n", "2", "--batch-size", "2", "--out", str(out)]) == 0
+    assert "conditioned on true labels" in capsys.readouterr().out
+    assert json.loads((out / "nll_terms.json").read_text())["conditioning"] == "true labels"
+    assert main(["eval", "nll", str(cond_run), "--n", "2", "--batch-size", "2", "--out", str(out),
+                 "--class", "none", "--variance", "large"]) == 0
+    assert "conditioned on null class" in capsys.readouterr().out
+    assert (out / "nll_terms-classnone.csv").is_file() and (out / "nll_terms.csv").is_file()
+    assert json.loads((out / "nll_terms-classnone.json").read_text())["conditioning"].startswith("null class")
+
+
+def _no_null_copy(run, dest):
+    import shutil
+
+    shutil.copytree(run, dest)
+    config = json.loads((dest / "config.json").read_text())
+    del config["classes"]  # as an imported model: labels unnamed, no null class known
+    (dest / "config.json").write_text(json.dumps(config))
+    return dest
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--class", "none", "--guidance", "1"], "nothing to guide"),
+    (["--class", "3,5"], "one class"),
+    (["--class", "12"], "no class '12'"),
+    (["--guidance", "-1"], "--guidance must be a number >= 0"),
+    (["--data", "FLAT"], "--class none"),
+    (["NO-NULL", "--class", "none"], "no null class"),
+    (["UNCOND", "--class", "3"], "unconditional"),
+    (["UNCOND", "--guidance", "1"], "unconditional"),
+])
+def test_eval_nll_conditioning_errors_are_one_line(cond_run, tmp_path, capsys, argv, message):
+    from PIL import Image
+
+    from ddpmkit.cli import main
+
+    run = cond_run
+    if argv[0] == "NO-NULL":
+        run, argv = _no_null_copy(cond_run, tmp_path / "nonull"), argv[1:]
+    elif argv[0] == "UNCOND":
+        run, argv = tmp_path / "uncond", argv[1:]
+        _tiny_unconditional(run)
+    if "FLAT" in argv:
+        flat = tmp_path / "flat"
+        flat.mkdir()
+        for i in range(2):
+            Image.new("L", (8, 8), 40 * i).save(flat / f"{i}.png")
+        argv = ["--data", f"folder:{flat}"]
+    out = tmp_path / "never"
+    assert main(["eval", "nll", str(run), "--n", "2", "--out", str(out), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and message in err and "Traceback" not in err, err
+    assert not out.exists()
+
+
+def _tiny_unconditional(path):
+    from ddpmkit.models import UNet
+    from ddpmkit.store import save_checkpoint, write_config
+    from ddpmkit.train import TrainConfig
+
+    config = TrainConfig(T=10, base_channels=8, channel_mults=(1,), num_res_blocks=1, image_size=8,
+                         num_groups=4).to_json()
+    path.mkdir()
+    write_config(path, config)
+    model = UNet.from_config(config["model"])
+    save_checkpoint(path, 1, model_state=model.state_dict(), ema_state=model.state_dict())

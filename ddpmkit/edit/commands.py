@@ -3,6 +3,10 @@
 Result k of input i is sample number i * n + k of the noise streams (seed, index) (``PerSampleNoise``), so the
 images do not depend on the batch size. Everything is checked (run, image, mask, settings) before any work, and
 every file is written atomically.
+
+A class-conditional run edits each image under one label: by default the image's own (``digits:K`` of a run trained
+on the digits), guided with ``DEFAULT_GUIDANCE`` like ``sample``; an image without a label takes the null class (the
+model as an unconditional one, unguided). ``--class K`` or ``--class none`` sets the label of every input.
 """
 
 from __future__ import annotations
@@ -36,15 +40,49 @@ def _check_count(name: str, v) -> int:
     return v
 
 
-def _denoiser(run: Run, *, ema: bool, variance, clip_x0: bool, device):
+def _denoiser(run: Run, *, ema: bool, variance, clip_x0: bool, device, guidance=None):
     from ..diffusion import VARIANCES
 
     if variance is not None and variance not in VARIANCES:
         raise EditError(f"unknown variance {variance!r}: choose {' or '.join(VARIANCES)}")
-    if run.class_cond:
-        raise EditError(f"{run.dir} is a class-conditional run; inpaint and edit take unconditional runs for now")
     dev = torch.device(device) if device is not None else torch.device("cpu")
-    return run.denoiser(ema=ema, variance=variance, clip_x0=clip_x0, device=dev)
+    return run.denoiser(ema=ema, variance=variance, clip_x0=clip_x0, device=dev, guidance=guidance)
+
+
+def _conditioning(run: Run, classes, guidance, own: torch.Tensor | None, N: int):
+    """``(labels [N] or None, guidance w or None, folder tag, description)`` for N input images whose labels are
+    ``own`` (None: they have none); see the module's notes. One-line errors, before any work."""
+    from ..data import parse_source
+    from ..samplers.options import one_class_label
+    from ..samplers.options import Conditioning, SampleOptions
+
+    def weight() -> float:  # as `sample`: a number >= 0, DEFAULT_GUIDANCE by default; refused by unconditional runs
+        return Conditioning.of(SampleOptions(guidance=guidance), run.class_names, run.null_class, N,
+                               grouped=False).guidance
+
+    label = one_class_label(classes, run.class_names, run.null_class)  # refuses a class of an unconditional run
+    if not run.class_cond:
+        weight()  # refuses --guidance
+        return None, None, "", None
+    if parse_source((run.config.get("train") or {}).get("data", "digits"))[0] != "digits":
+        own = None  # a digit's label means nothing to a run trained on other images
+    if label is None and own is None:
+        if run.null_class is None:
+            raise EditError(f"{run.dir} is class-conditional without a null class and the image has no label: "
+                            f"pass --class K")
+        label = run.null_class
+    if label is not None and label == run.null_class:
+        if guidance:
+            raise EditError("--guidance: the null class (--class none, the default for an image without a label) "
+                            "is the unconditional model, there is nothing to guide; give --class K to guide")
+        return torch.full((N,), label, dtype=torch.int64), None, "-classnone", "the null class (unconditional)"
+    if label is None and int(own.max()) >= len(run.class_names):
+        raise EditError(f"the image's label {int(own.max())} is not a class of {run.dir}: pass --class K or none")
+    w = weight()
+    labels = own.clone() if label is None else torch.full((N,), label, dtype=torch.int64)
+    what = "each image's own label" if label is None else f"class {run.class_names[label]}"
+    tag = ("" if label is None else f"-class{label}") + f"-w{w:g}"
+    return labels, w or None, tag, f"{what}, guidance w = {w:g}"
 
 
 def parse_strengths(text) -> list[float]:
@@ -57,9 +95,11 @@ def parse_strengths(text) -> list[float]:
 
 def inpaint_run(run_path, *, image: str, mask: str, out=None, jump: int = 10, resample: int = 10, n: int = 8,
                 steps: int | None = None, spacing: str = "uniform", variance=None, clip_x0: bool = True,
-                seed: int = 0, batch_size: int = 64, ema: bool = True, device=None, resize: bool = False) -> dict:
+                seed: int = 0, batch_size: int = 64, ema: bool = True, device=None, resize: bool = False,
+                classes=None, guidance: float | None = None) -> dict:
     """Inpaint ``image`` (a file or ``digits:I[,J,...]``) where ``mask`` is unknown, ``n`` times each; write
-    ``inpainted_<i>_<k>.png`` and the figure ``inpaint.png`` (rows of original, masked, results) under ``out``."""
+    ``inpainted_<i>_<k>.png`` and the figure ``inpaint.png`` (rows of original, masked, results) under ``out``.
+    ``classes`` (one class or ``none``) and ``guidance``: a class-conditional run's (see the module's notes)."""
     from ..samplers import timesteps
     from ..viz.editing import save_inpaint_figure
     from ..viz.figures import save_images
@@ -76,18 +116,21 @@ def inpaint_run(run_path, *, image: str, mask: str, out=None, jump: int = 10, re
         raise EditError(f"--steps/--spacing: {e}") from None
     images, labels, names = load_images(image, (C, H, W), resize=resize)
     known = parse_mask(mask, (H, W), seed=seed, resize=resize)
-    den = _denoiser(run, ema=ema, variance=variance, clip_x0=clip_x0, device=device)
+    N = images.shape[0]
+    labels, w, ctag, cdesc = _conditioning(run, classes, guidance, labels, N)
+    den = _denoiser(run, ema=ema, variance=variance, clip_x0=clip_x0, device=device, guidance=w)
     out = Path(out) if out is not None else (
-        run.dir / "edits" / f"inpaint-{_tag(image)}-{_tag(mask)}-{S}steps-j{jump}-r{resample}-seed{seed}")
+        run.dir / "edits" / f"inpaint-{_tag(image)}-{_tag(mask)}-{S}steps-j{jump}-r{resample}{ctag}-seed{seed}")
     out.mkdir(parents=True, exist_ok=True)
 
-    N = images.shape[0]
     x0 = images.repeat_interleave(n, 0)
+    ys = None if labels is None else labels.repeat_interleave(n, 0)  # row i * n + k is input i's
     results = []
     t0 = time.perf_counter()
     for start in range(0, x0.shape[0], batch_size):
         xb = x0[start:start + batch_size]
-        y = repaint(den, xb, known, steps=S, spacing=spacing, jump=jump, resample=resample,
+        db = den if ys is None else den.with_cond(ys[start:start + batch_size].to(den.device))
+        y = repaint(db, xb, known, steps=S, spacing=spacing, jump=jump, resample=resample,
                     noise=PerSampleNoise(seed, start))
         results.append(y.cpu())
     seconds = time.perf_counter() - t0
@@ -99,12 +142,14 @@ def inpaint_run(run_path, *, image: str, mask: str, out=None, jump: int = 10, re
     fig = save_inpaint_figure(images, masked_view(images, known), res.view(N, n, C, H, W), out / "inpaint.png")
     calls = repaint_model_calls(S, jump, resample)
     return {"dir": out, "figure": fig, "files": files, "n": N * n, "seconds": seconds, "model_calls": calls,
-            "steps": S, "images": images, "labels": labels, "names": names, "mask": known, "results": res}
+            "steps": S, "images": images, "labels": labels, "names": names, "mask": known, "results": res,
+            "guidance": w, "conditioning": cdesc}
 
 
 def edit_run(run_path, *, image: str, strengths, sample_options, out=None, device=None, resize: bool = False) -> dict:
     """SDEdit ``image`` at each strength, ``sample_options.n`` times each, with the sampler of ``sample_options``;
-    write ``edit_s<strength>_<i>_<k>.png`` and the strip ``sdedit.png`` (input, then each strength) under ``out``."""
+    write ``edit_s<strength>_<i>_<k>.png`` and the strip ``sdedit.png`` (input, then each strength) under ``out``.
+    ``sample_options.classes`` (one class or ``none``) and ``.guidance``: see the module's notes."""
     from ..errors import ConfigError
     from ..samplers import plan as resolve
     from ..viz.editing import save_sdedit_strip
@@ -119,21 +164,24 @@ def edit_run(run_path, *, image: str, strengths, sample_options, out=None, devic
     except ConfigError as e:
         raise EditError(str(e)) from None
     images, labels, names = load_images(image, (C, H, W), resize=resize)
-    den = _denoiser(run, ema=opt.ema, variance=opt.variance, clip_x0=opt.clip_x0, device=device)
+    N, n = images.shape[0], opt.n
+    labels, w, ctag, cdesc = _conditioning(run, opt.classes, opt.guidance, labels, N)
+    den = _denoiser(run, ema=opt.ema, variance=opt.variance, clip_x0=opt.clip_x0, device=device, guidance=w)
     sgs = "-".join(f"{s:g}" for s in strengths)
     out = Path(out) if out is not None else (
-        run.dir / "edits" / f"sdedit-{_tag(image)}-s{sgs}-{plan.tag()}-seed{opt.seed}")
+        run.dir / "edits" / f"sdedit-{_tag(image)}-s{sgs}-{plan.tag()}{ctag}-seed{opt.seed}")
     out.mkdir(parents=True, exist_ok=True)
 
     tau = resolve(plan.sampler, run.schedule, plan.steps, plan.spacing, **plan.options)[1]
-    N, n = images.shape[0], opt.n
     x0 = images.repeat_interleave(n, 0)
+    ys = None if labels is None else labels.repeat_interleave(n, 0)  # row i * n + k is input i's
     edits, files, calls = [], [], []
     t0 = time.perf_counter()
     for s in strengths:
         parts = []
         for start in range(0, x0.shape[0], opt.batch_size):
-            parts.append(sdedit(den, x0[start:start + opt.batch_size], s, sampler=plan.sampler, steps=plan.steps,
+            db = den if ys is None else den.with_cond(ys[start:start + opt.batch_size].to(den.device))
+            parts.append(sdedit(db, x0[start:start + opt.batch_size], s, sampler=plan.sampler, steps=plan.steps,
                                 spacing=plan.spacing, noise=PerSampleNoise(opt.seed, start), **plan.options).cpu())
         e = torch.cat(parts)
         edits.append(e)
@@ -145,4 +193,4 @@ def edit_run(run_path, *, image: str, strengths, sample_options, out=None, devic
     strip = save_sdedit_strip(x0, edits, strengths, out / "sdedit.png")
     return {"dir": out, "figure": strip, "files": files, "n": N * n * len(strengths), "seconds": seconds,
             "model_calls": calls, "strengths": strengths, "plan": plan, "images": images, "labels": labels,
-            "edits": edits}
+            "edits": edits, "guidance": w, "conditioning": cdesc}

@@ -1,5 +1,6 @@
 """Interop with the diffusers file format: read a ``UNet2DModel`` and its scheduler into a ddpmkit run, and
-write a run back out as a diffusers ``DDPMPipeline`` folder.
+write a run back out as a diffusers ``DDPMPipeline`` folder (a class-conditional run: a folder with its own
+``pipeline.py``, see :func:`export_diffusers`).
 
 This module reads and writes files only (JSON, safetensors, and pickled ``.bin`` weights through
 ``torch.load(weights_only=True)``); it never imports diffusers. Downloading a hub id needs ``huggingface_hub``.
@@ -46,7 +47,7 @@ import torch
 
 from .. import __version__
 from ..errors import CheckpointError, ConfigError
-from ..files import atomic_write_json, read_json_object
+from ..files import atomic_write_json, atomic_write_text, read_json_object
 from ..models.unet import UNet
 from ..run import Run
 from ..store import (atomic_save_safetensors, check_state_matches, load_safetensors, prepare_run_dir,
@@ -545,9 +546,19 @@ def import_diffusers(source: str, out_dir, *, log=print) -> Path:
     return run
 
 
+PIPELINE_FILE = "pipeline.py"  # a class-conditional export's pipeline: diffusers_pipeline.py, copied
+PIPELINE_CLASS = "ClassConditionalDDPMPipeline"
+
+
 def export_diffusers(run_dir, out_dir, *, ema: bool = True, log=print) -> Path:
-    """Write a ddpmkit run as a diffusers ``DDPMPipeline`` folder: ``model_index.json``, ``unet/`` (config and
-    safetensors weights) and ``scheduler/scheduler_config.json``. ``out_dir`` must not exist or be empty."""
+    """Write a ddpmkit run as a diffusers pipeline folder: ``model_index.json``, ``unet/`` (config and safetensors
+    weights) and ``scheduler/scheduler_config.json``. ``out_dir`` must not exist or be empty.
+
+    An unconditional run is a ``DDPMPipeline``. A class-conditional one, which DDPMPipeline cannot run (it passes
+    no labels), also gets ``pipeline.py`` (a copy of :mod:`ddpmkit.interop.diffusers_pipeline`), named in
+    ``model_index.json`` with its null class: ``DiffusionPipeline.from_pretrained(out_dir, trust_remote_code=True)``
+    loads it, and ``pipe(class_labels=[...], guidance=w)`` samples with classifier-free guidance.
+    """
     run = Run.open(run_dir)
     model = run.load_model(ema=ema)
     diffusion = run.diffusion_config
@@ -569,8 +580,24 @@ def export_diffusers(run_dir, out_dir, *, ema: bool = True, log=print) -> Path:
         atomic_write_json(out / "unet" / CLASSES_FILE, {"names": list(run.class_names), "null": run.null_class},
                           error=CheckpointError)
     atomic_write_json(out / "scheduler" / SCHEDULER_FILE, scfg, error=CheckpointError)
-    atomic_write_json(out / "model_index.json", {"_class_name": "DDPMPipeline",
-                                                 "scheduler": ["diffusers", "DDPMScheduler"],
-                                                 "unet": ["diffusers", "UNet2DModel"]}, error=CheckpointError)
-    log(f"exported {run_dir} to {out}: DDPMPipeline.from_pretrained({str(out)!r}) loads it")
+    index = {"_class_name": "DDPMPipeline", "scheduler": ["diffusers", "DDPMScheduler"],
+             "unet": ["diffusers", "UNet2DModel"]}
+    if not run.class_cond:
+        atomic_write_json(out / "model_index.json", index, error=CheckpointError)
+        log(f"exported {run_dir} to {out}: DDPMPipeline.from_pretrained({str(out)!r}) loads it")
+        return out
+    source = Path(__file__).with_name("diffusers_pipeline.py").read_text(encoding="utf-8")
+    atomic_write_text(out / PIPELINE_FILE, source, error=CheckpointError)
+    # diffusers' convention for a pipeline whose code sits in its folder: _class_name = [module, class]
+    index.update(_class_name=[Path(PIPELINE_FILE).stem, PIPELINE_CLASS], null_class=run.null_class)
+    atomic_write_json(out / "model_index.json", index, error=CheckpointError)
+    from ..samplers.options import DEFAULT_GUIDANCE
+
+    n = model.config["num_class_embeds"] - (run.null_class is not None)  # the labels of real classes
+    labels = [0, n - 1] if n > 1 else [0]
+    w = DEFAULT_GUIDANCE if run.null_class is not None else 0.0  # without a null class it cannot be guided
+    log(f"exported {run_dir} to {out}: a class-conditional {PIPELINE_CLASS} ({out / PIPELINE_FILE}, labels "
+        f"0..{n - 1}, guidance weight w as ddpmkit's, diffusers' guidance_scale = 1 + w); in Python: "
+        f"from diffusers import DiffusionPipeline; pipe = DiffusionPipeline.from_pretrained({str(out)!r}, "
+        f"trust_remote_code=True); images = pipe(class_labels={labels}, guidance={w:g}).images")
     return out

@@ -12,6 +12,13 @@ t >= 1; index T of the curves returned here is the prior term. Every term is the
 one image divided by ln 2, so the terms add up to the bound in bits/dim. Each term draws its own x_t from
 q(x_t | x_0), and many timesteps share one network call (the batch is replicated over a chunk of t values).
 
+A class-conditional model is evaluated as -log p(x_0 | y): by default y is each image's true label from the data
+source; one label for all images (``--class 3``) or the null class (``--class none``: the model as the unconditional
+one its label dropout trained) can be asked for instead. A guidance weight w > 0 makes the reverse chain the guided
+one, eps = (1 + w) eps(x, y) - w eps(x, null) (Ho & Salimans 2022 eq. 6) with the run's variance: the chain DDPM's
+ancestral sampler walks with guidance. The bound holds for any Gaussian reverse chain (DDPM eq. 5), so it then bounds
+-log of what that sampler draws, not of the unguided model.
+
 Plotting the per-t curve belongs to ``viz.figures``; :func:`write_terms_csv` writes it to a file.
 """
 
@@ -69,7 +76,7 @@ def _auto_t_batch(B: int, T: int) -> int:
 
 @torch.inference_mode()
 def bpd_terms(denoiser: Denoiser, x0: torch.Tensor, *, generator: torch.Generator | None = None,
-              t_batch: int | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
+              t_batch: int | None = None, noise: torch.Tensor | None = None, cond=None) -> torch.Tensor:
     """Every term of the variational bound for a batch, in bits/dim: a tensor [B, T+1].
 
     Column t (0 <= t < T) is the decoder NLL -log p(x_0 | x_1) at t = 0 and
@@ -79,7 +86,8 @@ def bpd_terms(denoiser: Denoiser, x0: torch.Tensor, *, generator: torch.Generato
     ``x0``: [B, C, H, W] in [-1, 1], on the 256-level grid. p(x_{t-1} | x_t) is the ``denoiser``'s
     (``Denoiser.p_mean_variance``: its objective, variance and clipping). ``t_batch`` timesteps share one
     network call (B * t_batch inputs; default: about 256 inputs). ``noise`` ([T, B, C, H, W], optional) fixes
-    the eps of x_t for every t; otherwise it is drawn from ``generator`` (independently for every t).
+    the eps of x_t for every t; otherwise it is drawn from ``generator`` (independently for every t). ``cond``
+    (default the denoiser's own): the class labels of the images, int64 [B], or one label for all of them.
     """
     x0 = x0.float()
     device = x0.device
@@ -91,6 +99,12 @@ def bpd_terms(denoiser: Denoiser, x0: torch.Tensor, *, generator: torch.Generato
     if noise is not None and tuple(noise.shape) != (T, *x0.shape):
         raise ValueError(f"noise must have shape {(T, *x0.shape)}, got {tuple(noise.shape)}")
     k = _auto_t_batch(B, T) if t_batch is None else max(1, min(int(t_batch), T))
+    cond = den.cond if cond is None else cond
+    if cond is not None:
+        cond = torch.as_tensor(cond, device=device)
+        cond = cond.expand(B) if cond.ndim == 0 else cond
+        if tuple(cond.shape) != (B,):
+            raise ValueError(f"cond must hold one label per image ({B}), got shape {tuple(cond.shape)}")
     out = torch.empty(B, T + 1, dtype=torch.float32, device=device)
 
     for start in range(0, T, k):
@@ -104,7 +118,8 @@ def bpd_terms(denoiser: Denoiser, x0: torch.Tensor, *, generator: torch.Generato
             gen_device = generator.device if generator is not None else device
             eps = torch.randn(xs.shape, generator=generator, device=gen_device).to(device)
         x_t = q_sample(sched, xs, t, eps)                             # DDPM eq. 4
-        model_mean, model_logvar, _ = den.p_mean_variance(x_t, t)     # DDPM eq. 7 with x0_hat
+        c = None if cond is None else cond.repeat(kk)                 # the labels follow the images' layout
+        model_mean, model_logvar, _ = den.p_mean_variance(x_t, t, c)  # DDPM eq. 7 with x0_hat
         # DDPM eq. 5 (KL terms) and eq. 13 (the decoder), bits/dim: diffusion/bound.py
         terms = vlb_term_bits(sched, xs, x_t, t, model_mean, model_logvar)
         out[:, start:start + kk] = terms.reshape(kk, B).T
@@ -136,18 +151,23 @@ def _iter_batches(images, n: int | None, batch_size: int) -> Iterable[torch.Tens
 
 
 def nll_bpd(denoiser: Denoiser, images, *, n: int | None = None, batch_size: int = 16, seed: int = 0,
-            t_batch: int | None = None, device=None, progress: Callable[[int], None] | None = None) -> dict:
+            t_batch: int | None = None, device=None, progress: Callable[[int], None] | None = None,
+            labels=None) -> dict:
     """The variational bound in bits/dim of ``denoiser`` over ``n`` images (all when None).
 
     ``images``: uint8 [N, C, H, W] (converted to [-1, 1]), float [N, C, H, W] in [-1, 1], or an iterable of
     such batches. ``device`` defaults to the network's. Returns a dict: ``bpd`` (mean bound), ``bpd_stderr``
     (standard error over images), ``terms`` (mean bits/dim per term, length T+1: index t < T is term t, index
-    T the prior), ``prior_bpd``, ``decoder_bpd``, ``n`` (images used), ``seconds``.
+    T the prior), ``prior_bpd``, ``decoder_bpd``, ``n`` (images used), ``seconds``. ``labels`` (a
+    class-conditional denoiser): int64 [N], image i's label, or one label (an int) for all images.
     """
     if batch_size < 1:
         raise ConfigError(f"batch_size must be positive, got {batch_size}")
     if n is not None and n < 1:
         raise ConfigError(f"n must be positive, got {n}")
+    per_image = torch.is_tensor(labels) and labels.ndim == 1
+    if per_image and not (isinstance(images, torch.Tensor) and labels.shape[0] == images.shape[0]):
+        raise DataError("labels [N] need an image tensor [N, C, H, W]: one label per image")
     device = denoiser.device if device is None else torch.device(device)
     den = denoiser.to(device)
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -155,7 +175,8 @@ def nll_bpd(denoiser: Denoiser, images, *, n: int | None = None, batch_size: int
     rows = []
     count = 0
     for b in _iter_batches(images, n, batch_size):
-        rows.append(bpd_terms(den, b.to(device), generator=generator, t_batch=t_batch).cpu().double())
+        y = labels[count:count + b.shape[0]] if per_image else labels
+        rows.append(bpd_terms(den, b.to(device), generator=generator, t_batch=t_batch, cond=y).cpu().double())
         count += b.shape[0]
         if progress is not None:
             progress(count)
@@ -188,7 +209,8 @@ def write_terms_csv(path, curve) -> Path:
 
 def evaluate_nll(run_dir, *, data=None, split: str = "test", n: int | None = 256, batch_size: int = 16,
                  ema: bool = True, variance: str | None = None, seed: int = 0, t_batch: int | None = None,
-                 clip_x0: bool = True, progress: Callable[[int], None] | None = None) -> dict:
+                 clip_x0: bool = True, progress: Callable[[int], None] | None = None, classes=None,
+                 guidance: float | None = None) -> dict:
     """The variational bound in bits/dim of a trained run on its data (or ``data``).
 
     The run (any path ``Run.open`` accepts) gives the Denoiser: its network (EMA weights by default),
@@ -196,14 +218,28 @@ def evaluate_nll(run_dir, *, data=None, split: str = "test", n: int | None = 256
     ``small``). The data source, size and channels come from the run's config unless ``data`` names another
     source. Sources with one split (digits, folders) fall back to ``train``; the result's ``split`` and
     ``note`` say so.
+
+    A class-conditional run is conditioned on the images' true labels, or on ``classes`` (one class, or ``none``:
+    the null class), and guided with weight ``guidance`` (default 0: the model itself; see the module's notes).
+    The result's ``conditioning`` says which (None for an unconditional run), ``tag`` is a file-name suffix for it.
+    Every setting is checked before the model is loaded.
     """
     from ..data import load_dataset, parse_source
     from ..run import Run
+    from ..samplers.options import Conditioning, SampleOptions, one_class_label
 
     run = Run.open(run_dir)
+    label = one_class_label(classes, run.class_names, run.null_class)
+    null = label is not None and label == run.null_class
+    if null and guidance:
+        raise ConfigError("--guidance: with --class none the model is the unconditional one; there is nothing to "
+                          "guide (give a class, or leave out --guidance)")
+    w = None
+    if guidance is not None:  # checked (a number >= 0, a null class to guide with) as `sample` does
+        w = Conditioning.of(SampleOptions(guidance=guidance), run.class_names, run.null_class, 1,
+                            grouped=False).guidance or None
     if variance is None:
         variance = run.variance
-    denoiser = run.denoiser(ema=ema, variance=variance, clip_x0=clip_x0)
     train = run.config.get("train") or {}
     source = data if data is not None else train.get("data", "digits")
     note = None
@@ -213,10 +249,27 @@ def evaluate_nll(run_dir, *, data=None, split: str = "test", n: int | None = 256
         split = "train"
     ds = load_dataset(source, image_size=train.get("image_size"), channels=train.get("channels"),
                       data_dir=train.get("data_dir"), download=False, split=split, progress=False)
+    labels, conditioning, tag = None, None, ""
+    if run.class_cond and label is None:
+        if ds.labels is None:
+            raise DataError(f"{run.dir} is class-conditional and {source} has no labels: pass --class none for the "
+                            f"bound under the null class, or --class K for one class")
+        if ds.labels.numel() and int(ds.labels.max()) >= len(run.class_names):
+            raise DataError(f"{source} has labels up to {int(ds.labels.max())}, {run.dir} knows "
+                            f"{len(run.class_names)} classes: pass --class none, or --class K for one class")
+        labels, conditioning = ds.labels, "true labels"
+    elif run.class_cond:
+        labels = label
+        conditioning = "null class (unconditional)" if null else f"class {run.class_names[label]}"
+        tag = "-classnone" if null else f"-class{label}"
+    if w:
+        conditioning, tag = f"{conditioning}, guidance w = {w:g}", f"{tag}-w{w:g}"
+    denoiser = run.denoiser(ema=ema, variance=variance, clip_x0=clip_x0, guidance=w)
     result = nll_bpd(denoiser, ds.images, n=n, batch_size=batch_size, seed=seed, t_batch=t_batch,
-                     progress=progress)
+                     progress=progress, labels=labels)
     result.update({"source": str(source), "split": split, "variance": variance, "objective": denoiser.objective,
-                   "ema": ema, "T": denoiser.T})
+                   "ema": ema, "T": denoiser.T, "conditioning": conditioning, "guidance": w, "tag": tag,
+                   "seed": seed})
     if note is not None:
         result["note"] = note
     return result

@@ -9,7 +9,8 @@ import torch
 
 from ..errors import ConfigError
 
-__all__ = ["SampleOptions", "SamplingPlan", "DEFAULT_GUIDANCE", "parse_classes", "Conditioning"]
+__all__ = ["SampleOptions", "SamplingPlan", "DEFAULT_GUIDANCE", "parse_classes", "one_class_label",
+           "Conditioning"]
 
 # The classifier-free guidance weight w used when none is given (Ho & Salimans 2022 eq. 6), picked from
 # bench/bench_guidance.py on the digits: the smallest of {0, 0.5, 1, 2, 4} at which the classifier agrees with the
@@ -49,6 +50,24 @@ def parse_classes(spec, class_names) -> list[int] | None:
     if not out:
         raise ConfigError("--class: name at least one class, or all")
     return out
+
+
+def one_class_label(spec, class_names, null_class) -> int | None:
+    """The one label a ``--class`` value gives every input image: None when ``spec`` is None, the null class for
+    ``none``, else the label of one class (``parse_classes``). ConfigError (one line) for several classes, ``none``
+    on a model without a null class, or any class for an unconditional run (``class_names`` None)."""
+    if spec is None:
+        return None
+    text = str(spec).strip()
+    if text == "none" and class_names is not None:
+        if null_class is None:
+            raise ConfigError("--class none: this model has no null class (it was not trained with label dropout), "
+                              "so it has no unconditional model; give a class")
+        return null_class
+    labels = parse_classes(text, class_names)  # refuses an unconditional run or an unknown class
+    if len(labels) != 1:
+        raise ConfigError(f"--class {text}: give one class for all the images, or none")
+    return labels[0]
 
 
 @dataclass(frozen=True)

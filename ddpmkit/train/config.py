@@ -2,8 +2,9 @@
 
 Everything else is derived from the fields: the presets override them, the ``ddpmkit train`` flags and their
 help are generated from them (``cli.py``), so are the run's ``config.json``, the U-Net's constructor arguments
-(:meth:`TrainConfig.model_config`), the list of settings a resume may not change, and the README's table of
-settings (:func:`settings_table`, checked by a test).
+(:meth:`TrainConfig.model_config`), the list of settings a resume may not change, the README's table of
+settings (:func:`settings_table`, checked by a test) and the report's command that trains a run again
+(:func:`train_arguments`).
 
 The defaults are the ``digits`` preset. The U-Net's numbers are not written here: they come from
 :data:`ddpmkit.models.UNET_PRESETS`, which the U-Net derives from its own constructor.
@@ -24,7 +25,7 @@ from ..limits import (MAX_BATCH, MAX_CHANNELS, MAX_GRID, MAX_IMAGE_SIZE, MAX_T, 
 from ..models.unet import UNET_PRESETS, UNet
 
 __all__ = ["TrainConfig", "PRESETS", "config_from_preset", "flag", "settings", "preset_value", "show_value",
-           "settings_table", "resume_locked"]
+           "settings_table", "resume_locked", "changed_settings", "train_arguments"]
 
 _NET = UNET_PRESETS["digits"]  # the default architecture
 
@@ -345,6 +346,23 @@ def show_value(v) -> str:
     if isinstance(v, float):
         return f"{v:g}"
     return str(v)
+
+
+def changed_settings(cfg: TrainConfig) -> list[str]:
+    """The settings of ``cfg`` whose value differs from its preset's, in field order."""
+    return [f.name for f, _ in settings() if getattr(cfg, f.name) != preset_value(cfg.preset, f.name)]
+
+
+def train_arguments(cfg: TrainConfig) -> list[str]:
+    """The ``ddpmkit train`` arguments that give ``cfg`` again: ``--preset P`` and one flag per changed setting."""
+    args = ["--preset", cfg.preset]
+    for name in changed_settings(cfg):
+        v = getattr(cfg, name)
+        if isinstance(v, bool):
+            args.append(flag(name) if v else flag(name).replace("--", "--no-", 1))
+        else:  # repr: a float's shortest exact form (2e-05, not show_value's rounded %g)
+            args += [flag(name), repr(v) if isinstance(v, float) else show_value(v)]
+    return args
 
 
 def describe_default(name: str) -> str:

@@ -68,6 +68,19 @@ def pick_device(name: str = "auto") -> torch.device:
     return dev
 
 
+def describe_machine(device: torch.device, world_size: int = 1) -> dict:
+    """What a run trained on, for config.json's ``machine`` section (the report shows it): the device, its name,
+    the number of processes and the PyTorch version."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        import os
+        import platform
+
+        name = f"{platform.machine() or 'CPU'}, {torch.get_num_threads()} threads of {os.cpu_count()} cores"
+    return {"device": device.type, "name": name, "processes": int(world_size), "torch": torch.__version__}
+
+
 class EMA:
     """Exponential moving average of the parameters, with a warm-up of the decay.
 
@@ -158,7 +171,7 @@ class MetricsLog:
     """metrics.csv of a run, appended row by row; a resume first drops the rows past the checkpoint."""
 
     COLUMNS = (["step", "loss", "lr", "grad_norm", "img_per_s", "wall_s"] + [f"loss_t{i}" for i in range(NUM_BUCKETS)]
-               + ["fd"])  # fd: the Frechet distance of --eval-every, on the rows of its steps
+               + ["fd", "fd_stderr"])  # --eval-every's Frechet distance and its standard error, on its steps' rows
 
     def __init__(self, path: Path, resume_step: int | None = None):
         self.path = path
@@ -184,6 +197,12 @@ def _int_or(s, default):
         return int(s)
     except ValueError:
         return default
+
+
+def _fd_text(r: dict) -> str:
+    """A quality measurement for the progress bar: ``12.34+-0.56``."""
+    se = r.get("fd_stderr")
+    return f"{r['fd']:.2f}" + ("" if se is None else f"+-{se:.2f}")
 
 
 def _fmt(v) -> str:
@@ -312,7 +331,9 @@ class Trainer:
                 prepare_run_dir(self.run_dir, resume=False)
                 self.run_dir.mkdir(parents=True, exist_ok=True)
                 self._take_lock()
-            write_config(self.run_dir, cfg.to_json(self.class_names))
+            config = cfg.to_json(self.class_names)
+            config["machine"] = describe_machine(self.device, dctx.world_size)  # of this session, after a resume
+            write_config(self.run_dir, config)
             return MetricsLog(self.run_dir / "metrics.csv", resume_step=self.step if ckpt else None)
 
         self.metrics = dctx.main_first(prepare)
@@ -485,6 +506,14 @@ class Trainer:
         model.load_state_dict(self.ema.state_dict())
         return model
 
+    def _denoiser(self, model: torch.nn.Module) -> Denoiser:
+        """The Denoiser of the sample grids and the --eval-every probe, with the settings ``Run.denoiser`` gives
+        ``ddpmkit sample``: the run's objective and variance, x0 clipped (sample's default --clip), its null class."""
+        # analytic needs Gamma_t of trained weights (`ddpmkit eval variance` estimates it after training), which a run
+        # in training does not have: it draws with beta_tilde, the lower bound of that variance (Analytic-DPM thm. 2)
+        variance = "small" if self.cfg.variance == "analytic" else self.cfg.variance
+        return Denoiser(model, self.schedule, self.cfg.objective, variance, clip_x0=True, null_cond=self.null_class)
+
     def sample_grid(self) -> Path | None:
         from ..viz.figures import save_grid
         from ..samplers import sample
@@ -494,7 +523,7 @@ class Trainer:
         model = self._ema_copy()
         g = torch.Generator(device="cpu").manual_seed(self.cfg.seed + 2)
         n = self.cfg.num_samples
-        denoiser = Denoiser(model, self.schedule, self.cfg.objective)
+        denoiser = self._denoiser(model)
         path = self.run_dir / "samples" / f"grid_step_{self.step:09d}.png"
         if self.class_cond:  # one labelled row per class, guided: n // K samples of each (at least one)
             from ..samplers.options import DEFAULT_GUIDANCE
@@ -512,8 +541,8 @@ class Trainer:
         return save_grid(x.cpu(), path)
 
     def evaluate_quality(self) -> dict | None:
-        """--eval-every: ``eval_n`` samples from the EMA weights with ``eval_sampler``, the same noise every time,
-        and their Frechet distance (metrics/quality.py); None where no feature network is at hand."""
+        """--eval-every: ``eval_n`` samples from the EMA weights with ``eval_sampler``, the same noise and labels every
+        time, their Frechet distance and its standard error (metrics/quality.py); None without a feature network."""
         from ..metrics.quality import QualityProbe
 
         if not self.dist.is_main:
@@ -528,9 +557,9 @@ class Trainer:
             return None
         from ..samplers.options import DEFAULT_GUIDANCE
 
-        denoiser = Denoiser(self._ema_copy(), self.schedule, self.cfg.objective, null_cond=self.null_class)
+        shape = (self.cfg.channels, self.cfg.image_size, self.cfg.image_size)
         return self._probe.measure(
-            denoiser, self.cfg.eval_n, (self.cfg.channels, self.cfg.image_size, self.cfg.image_size),
+            self._denoiser(self._ema_copy()), self.cfg.eval_n, shape,
             sampler=self.cfg.eval_sampler, steps=self.cfg.eval_steps, seed=self.cfg.seed,
             num_classes=None if self.class_names is None else len(self.class_names),
             guidance=DEFAULT_GUIDANCE if self.class_cond else None, null_class=self.null_class)
@@ -568,7 +597,8 @@ class Trainer:
         window_steps, window_t0 = 0, time.perf_counter()
         last_loss = float("nan")
         stop_reason = "steps"
-        quality = {"fd": None, "last": None, "seconds": 0.0}  # --eval-every: pending value, last result, its cost
+        # --eval-every: the pending values, the last result, its cost
+        quality = {"fd": None, "fd_stderr": None, "last": None, "seconds": 0.0}
 
         def flush_window(lr, grad_norm) -> float:
             """Write one metrics.csv row for the steps since the last one; return their mean loss."""
@@ -578,13 +608,13 @@ class Trainer:
             img_s = window_steps * cfg.batch_size / max(elapsed, 1e-9)
             row = {"step": self.step, "loss": mean_loss, "lr": lr, "grad_norm": grad_norm.item(),
                    "img_per_s": img_s, "wall_s": self.wall_offset + time.perf_counter() - self._t0,
-                   "fd": quality["fd"]}
-            quality["fd"] = None
+                   "fd": quality["fd"], "fd_stderr": quality["fd_stderr"]}
+            quality["fd"] = quality["fd_stderr"] = None
             for i, (v, n) in enumerate(zip((bucket_sum / bucket_n.clamp(min=1)).tolist(), bucket_n.tolist())):
                 row[f"loss_t{i}"] = v if n > 0 else None
             if self.metrics is not None:  # rank 0 only
                 self.metrics.append(row)
-            shown = {} if quality["last"] is None else {"fd": f"{quality['last']['fd']:.2f}"}  # --eval-every's last
+            shown = {} if quality["last"] is None else {"fd": _fd_text(quality["last"])}  # --eval-every's last
             bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{img_s:.0f}", **shown, refresh=False)
             window_loss.zero_(), bucket_sum.zero_(), bucket_n.zero_()
             window_steps, window_t0 = 0, time.perf_counter()
@@ -593,8 +623,9 @@ class Trainer:
         def measure_quality() -> None:
             r = self.evaluate_quality()
             if r is not None:
-                quality.update(fd=r["fd"], last=r, seconds=quality["seconds"] + r["seconds"])
-                bar.set_postfix(fd=f"{r['fd']:.2f}", refresh=False)
+                quality.update(fd=r["fd"], fd_stderr=r.get("fd_stderr"), last=r,
+                               seconds=quality["seconds"] + r["seconds"])
+                bar.set_postfix(fd=_fd_text(r), refresh=False)
 
         try:
             while self.step < cfg.steps:

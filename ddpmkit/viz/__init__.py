@@ -1,5 +1,5 @@
 """Pictures of diffusion: grids and plots (``figures``), the sampling chain as a GIF (``animation``), and one
-self-contained HTML page of a run (``report``)."""
+self-contained HTML page of a run (``report``, which leads with the facts ``summary`` reads from the run's files)."""
 
 from .animation import ChainFrame, ChainRecorder, save_chain_gif
 from .figures import (

@@ -575,14 +575,23 @@ def plot_loss(metrics_csv, path, smoothing: float | None = None) -> Path:
         ax_loss.legend(loc="upper right")
         if _has(data, "fd"):  # --eval-every: the sample quality over the steps, on its own axis
             ok = np.isfinite(data["fd"])
+            fd = data["fd"][ok]
             ax_fd = ax_loss.twinx()
-            ax_fd.plot(step[ok], data["fd"][ok], color=COLORS["fd"], marker="o", ms=3, label="Frechet distance")
+            ax_fd.plot(step[ok], fd, color=COLORS["fd"], marker="o", ms=3, label="Frechet distance"
+                       + (" +- s.e." if _has(data, "fd_stderr") else ""))
+            if _has(data, "fd_stderr"):  # its standard error (runs from before it was logged have none)
+                se = np.nan_to_num(data["fd_stderr"][ok])
+                # on the log axis a bar that would reach 0 stops at fd / 10
+                ax_fd.errorbar(step[ok], fd, yerr=[np.minimum(se, 0.9 * fd), se], fmt="none", ecolor=COLORS["fd"],
+                               elinewidth=1, capsize=2, alpha=0.6)
             ax_fd.set_yscale("log")
             ax_fd.set_ylabel("Frechet distance of samples (log)", color=COLORS["fd"])
             ax_fd.grid(False)
             ax_fd.spines["right"].set_visible(True)
             ax_fd.legend(loc="lower left")
-            ax_loss.set_title(f"training loss; sample quality (last FD {data['fd'][ok][-1]:.3g})")
+            last_se = data["fd_stderr"][ok][-1] if "fd_stderr" in data else math.nan
+            ax_loss.set_title(f"training loss; sample quality (last FD {fd[-1]:.3g}"
+                              + (f" +- {last_se:.2g})" if math.isfinite(last_se) else ")"))
         if _has(data, "grad_norm"):
             _curve(ax_gn, step, data["grad_norm"], COLORS["grad_norm"], beta, "grad norm", True)
         else:
