@@ -8,7 +8,7 @@ PYTEST_ARGS ?= -q
 # is redone when pyproject.toml changes, or for another Python or virtual environment).
 STAMP := .make/installed-$(shell $(PYTHON) -c "import hashlib, sys; print(hashlib.sha256(sys.prefix.encode()).hexdigest()[:12])" 2>/dev/null || echo none)
 
-.PHONY: install test demo
+.PHONY: install test test-fast lint demo
 
 install: $(STAMP)
 
@@ -20,6 +20,14 @@ $(STAMP): pyproject.toml
 
 test: $(STAMP)
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
+
+# the inner loop: the suite without the tests marked slow (pytest.mark.slow)
+test-fast: $(STAMP)
+	$(PYTHON) -m pytest $(PYTEST_ARGS) -m "not slow"
+
+# ruff, with the settings in pyproject.toml ([tool.ruff]); installed by `make install` with the dev extra
+lint: $(STAMP)
+	$(PYTHON) -m ruff check ddpmkit tests bench
 
 demo: $(STAMP)
 	$(PYTHON) -m ddpmkit demo $(DEMO_ARGS)

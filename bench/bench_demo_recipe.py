@@ -32,9 +32,12 @@ try:
     import ddpmkit  # noqa: F401
 except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from digits_tools import evaluate  # noqa: E402
 
 from ddpmkit.metrics.quality import QualityProbe  # noqa: E402
-from ddpmkit.samplers.options import DEFAULT_GUIDANCE  # noqa: E402
+from ddpmkit.diffusion.denoiser import DEFAULT_GUIDANCE  # noqa: E402
 from ddpmkit.train import Trainer, config_from_preset  # noqa: E402
 
 # name -> overrides of the digits preset field defaults as they were before issue 19 (16x16, base 16, batch 32,
@@ -62,7 +65,7 @@ CANDIDATES: dict[str, dict] = {
     "wide8-uncond": dict(WIDE8, class_cond=False),
 }
 # (column, sampler, steps, guidance weight of a class-conditional model): the default weight 0.5, and 0.1, the
-# demo's (the lowest FD of w in {0, 0.1, 0.25, 0.5, 1} on the chosen recipe, README)
+# demo's (the lowest FD of w in {0, 0.1, 0.25, 0.5, 1} on the chosen recipe, docs/demo.md)
 SAMPLERS = [("DDIM 50", "ddim", 50, DEFAULT_GUIDANCE), ("DPM++2M-SDE 20", "dpmpp-2m-sde", 20, DEFAULT_GUIDANCE),
             ("DDIM 50, w 0.1", "ddim", 50, 0.1), ("DPM++2M-SDE 20, w 0.1", "dpmpp-2m-sde", 20, 0.1)]
 
@@ -123,8 +126,6 @@ def run_candidate(name: str, overrides: dict, args, probe: QualityProbe) -> dict
     t0 = time.perf_counter()
     out = tr.run()
     train_s = time.perf_counter() - t0
-    from ddpmkit.run import Run
-
     row = {"name": name, "overrides": {k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()},
            "params": params, "ms_per_step_2threads": sps * 1000, "steps": steps, "train_s_1thread": train_s,
            "loss": out["loss"]}
@@ -180,7 +181,7 @@ def main(argv=None) -> int:
         return 2
     probe = QualityProbe.digits()
     clf = probe.classifier
-    real = clf.evaluate(clf.test_images, "real")
+    real = evaluate(clf, clf.test_images, "real")
     floor = {"n": real.n, "fd": real.fd, "confidence": real.confidence}
     if args.judge_run:
         torch.set_num_threads(1)

@@ -26,6 +26,7 @@ try:
     import ddpmkit  # noqa: F401
 except ImportError:  # run from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
@@ -33,6 +34,7 @@ from ddpmkit.images import to_uint8  # noqa: E402
 from ddpmkit.metrics.digits import DigitsClassifier  # noqa: E402
 from ddpmkit.run import Run  # noqa: E402
 from ddpmkit.samplers import SAMPLERS, PerSampleNoise, sample  # noqa: E402
+from digits_tools import reference_rows  # noqa: E402
 
 CALLS = (5, 10, 20, 50)
 OURS = ("ddim", "ipndm", "dpmpp-2m", "dpmpp-3m", "unipc", "heun", "dpmpp-2m-sde")
@@ -46,7 +48,7 @@ def steps_for_calls(name: str, calls: int) -> int:
 
 
 def train_demo_model(out: Path, steps: int) -> Path:
-    """The demo's recipe (the digits preset) for a fixed number of steps, so that a busy machine trains the same model."""
+    """The demo's recipe (the digits preset) for a fixed number of steps: a busy machine trains the same model."""
     from ddpmkit.train import Trainer, config_from_preset
 
     cfg = config_from_preset("digits", steps=steps, sample_every=1_000_000, num_samples=0)
@@ -116,7 +118,7 @@ def main(argv=None) -> int:
     den = run.denoiser()
     clf = DigitsClassifier.load_or_train(log=lambda *m: None)
     x_T = PerSampleNoise(a.seed).initial((a.n, *run.image_shape))
-    real = clf.reference_rows()[0]
+    real = reference_rows(clf)[0]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {run.dir}; n = {a.n}; the {real.n} held-out "
           f"real digits score FD {real.fd:.2f}", flush=True)
 

@@ -56,7 +56,8 @@ def main(argv=None) -> int:
             print(f"  round {r + 1} {'per-sample' if per_sample else 'one generator'}: {times[per_sample][-1]:.3f} s",
                   flush=True)
     one, per = statistics.median(times[False]), statistics.median(times[True])
-    print(f"DDPM, {args.steps} steps, batch {'x'.join(map(str, shape))}, {args.preset} U-Net: one generator {one:.3f} s, "
+    print(f"DDPM, {args.steps} steps, batch {'x'.join(map(str, shape))}, {args.preset} U-Net: "
+          f"one generator {one:.3f} s, "
           f"per-sample streams {per:.3f} s")
     print(f"per-sample noise streams: time ratio {per / one:.3f}")
     return 0

@@ -258,6 +258,7 @@ def main(argv=None) -> int:
         p.error("--n must be at least 2, --steps in [1, 1000], --threads positive")
 
     import digits_judge as dj
+    from digits_tools import evaluate, reference_rows
 
     from ddpmkit.metrics.digits import DigitsClassifier
 
@@ -285,12 +286,12 @@ def main(argv=None) -> int:
 
     judge = DigitsClassifier.load_or_train(log=lambda m: print(m, file=sys.stderr))
     dj.describe_classifier(judge)
-    rows, fd = judge.reference_rows(ns=[args.n]), {}
+    rows, fd = reference_rows(judge, ns=[args.n]), {}
     for i, minutes in enumerate(args.minutes):
         for name in CONTENDERS:
             s = res[name]["snapshots"][i]
             label = f"{name} {minutes:g} min: {s['steps']} steps, {s['images']} images"
-            rows.append(judge.evaluate(s["samples"], label))
+            rows.append(evaluate(judge, s["samples"], label))
             fd[name, minutes] = rows[-1].fd
     print(f"ddpmkit {res['ddpmkit']['params']:,} parameters, diffusers {res['diffusers']['params']:,} parameters")
     print(dj.format_table(rows))

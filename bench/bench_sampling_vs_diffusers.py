@@ -5,7 +5,8 @@
     python bench/bench_sampling_vs_diffusers.py --nchw               # ddpmkit's model in NCHW, not channels_last
     python bench/bench_sampling_vs_diffusers.py --peer-channels-last # diffusers' model in channels_last too
 
-Ours is ``ddpmkit.samplers.sample(Denoiser(...), sampler="ddim")`` (eta 0, uniform spacing) over ``unet_from_preset("cifar10")`` in
+Ours is ``ddpmkit.samplers.sample(Denoiser(...), sampler="ddim")`` (eta 0, uniform spacing) over
+``unet_from_preset("cifar10")`` in
 channels_last, as ``ddpmkit sample`` runs it on the CPU (``--nchw``: in the default layout). The peer is the
 loop a diffusers user writes (the one its DDIMPipeline runs): ``DDIMScheduler.set_timesteps(steps)``, then
 ``unet(x, t).sample`` and ``scheduler.step(eps, t, x, eta=0).prev_sample`` for each timestep, under

@@ -71,7 +71,8 @@ def main(argv=None) -> int:
         x = x.contiguous(memory_format=torch.channels_last)
         eps = eps.contiguous(memory_format=torch.channels_last)
 
-    print(f"torch {torch.__version__}, python {platform.python_version()}, {platform.processor() or platform.machine()}, "
+    print(f"torch {torch.__version__}, python {platform.python_version()}, "
+          f"{platform.processor() or platform.machine()}, "
           f"{args.threads} threads, load average {os.getloadavg()[0]:.2f}")
     print(f"UNet preset {args.preset}: {model.num_parameters():,} parameters, batch {B}x{C}x{S}x{S}, "
           f"{'channels_last' if args.channels_last else 'contiguous (NCHW)'}")

@@ -47,6 +47,7 @@ import torch  # noqa: E402
 from ddpmkit.data import load_dataset  # noqa: E402
 from ddpmkit.images import from_uint8, to_uint8  # noqa: E402
 from ddpmkit.metrics.digits import DigitsClassifier  # noqa: E402
+from ddpmkit.gamma import estimate_run_gamma  # noqa: E402
 from ddpmkit.metrics.nll import bpd_terms  # noqa: E402
 from ddpmkit.run import Run  # noqa: E402
 from ddpmkit.samplers import PerSampleNoise, sample  # noqa: E402
@@ -163,7 +164,7 @@ def main(argv=None) -> int:
     run = Run.open(runs["L_simple"])
     if run.gamma() is None or run.diffusion_config["analytic"].get("n") != args.gamma_n:
         t0 = time.perf_counter()
-        gamma, note = run.estimate_gamma(n=args.gamma_n, seed=args.seed)
+        gamma, note = estimate_run_gamma(run, n=args.gamma_n, seed=args.seed)
         run.save_gamma(gamma, note)
         print(f"Gamma_t on {note['n']} images in {time.perf_counter() - t0:.0f} s (min {float(gamma.min()):.3f}, "
               f"max {float(gamma.max()):.3f})", flush=True)
@@ -188,7 +189,8 @@ def main(argv=None) -> int:
         print(f"bound {m}/{var}: {time.perf_counter() - t0:.0f} s", flush=True)
         return b.tolist()
 
-    per_image = {(m, var): torch.tensor(measured.get(f"bound/{args.nll_n}/{tag(m, var)}", lambda: bound(m, var)),
+    per_image = {(m, var): torch.tensor(measured.get(f"bound/{args.nll_n}/{tag(m, var)}",
+                                                     lambda m=m, var=var: bound(m, var)),
                                         dtype=torch.float64) for m, var in rows}
     base = per_image[("L_simple", "small")]
     print(f"\n| model | variance | bound (bits/dim), {args.nll_n} digits | difference to L_simple / small |")
@@ -226,7 +228,7 @@ def main(argv=None) -> int:
                     continue  # DDIM reads only the analytic variance: small against analytic
                 opt = f"-eta{DDIM_ETA:g}" if sampler == "ddim" else ""
                 key = f"fd/{sampler}{opt}/{S}/{n}/{tag(m, var)}"
-                fds[(sampler, S, n, m, var)] = measured.get(key, lambda: frechet(sampler, S, n, m, var))
+                fds[(sampler, S, n, m, var)] = measured.get(key, lambda a=(sampler, S, n, m, var): frechet(*a))
         for sampler in ("ddpm", "ddim"):
             mine = [(S, n) for smp, S, n in cols if smp == sampler]
             title = "DDPM" if sampler == "ddpm" else f"DDIM eta = {DDIM_ETA:g}"

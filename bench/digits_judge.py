@@ -1,7 +1,7 @@
 """An independent judge of generated digits: a small CNN trained on the real digits, never on samples.
 
-The classifier itself (network, training, cache, features) lives in ``ddpmkit.metrics.digits``; this script
-is its table and command line.
+The classifier itself (network, training, cache, features) lives in ``ddpmkit.metrics.digits``, the rows of its
+table in ``bench/digits_tools.py``; this script is the table and its command line.
 
 The classifier is trained on the 1,797 scikit-learn digits at 16x16 (``load_dataset("digits")``,
 scaled to [-1, 1] as ddpmkit scales them), with random shifts of up to 2 pixels as augmentation. A
@@ -47,10 +47,12 @@ try:
 except ImportError:  # run from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from digits_tools import DigitsRow, evaluate, load_png_dir, reference_rows  # noqa: E402
+
 from ddpmkit.errors import DdpmkitError  # noqa: E402
-from ddpmkit.metrics.digits import (  # noqa: E402
-    DEFAULT_EPOCHS, DEFAULT_SEED, DigitsClassifier, DigitsRow, load_png_dir,
-)
+from ddpmkit.metrics.digits import DEFAULT_EPOCHS, DEFAULT_SEED, DigitsClassifier  # noqa: E402
 
 __all__ = ["describe_classifier", "format_table", "judge_dirs", "main"]
 
@@ -78,8 +80,8 @@ def judge_dirs(dirs, *, classifier: DigitsClassifier | None = None, seed: int = 
         classifier = DigitsClassifier.load_or_train(seed=seed, epochs=epochs, cache_dir=cache_dir,
                                                     use_cache=use_cache, log=log)
     describe_classifier(classifier, log)
-    rows = classifier.reference_rows(ns=[x.shape[0] for _, x in sets])
-    rows += [classifier.evaluate(x, name) for name, x in sets]
+    rows = reference_rows(classifier, ns=[x.shape[0] for _, x in sets])
+    rows += [evaluate(classifier, x, name) for name, x in sets]
     return classifier, rows
 
 

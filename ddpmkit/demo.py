@@ -6,12 +6,11 @@ samples every digit with the fast default sampler (DPM-Solver++(2M) SDE, 20 step
 classifier-free guidance, one grid row per digit, checks the samples for copies of training digits, and writes
 grids, chain GIFs, the schedule, forward-process, loss and memorisation figures and a report into one folder.
 (Class-conditional training costs the demo no quality: at the same budget its samples are closer to the real
-digits than an unconditional model's, bench/bench_demo_recipe.py and the README's guidance section.)
+digits than an unconditional model's, bench/bench_demo_recipe.py and docs/guidance.md.)
 """
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
@@ -20,11 +19,11 @@ import torch
 from .errors import DataError
 
 DEFAULT_TRAIN_SECONDS = 210.0  # the budget of bench/bench_demo_recipe.py; with sampling, about 4 minutes on 2 cores
-DEMO_EVAL_EVERY = 200  # steps between quality measurements (about 3% of the training time, README)
+DEMO_EVAL_EVERY = 200  # steps between quality measurements (about 3% of the training time, docs/demo.md)
 DEMO_MEMORIZATION_N = 200  # samples of the memorisation check
 # The guidance weight of the demo's samples: on the digits preset, of w in {0, 0.1, 0.25, 0.5, 1}, 0.1 gave DDIM's
 # lowest Frechet distance (500 samples: 6.7 against 7.6 at w = 0 and 14.3 at the default 0.5) with the classifier
-# agreeing with the class asked for on 98.8% (bench/bench_demo_recipe.py, README's demo section).
+# agreeing with the class asked for on 98.8% (bench/bench_demo_recipe.py, docs/demo.md).
 DEMO_GUIDANCE = 0.1
 MAX_FORWARD_PIXELS = 64_000_000  # the image of `plot forward --image` (8000x8000); it is drawn at 64x64
 

@@ -19,3 +19,21 @@ class CheckpointError(DdpmkitError):
 
 class ConfigError(DdpmkitError):
     """A configuration value is invalid or inconsistent."""
+
+
+class SettingError(ConfigError, ValueError):
+    """One setting's value is refused; ``setting`` names it, ``text`` says why with ``{name}`` where it is named.
+
+    ``str()`` names it ``--batch-size`` for the setting ``batch_size``; ``named(name)`` names it any other way (the
+    CLI's ``cli.common.flag_of`` gives each setting its flag there).
+    """
+
+    def __init__(self, setting: str, text: str):
+        super().__init__(setting, text)
+        self.setting, self.text = setting, text
+
+    def named(self, name: str) -> str:
+        return self.text.format(name=name)
+
+    def __str__(self) -> str:
+        return self.named("--" + self.setting.replace("_", "-"))

@@ -15,25 +15,31 @@ from pathlib import Path
 import torch
 
 from .images import to_uint8
-from .run import Run
-from .samplers.options import Conditioning, SampleOptions, SamplingPlan, parse_classes
+from .request import Request, SampleOptions, SamplingPlan
 
-__all__ = ["SampleOptions", "SamplingPlan", "generate", "default_out_dir"]
+__all__ = ["SampleOptions", "SamplingPlan", "Request", "generate", "default_out_dir"]
 
 GRID_MAX = 256  # samples shown in grid.png; the rest are written and dropped, so memory stays bounded
 ROW_MAX = 16  # samples of each class shown in the grid with one row per class
 
 
-def _conditioning(run, opt: SampleOptions) -> tuple[Conditioning, int]:
-    """The run's conditioning for ``opt`` and the number of samples: ``opt.n`` per class asked for, else ``opt.n``."""
-    classes = parse_classes(opt.classes, run.class_names)
-    n = opt.n * (len(classes) if classes else 1)
-    return Conditioning.of(opt, run.class_names, run.null_class, n, grouped=True), n
+def _request(source, opt: SampleOptions | None) -> Request:
+    """``source`` if it is a Request, else the request of ``opt`` on the run ``source`` (a Run or a path)."""
+    if isinstance(source, Request):
+        if opt is not None and opt is not source.options:
+            raise ValueError("give the options of a resolved Request through Request.resolve, not beside it")
+        return source
+    if opt is None:
+        raise TypeError("generate needs SampleOptions with a run (or a resolved Request)")
+    return Request.resolve(source, opt)
 
 
-def generate(run_or_checkpoint, out_dir, opt: SampleOptions, *, gif_path=None, device=None, progress=True,
+def generate(request, out_dir, opt: SampleOptions | None = None, *, gif_path=None, device=None, progress=True,
              log=print) -> dict:
     """Draw ``opt.n`` samples from a run and write them under ``out_dir``; returns paths and timings.
+
+    ``request`` is a resolved :class:`~ddpmkit.request.Request` (``opt`` then omitted), or a Run or a path to one
+    with ``opt``.
 
     Samples are written batch by batch and only the first ``GRID_MAX`` are kept (``result["images"]``, the grid), so
     memory does not grow with ``n``. A CUDA out-of-memory error halves the batch size and retries, with a warning;
@@ -44,12 +50,9 @@ def generate(run_or_checkpoint, out_dir, opt: SampleOptions, *, gif_path=None, d
     from .files import atomic_write_text, output_dir
     from .viz import ChainRecorder, save_chain_gif, save_grid, save_images, save_labelled_grid
 
-    run = Run.open(run_or_checkpoint)
-    plan = opt.plan(run.schedule)
-    cond, n_total = _conditioning(run, opt)
-    dev = torch.device(device) if device is not None else torch.device("cpu")
-    denoiser = run.denoiser(ema=opt.ema, variance=opt.variance, clip_x0=opt.clip_x0, device=dev,
-                            guidance=cond.guidance)
+    req = _request(request, opt)
+    run, opt, plan, cond, n_total = req.run, req.options, req.plan, req.conditioning, req.n
+    denoiser = req.denoiser(device)
 
     # the folder is made only now, after every setting was checked; a failure below removes it again if empty
     with output_dir(out_dir) as out_dir:
@@ -69,11 +72,9 @@ def generate(run_or_checkpoint, out_dir, opt: SampleOptions, *, gif_path=None, d
         # a bar of network calls, so that a 1000-step DDPM batch moves at every step (progress.py)
         with steps_bar(denoiser.net, n=n_total, batch_size=opt.batch_size, calls_per_batch=plan.model_calls,
                        desc=plan.sampler, disable=not progress) as bar:
-            for start, x in sample_batches(denoiser, n=n_total, shape=run.image_shape, sampler=plan.sampler,
-                                           steps=plan.steps, spacing=plan.spacing, seed=opt.seed,
-                                           batch_size=opt.batch_size, options=plan.options,
-                                           on_first_batch=start_recorder if gif_path else None, log=log,
-                                           labels=cond.labels):
+            for start, x in sample_batches(denoiser, n=n_total, shape=run.image_shape, sampler=plan,
+                                           seed=opt.seed, batch_size=opt.batch_size, log=log, labels=cond.labels,
+                                           on_first_batch=start_recorder if gif_path else None):
                 u8 = to_uint8(x.cpu())
                 files += save_images(u8, out_dir, prefix="sample", start=start)
                 if rows is not None:  # the first ROW_MAX samples of each class
@@ -105,18 +106,7 @@ def generate(run_or_checkpoint, out_dir, opt: SampleOptions, *, gif_path=None, d
         return result
 
 
-def default_out_dir(run_or_checkpoint, opt: SampleOptions) -> Path:
-    """``RUN/samples/<sampler>-<steps>-<spacing>[-<options>][-<variance>]-seed<K>``."""
-    run = Run.open(run_or_checkpoint)
-    plan = opt.plan(run.schedule)
-    tag = plan.tag()
-    if plan.reads_variance(opt.variance or run.variance):
-        tag += f"-{opt.variance or run.variance}"
-    if run.class_cond:  # the classes and the guidance weight: -class3.5.8-w1, -classall-w1, -w1
-        cond, _ = _conditioning(run, opt)
-        spec = opt.classes
-        if spec is not None:
-            spec = "all" if str(spec).strip() == "all" else ".".join(str(c) for c in cond.classes)
-            tag += f"-class{spec}"
-        tag += f"-w{cond.guidance:g}"
-    return run.dir / "samples" / f"{tag}-seed{opt.seed}"
+def default_out_dir(request, opt: SampleOptions | None = None) -> Path:
+    """``RUN/samples/<sampler>-<steps>-<spacing>[-<options>][-<variance>]-seed<K>`` (``Request.out_dir``);
+    ``request`` as for :func:`generate`."""
+    return _request(request, opt).out_dir()

@@ -15,8 +15,8 @@ import math
 
 from .errors import ConfigError
 
-__all__ = ["MAX_T", "MAX_BATCH", "MAX_PARAMETERS", "MAX_GRID", "MAX_CHANNELS", "MAX_IMAGE_SIZE", "check_int", "check_float", "check_T",
-           "check_model_config", "count_parameters"]
+__all__ = ["MAX_T", "MAX_BATCH", "MAX_PARAMETERS", "MAX_GRID", "MAX_CHANNELS", "MAX_IMAGE_SIZE", "check_int",
+           "check_float", "check_T", "check_model_config", "count_parameters"]
 
 MAX_T = 100_000  # diffusion steps (the papers use 1000 to 4000)
 MAX_BATCH = 65_536  # images in one batch (the paper's CIFAR-10 batch is 128)

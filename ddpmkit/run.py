@@ -17,6 +17,7 @@ import torch
 from .diffusion import NoiseSchedule
 from .errors import CheckpointError, ConfigError, DdpmkitError
 from .store.checkpoint import Checkpoint, check_state_matches, load_checkpoint, locate, strip_wrappers
+from .gamma import GAMMA_FILE, estimate_run_gamma
 from .store.rundir import CONFIG_NAME, read_config
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -24,7 +25,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["Run", "GAMMA_FILE", "ON_THE_FLY_GAMMA_N"]
 
-GAMMA_FILE = "analytic_gamma.safetensors"  # Gamma_t of the analytic variance, written by `ddpmkit eval variance`
 ON_THE_FLY_GAMMA_N = 32  # images of the estimate made when a run asked for the analytic variance has none
 
 
@@ -39,6 +39,7 @@ class Run:
         self.dir = Path(dir)
         self.config = config
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        self._loaded: tuple[Checkpoint, frozenset, bool] | None = None  # read once: (checkpoint, parts, verified)
 
     @classmethod
     def open(cls, path) -> Run:
@@ -124,35 +125,6 @@ class Run:
             raise CheckpointError(f"{path} does not hold Gamma_t for the {self.schedule.T} timesteps of this run")
         return gamma.double()
 
-    def estimate_gamma(self, *, n: int = 256, batch_size: int = 32, seed: int = 0, ema: bool = True,
-                       data=None, progress=None) -> tuple[torch.Tensor, dict]:
-        """Gamma_t = E||eps_theta(x_t, t)||^2 / d for every t (Analytic-DPM), over ``n`` training images of the run's
-        data; returns (gamma [T], the note that ``save_gamma`` records)."""
-        from .data import load_dataset
-        from .diffusion.variance import estimate_gamma
-
-        train = self.config.get("train") or {}
-        source = data if data is not None else train.get("data", "digits")
-        ds = load_dataset(source, image_size=train.get("image_size"), channels=train.get("channels"),
-                          data_dir=train.get("data_dir"), download=False, split="train", progress=False)
-        images = ds.images[:n]
-        labels = ds.labels[:n] if self.class_cond and ds.labels is not None else None
-        if self.class_cond and labels is None:
-            raise CheckpointError(f"{self.dir} is class-conditional, and {source} has no labels to estimate Gamma_t")
-        den = self.denoiser(ema=ema, variance="small")
-        from .images import from_uint8
-
-        def batch(i):
-            x = images[i:i + batch_size]
-            x = from_uint8(x) if x.dtype == torch.uint8 else x.float()
-            return x if labels is None else (x, labels[i:i + batch_size])
-
-        batches = (batch(i) for i in range(0, images.shape[0], batch_size))
-        gamma, used = estimate_gamma(den, batches, seed=seed, progress=progress)
-        ck = self.checkpoint(verify=False, parts=("train",))
-        note = {"file": GAMMA_FILE, "n": used, "seed": seed, "ema": ema, "step": ck.step, "source": str(source)}
-        return gamma, note
-
     def save_gamma(self, gamma: torch.Tensor, note: dict):
         """Store Gamma_t in the run (``GAMMA_FILE``) and its note in config.json's ``diffusion.analytic``."""
         from .store.rundir import write_config
@@ -230,9 +202,24 @@ class Run:
     # ------------------------------------------------------------------ weights
     def checkpoint(self, *, verify: bool = True, map_location="cpu",
                    parts: tuple[str, ...] = ("model", "ema", "optimizer", "train")) -> Checkpoint:
-        """The checkpoint this run names (or its newest intact one), loaded and verified."""
-        return load_checkpoint(self.checkpoint_dir or self.dir, verify=verify, map_location=map_location,
-                               parts=parts)
+        """The checkpoint this run names (or its newest intact one), loaded and verified.
+
+        Its files are read once per Run: a later call asking for no more parts (and no stronger check) gets the
+        same Checkpoint, whose tensors are on the CPU (``map_location`` other than the CPU reads anew).
+        """
+        want = frozenset(parts)
+        cached = self._loaded
+        if (cached is not None and str(map_location) == "cpu" and want <= cached[1]
+                and (cached[2] or not verify)):
+            return cached[0]
+        if cached is not None:
+            want |= cached[1]
+            verify = verify or cached[2]
+        ck = load_checkpoint(self.checkpoint_dir or self.dir, verify=verify, map_location=map_location,
+                             parts=tuple(sorted(want)), config=self.config)
+        if str(map_location) == "cpu":
+            self._loaded = (ck, want, verify)
+        return ck
 
     def load_model(self, ema: bool = True, verify: bool = True):
         """The run's U-Net with its EMA weights (``ema=True``, falling back to the raw weights when no EMA
@@ -241,7 +228,7 @@ class Run:
         The architecture comes from ``config["model"]``. Keys and shapes are checked strictly; a mismatch is
         a CheckpointError naming it.
         """
-        ck = self.checkpoint(verify=verify, parts=("model", "ema"))
+        ck = self.checkpoint(verify=verify, parts=("model", "ema", "train"))  # the train state for its step
         model_cfg = self._section("model")
         from .limits import check_model_config
         from .models.unet import UNet  # the network code is imported only when a model is built
@@ -263,6 +250,11 @@ class Run:
             model.load_state_dict(state, strict=True)
         except RuntimeError as e:
             raise CheckpointError(f"{what} cannot be loaded into the model: {e}") from e
+        if self._loaded is not None and self._loaded[0] is ck:  # the weights live in the model now: keep only the
+            import dataclasses  # small parts of the read (step, train state), not a second copy of the weights
+
+            self._loaded = (dataclasses.replace(ck, model_state={}, ema_state=None),
+                            self._loaded[1] - {"model", "ema"}, self._loaded[2])
         return model.to("cpu").eval()
 
     def denoiser(self, ema: bool = True, variance: str | None = None, clip_x0: bool = True,
@@ -305,7 +297,7 @@ class Run:
                 print(f"note: {self.dir} has no Gamma_t for the analytic variance; estimating it now from "
                       f"{ON_THE_FLY_GAMMA_N} images (store one with `ddpmkit eval variance {self.dir}`)",
                       file=sys.stderr)
-                gamma = self.estimate_gamma(n=ON_THE_FLY_GAMMA_N, ema=ema)[0]
+                gamma = estimate_run_gamma(self, n=ON_THE_FLY_GAMMA_N, ema=ema)[0]
         net = self.load_model(ema=ema)
         if device is not None:
             net = net.to(device)

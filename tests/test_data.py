@@ -20,6 +20,9 @@ import torch
 from PIL import Image
 
 from ddpmkit.data import Batcher, DataWarning, ImageData, load_dataset
+from ddpmkit.data import cifar10 as cifar_source
+from ddpmkit.data import common as data_common
+from ddpmkit.data import folder as folder_source
 from ddpmkit.data import sources as D
 from ddpmkit.errors import CheckpointError, ConfigError, DataError
 from ddpmkit.images import to_uint8
@@ -286,8 +289,8 @@ def _serve(tmp_path, batches) -> tuple[str, str]:
 
 def test_cifar_download_good_md5(tmp_path, batches, monkeypatch):
     url, md5 = _serve(tmp_path, batches)
-    monkeypatch.setattr(D, "CIFAR10_URL", url)
-    monkeypatch.setattr(D, "CIFAR10_MD5", md5)
+    monkeypatch.setattr(cifar_source, "CIFAR10_URL", url)
+    monkeypatch.setattr(cifar_source, "CIFAR10_MD5", md5)
     dest = tmp_path / "data"
     d = load_dataset("cifar10", data_dir=dest, download=True, progress=False)
     assert d.num_images == 60
@@ -297,8 +300,8 @@ def test_cifar_download_good_md5(tmp_path, batches, monkeypatch):
 
 def test_cifar_download_bad_md5_leaves_nothing(tmp_path, batches, monkeypatch):
     url, _ = _serve(tmp_path, batches)
-    monkeypatch.setattr(D, "CIFAR10_URL", url)
-    monkeypatch.setattr(D, "CIFAR10_MD5", "0" * 32)
+    monkeypatch.setattr(cifar_source, "CIFAR10_URL", url)
+    monkeypatch.setattr(cifar_source, "CIFAR10_MD5", "0" * 32)
     dest = tmp_path / "data"
     with pytest.raises(DataError, match="MD5"):
         load_dataset("cifar10", data_dir=dest, download=True, progress=False)
@@ -307,7 +310,7 @@ def test_cifar_download_bad_md5_leaves_nothing(tmp_path, batches, monkeypatch):
 
 def test_cifar_existing_archive_with_bad_md5_is_kept(tmp_path, batches, monkeypatch):
     arch = write_cifar_archive(tmp_path / "cifar-10-python.tar.gz", archive_files(batches))
-    monkeypatch.setattr(D, "CIFAR10_MD5", "0" * 32)
+    monkeypatch.setattr(cifar_source, "CIFAR10_MD5", "0" * 32)
     with pytest.raises(DataError, match="MD5"):
         load_dataset("cifar10", data_dir=tmp_path, download=True)
     assert arch.exists()  # a user's file is never deleted
@@ -324,19 +327,19 @@ def test_cifar_download_network_failure(tmp_path, monkeypatch):
     assert "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz" in str(e.value)
     assert list((tmp_path / "d").iterdir()) == []
     monkeypatch.undo()
-    monkeypatch.setattr(D, "CIFAR10_URL", (tmp_path / "missing.tar.gz").as_uri())
+    monkeypatch.setattr(cifar_source, "CIFAR10_URL", (tmp_path / "missing.tar.gz").as_uri())
     with pytest.raises(DataError, match="could not download"):
         load_dataset("cifar10", data_dir=tmp_path / "d", download=True, progress=False)
 
 
 def test_memory_estimate_refuses(tmp_path, batches, monkeypatch):
     write_cifar_tree(tmp_path, batches)
-    monkeypatch.setattr(D, "available_memory_bytes", lambda: 1000)
+    monkeypatch.setattr(data_common, "available_memory_bytes", lambda: 1000)
     with pytest.raises(DataError, match="memory"):
         load_dataset("cifar10", data_dir=tmp_path)
-    assert D.available_memory_bytes() == 1000
+    assert data_common.available_memory_bytes() == 1000
     monkeypatch.undo()
-    assert D.available_memory_bytes() is None or D.available_memory_bytes() > 0
+    assert data_common.available_memory_bytes() is None or data_common.available_memory_bytes() > 0
 
 
 # --------------------------------------------------------------------------------------------------
@@ -443,7 +446,7 @@ def test_folder_empty_nonimage_and_undecodable(tmp_path):
 
 def test_folder_memory_estimate(tmp_path, monkeypatch):
     make_folder(tmp_path / "imgs")
-    monkeypatch.setattr(D, "available_memory_bytes", lambda: 10_000)
+    monkeypatch.setattr(data_common, "available_memory_bytes", lambda: 10_000)
     with pytest.raises(DataError, match="memory"):
         load_dataset(str(tmp_path / "imgs"), image_size=64, cache_dir=tmp_path / "c", progress=False)
 
@@ -458,13 +461,13 @@ def test_folder_cache_hit_invalidation_and_corruption(tmp_path, monkeypatch):
     head = files[0].read_bytes()[:9]
     assert head[8:9] == b"{" and not head.startswith(b"\x80")  # a safetensors header, never a pickle
 
-    real_decode = D._decode_image
+    real_decode = folder_source._decode_image
     calls = []
 
     def failing(*a, **k):
         raise AssertionError("decoded despite the cache")
 
-    monkeypatch.setattr(D, "_decode_image", failing)
+    monkeypatch.setattr(folder_source, "_decode_image", failing)
     again = load_dataset(str(root), image_size=16, cache_dir=cache, progress=False)
     assert torch.equal(again.images, first.images)
 
@@ -472,7 +475,7 @@ def test_folder_cache_hit_invalidation_and_corruption(tmp_path, monkeypatch):
         calls.append(path)
         return real_decode(path, *a)
 
-    monkeypatch.setattr(D, "_decode_image", counting)
+    monkeypatch.setattr(folder_source, "_decode_image", counting)
     load_dataset(str(root), image_size=8, cache_dir=cache, progress=False)  # another size: another key
     assert len(calls) == 10
     calls.clear()
@@ -596,7 +599,7 @@ def test_folder_cache_round_trip_keeps_labels(tmp_path, monkeypatch):
     def failing(*a, **k):
         raise AssertionError("decoded despite the cache")
 
-    monkeypatch.setattr(D, "_decode_image", failing)
+    monkeypatch.setattr(folder_source, "_decode_image", failing)
     again = load_dataset(str(root), image_size=8, cache_dir=cache, progress=False)
     assert torch.equal(again.images, first.images) and torch.equal(again.labels, first.labels)
     assert again.labels.dtype == torch.int64 and again.class_names == first.class_names

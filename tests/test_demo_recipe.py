@@ -63,7 +63,7 @@ def test_loss_weight_settings_are_checked():
 
 
 def test_cosine_lr_decay_follows_sgdr():
-    from ddpmkit.train.trainer import _lr_at
+    from ddpmkit.train.schedule import lr_at as _lr_at
 
     cfg = tiny_cfg(lr=1e-3, warmup=0, lr_decay="cosine", steps=100)
     for step in (0, 25, 50, 99, 100):

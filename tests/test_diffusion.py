@@ -104,7 +104,8 @@ def test_training_losses_per_sample_and_given_t(sched):
 
 def test_posterior_against_bayes_rule():
     # q(x_{t-1} | x_t, x_0) is the product of q(x_{t-1} | x_0) and q(x_t | x_{t-1}) normalised: for Gaussians,
-    # precision = 1/(1 - ab_{t-1}) + alpha_t / beta_t and mean = var * (sqrt(ab_{t-1}) x0/(1-ab_{t-1}) + sqrt(a_t) x_t/beta_t)
+    # precision = 1/(1 - ab_{t-1}) + alpha_t / beta_t and
+    # mean = var * (sqrt(ab_{t-1}) x0/(1-ab_{t-1}) + sqrt(a_t) x_t/beta_t)
     sched = NoiseSchedule.linear(1000)
     b = sched.betas.double()
     ab = torch.cumprod(1 - b, 0)
@@ -115,8 +116,10 @@ def test_posterior_against_bayes_rule():
         mean, var, logvar = q_posterior(sched, x0, xt, t)
         prec = 1 / (1 - ab[t_val - 1]) + (1 - b[t_val]) / b[t_val]
         v = 1 / prec
-        m = v * (ab[t_val - 1].sqrt() * x0.double() / (1 - ab[t_val - 1]) + (1 - b[t_val]).sqrt() * xt.double() / b[t_val])
-        torch.testing.assert_close(var.double().flatten(), torch.full((2,), v.item(), dtype=torch.float64), rtol=1e-4, atol=0)
+        m = v * (ab[t_val - 1].sqrt() * x0.double() / (1 - ab[t_val - 1])
+                 + (1 - b[t_val]).sqrt() * xt.double() / b[t_val])
+        torch.testing.assert_close(var.double().flatten(), torch.full((2,), v.item(), dtype=torch.float64),
+                                   rtol=1e-4, atol=0)
         torch.testing.assert_close(mean.double(), m, rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(logvar.double().exp().flatten(), var.double().flatten(), rtol=1e-4, atol=0)
     # at t = 0 the posterior is a point mass at x0: mean x0, variance 0

@@ -1,5 +1,5 @@
-"""Tests of the digits classifier (ddpmkit/metrics/digits.py) and its table (bench/digits_judge.py): coverage, the
-classifier, its cache, its CLI. The Frechet distance itself is tested in test_frechet.py."""
+"""Tests of the digits classifier (ddpmkit/metrics/digits.py), its table's rows (bench/digits_tools.py) and the table
+(bench/digits_judge.py): coverage, the classifier, its cache, its CLI. The Frechet distance is test_frechet.py's."""
 
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ _PATH = Path(__file__).resolve().parents[1] / "bench" / "digits_judge.py"  # its
 _spec = importlib.util.spec_from_file_location("digits_judge", _PATH)
 cli = importlib.util.module_from_spec(_spec)
 sys.modules.setdefault("digits_judge", cli)
-_spec.loader.exec_module(cli)
+_spec.loader.exec_module(cli)  # which puts bench/ on sys.path, for the helpers it imports
+import digits_tools as tools  # noqa: E402  (the rows of the table: coverage, entropy, noise, folders of PNGs)
 
 FAST_EPOCHS = 5  # enough for > 95% held-out accuracy; the CLI's default trains longer
 
@@ -44,24 +45,24 @@ def judge(cache_dir):
 
 def test_coverage_and_entropy():
     balanced = np.repeat(np.arange(10), 7)
-    assert dj.class_coverage(balanced) == 10
-    assert dj.class_entropy(balanced) == pytest.approx(1.0)
+    assert tools.class_coverage(balanced) == 10
+    assert tools.class_entropy(balanced) == pytest.approx(1.0)
     one = np.full(70, 4)
-    assert dj.class_coverage(one) == 1
-    assert dj.class_entropy(one) == pytest.approx(0.0)
+    assert tools.class_coverage(one) == 1
+    assert tools.class_entropy(one) == pytest.approx(0.0)
     # 100 predictions: a class needs at least 100 / 10 / 3 = 3.33, i.e. 4 of them
     pred = np.concatenate([np.full(88, 0), np.full(4, 1), np.full(3, 2), np.full(5, 3)])
-    assert dj.class_coverage(pred) == 3
-    assert dj.class_entropy(np.array([0, 1])) == pytest.approx(math.log(2) / math.log(10))
+    assert tools.class_coverage(pred) == 3
+    assert tools.class_entropy(np.array([0, 1])) == pytest.approx(math.log(2) / math.log(10))
 
 
 def test_noise_images_are_quantized_like_samples():
     from ddpmkit.images import to_uint8
 
-    x = dj.noise_images(8, "gaussian", seed=5)
+    x = tools.noise_images(8, "gaussian", seed=5)
     ref = to_uint8(torch.randn((8, 1, 16, 16), generator=torch.Generator().manual_seed(5)))
     assert x.dtype == torch.uint8 and torch.equal(x, ref)
-    u = dj.noise_images(8, "uniform", seed=5)
+    u = tools.noise_images(8, "uniform", seed=5)
     assert u.shape == (8, 1, 16, 16) and u.dtype == torch.uint8
 
 
@@ -98,15 +99,15 @@ def test_fd_self_is_zero_and_real_is_far_from_noise(judge):
     mu, sigma = mean_cov(f)
     assert frechet_distance(mu, sigma, mu, sigma) < 1e-6 * max(1.0, np.trace(sigma))
     fd_real = judge.fd(judge.test_images)
-    fd_noise = judge.fd(dj.noise_images(len(judge.test_idx), "gaussian"))
-    fd_uniform = judge.fd(dj.noise_images(len(judge.test_idx), "uniform"))
+    fd_noise = judge.fd(tools.noise_images(len(judge.test_idx), "gaussian"))
+    fd_uniform = judge.fd(tools.noise_images(len(judge.test_idx), "uniform"))
     assert fd_real * 10 < fd_noise and fd_real * 10 < fd_uniform
 
 
 def test_coverage_of_real_digits_and_of_one_repeated_digit(judge):
-    real = judge.evaluate(judge.test_images, "real")
+    real = tools.evaluate(judge, judge.test_images, "real")
     assert real.coverage == 10 and real.entropy > 0.95 and real.confidence > 0.8
-    one = judge.evaluate(judge.test_images[:1].repeat(100, 1, 1, 1), "one digit")
+    one = tools.evaluate(judge, judge.test_images[:1].repeat(100, 1, 1, 1), "one digit")
     assert one.coverage == 1 and one.entropy == pytest.approx(0.0)
 
 
@@ -147,14 +148,14 @@ def test_folder_of_pngs_and_cli(judge, cache_dir, tmp_path, capsys):
         Image.fromarray(a[0], mode="L").save(d / f"sample_{i:05d}.png")
     (d / "notes.txt").write_text("not an image")
     Image.new("L", (530, 530)).save(d / "grid.png")  # ddpmkit sample writes a grid beside the samples
-    loaded = dj.load_png_dir(d)
+    loaded = tools.load_png_dir(d)
     assert torch.equal(loaded, torch.from_numpy(imgs))
     plain = tmp_path / "plain"
     plain.mkdir()
     Image.fromarray(imgs[0, 0], mode="L").save(plain / "x.png")
-    assert torch.equal(dj.load_png_dir(plain), torch.from_numpy(imgs[:1]))
+    assert torch.equal(tools.load_png_dir(plain), torch.from_numpy(imgs[:1]))
     with pytest.raises(dj.DigitsError, match="530x530"):
-        dj.load_png_dir(d, pattern="*.png")
+        tools.load_png_dir(d, pattern="*.png")
 
     rc = cli.main([str(d), "--epochs", str(FAST_EPOCHS), "--cache-dir", str(cache_dir),
                   "--json", str(tmp_path / "out.json")])
@@ -203,7 +204,7 @@ def _fake_demo(root: Path, ddpm: torch.Tensor, ddim: torch.Tensor) -> None:
 
 def test_quality_bench_judges_a_demo_folder(judge, cache_dir, tmp_path, capsys, monkeypatch):
     bench = _load_bench()
-    _fake_demo(tmp_path / "demo", judge.real_subset(30), dj.noise_images(30))
+    _fake_demo(tmp_path / "demo", judge.real_subset(30), tools.noise_images(30))
     args = ["--epochs", str(FAST_EPOCHS), "--cache-dir", str(cache_dir)]
     assert bench.main(["--dir", str(tmp_path / "demo"), *args]) == 0
     out = capsys.readouterr().out.strip().splitlines()

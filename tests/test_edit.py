@@ -299,7 +299,8 @@ def test_known_pixels_are_renoised_to_the_level_just_reached():
 def test_report_shows_the_edits_of_a_run(run_dir):
     from ddpmkit.viz.report import write_report
 
-    assert main(["inpaint", str(run_dir), "--image", "digits:1", "--mask", "left-half", "--steps", "3", "--n", "2"]) == 0
+    assert main(["inpaint", str(run_dir), "--image", "digits:1", "--mask", "left-half", "--steps", "3",
+                 "--n", "2"]) == 0
     assert main(["edit", str(run_dir), "--image", "digits:1", "--strength", "0.5,1", "--steps", "3", "--n", "1"]) == 0
     assert len(list((run_dir / "edits").glob("*/inpaint.png"))) == 1
     page = write_report(run_dir).read_text()

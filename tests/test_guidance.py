@@ -9,7 +9,8 @@ x_t | c ~ N(a mu_c, v) with a = sqrt(alpha_bar_t), v = a^2 s^2 + 1 - a^2, so the
 with r_k(x) = p(c = k | x_t = x) the posterior class weights (the mixture's score, -(x - a mbar) / v). Guidance
 (Ho & Salimans 2022 eq. 6) then gives
 
-    eps_w(x, c) = sqrt(1 - a^2) (x - a mtilde(x)) / v,  mtilde = (1 + w) mu_c - w mbar = mu_c + w r_c'(x) (mu_c - mu_c'),
+    eps_w(x, c) = sqrt(1 - a^2) (x - a mtilde(x)) / v,
+    mtilde = (1 + w) mu_c - w mbar = mu_c + w r_c'(x) (mu_c - mu_c'),
 
 the score of a Gaussian whose centre moves away from the other class c' by w r_c'(x) |mu_c - mu_c'|: at w = 0 the
 class's own law, at w > 0 class means pushed apart. The reference law of the guided DDPM chain is computed here
@@ -30,8 +31,8 @@ from ddpmkit.diffusion import Denoiser, NoiseSchedule
 from ddpmkit.errors import ConfigError
 from ddpmkit.models.unet import UNet
 from ddpmkit.run import Run
-from ddpmkit.samplers import SAMPLERS, PerSampleNoise, sample, timesteps
-from ddpmkit.samplers.options import Conditioning, SampleOptions, parse_classes
+from ddpmkit.samplers import SAMPLERS, sample, timesteps
+from ddpmkit.request import Conditioning, SampleOptions, parse_classes
 from ddpmkit.train import Trainer
 from ddpmkit.train.trainer import uncond_mask
 

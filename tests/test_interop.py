@@ -10,7 +10,7 @@ import torch
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel  # noqa: E402
-from safetensors.torch import load_file, save_file  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
 
 from ddpmkit.run import Run  # noqa: E402
 from ddpmkit.store import read_config  # noqa: E402
@@ -159,7 +159,8 @@ def test_export_round_trip_loads_in_diffusers(tmp_path):
     pipe = DDPMPipeline.from_pretrained(tmp_path / "out")
     # an unconditional run stays a plain DDPMPipeline folder, with no code of ours in it
     assert json.loads((tmp_path / "out" / "model_index.json").read_text()) == {
-        "_class_name": "DDPMPipeline", "scheduler": ["diffusers", "DDPMScheduler"], "unet": ["diffusers", "UNet2DModel"]}
+        "_class_name": "DDPMPipeline", "scheduler": ["diffusers", "DDPMScheduler"],
+        "unet": ["diffusers", "UNet2DModel"]}
     assert not (tmp_path / "out" / "pipeline.py").exists()
     assert pipe.scheduler.config.prediction_type == "v_prediction"
     assert pipe.scheduler.config.beta_schedule == "squaredcos_cap_v2"
@@ -183,6 +184,7 @@ def _diffusers_loop(unet, scheduler, x, steps, generator=None, **step_kw):
     return x
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variance_type,ours", [("fixed_small", "small"), ("fixed_large", "large")])
 def test_ddpm_follows_diffusers_scheduler(tmp_path, variance_type, ours):
     theirs, pipe = _pipeline(tmp_path, MICRO, variance_type=variance_type, clip_sample=True)

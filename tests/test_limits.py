@@ -109,7 +109,7 @@ def test_out_of_memory_is_one_line_saying_what_to_reduce(monkeypatch, capsys, co
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
                            "memory: you tried to allocate 17592186044416 bytes. Error code 12")
 
-    monkeypatch.setattr(cli, "cmd_train" if command == "train" else "cmd_sample", oom)
+    monkeypatch.setattr(cli.train if command == "train" else cli.sample, "run", oom)
     argv = ["train", "--out", "x"] if command == "train" else ["sample", "x"]
     assert main(argv) == 1
     err = capsys.readouterr().err.strip()
@@ -120,7 +120,7 @@ def test_out_of_memory_is_one_line_saying_what_to_reduce(monkeypatch, capsys, co
     def other(args):
         raise RuntimeError("some other bug")
 
-    monkeypatch.setattr(cli, "cmd_train" if command == "train" else "cmd_sample", other)
+    monkeypatch.setattr(cli.train if command == "train" else cli.sample, "run", other)
     with pytest.raises(RuntimeError, match="some other bug"):  # a real bug is not disguised as out of memory
         main(argv)
 

@@ -1,4 +1,5 @@
-"""Tests of ddpmkit.viz (figures, animation): every picture is a valid, non-blank file of the expected size and content."""
+"""Tests of ddpmkit.viz (grids, plots, animation): every picture is a valid, non-blank file of the expected size and
+content."""
 
 from __future__ import annotations
 
@@ -316,3 +317,14 @@ def test_ema_smooth_is_bias_corrected():
     y = viz.ema_smooth([np.nan, 1.0, np.nan, 3.0], 0.5)
     assert math.isnan(y[0]) and y[1] == 1.0 and y[2] == 1.0
     assert y[3] == pytest.approx((0.5 * 0.5 * 1 + 0.5 * 3) / (1 - 0.25))
+
+
+def test_writing_a_grid_does_not_import_matplotlib():
+    import subprocess
+    import sys
+
+    code = ("import sys; from ddpmkit.viz.grids import save_grid; from ddpmkit.viz import make_grid; "
+            "print('matplotlib' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+    assert viz.plot_loss is figures.plot_loss and viz.save_grid is figures.save_grid  # one object, two addresses

@@ -17,8 +17,9 @@ import torch
 
 from conftest import tiny_cfg, tiny_flags, tiny_run
 
-import ddpmkit.data.sources as D
-import ddpmkit.store.checkpoint as C
+import ddpmkit.data.cifar10 as D
+import ddpmkit.store.saving as C  # the checkpoint writer
+import ddpmkit.train.tasks.diffusion as diffusion_task
 import ddpmkit.train.trainer as train_mod
 from ddpmkit.cli import main
 from ddpmkit.store.checkpoint import list_checkpoints, load_checkpoint, verify_checkpoint
@@ -69,7 +70,7 @@ def all_finite(ck) -> bool:
 
 def poison_at(monkeypatch, steps: set, factor: float = float("nan")):
     """Make training_losses multiply the losses by ``factor`` on the given (1-based) training steps."""
-    real = train_mod.training_losses
+    real = diffusion_task.training_losses
     calls = {"n": 0}
 
     def poisoned(model, schedule, x0, **kw):
@@ -77,11 +78,12 @@ def poison_at(monkeypatch, steps: set, factor: float = float("nan")):
         calls["n"] += 1
         return (losses * factor if calls["n"] in steps else losses), t
 
-    monkeypatch.setattr(train_mod, "training_losses", poisoned)
+    monkeypatch.setattr(diffusion_task, "training_losses", poisoned)
     return calls
 
 
 # ================================================================================= crash safety
+@pytest.mark.slow
 def test_sigkill_then_resume_is_bit_exact(tmp_path):
     # `ddpmkit train` killed by SIGKILL at random moments (inside a step, a save or the pruning of old
     # checkpoints: --keep 2), resumed after each kill: every checkpoint on disk verifies, a resume loses at

@@ -97,16 +97,16 @@ def test_settings_from_the_config(tmp_path):
     r = Run.open(make_run(tmp_path, "bare", {"diffusion": {"schedule": "linear", "T": 5}}))
     assert (r.objective, r.variance) == ("eps", "small")  # the defaults of runs that do not say
     with pytest.raises(CheckpointError, match="has no 'model' section"):
-        r.image_shape
+        _ = r.image_shape
     r = Run.open(make_run(tmp_path, "nodiff", {"model": {}}))
     with pytest.raises(CheckpointError, match="has no 'diffusion' section with 'schedule' and 'T'"):
-        r.schedule
+        _ = r.schedule
     r = Run.open(make_run(tmp_path, "betas", {"diffusion": {"schedule": "imported", "T": 3,
                                                              "betas": [0.1, 0.2, 0.3]}}))
     assert r.schedule.T == 3 and torch.allclose(r.schedule.betas.double(), torch.tensor([0.1, 0.2, 0.3]).double())
     r = Run.open(make_run(tmp_path, "badbetas", {"diffusion": {"schedule": "imported", "T": 4, "betas": [0.1]}}))
     with pytest.raises(CheckpointError, match="bad diffusion settings: 1 betas for T=4"):
-        r.schedule
+        _ = r.schedule
 
 
 # ============================================================================ a run written by ddpmkit 0.1.0
@@ -229,7 +229,7 @@ def test_schedule(tmp_path, unet):
     cfg["diffusion"]["schedule"] = "quadratic"
     write_config(run, cfg)
     with pytest.raises(CheckpointError, match="bad diffusion settings"):
-        Run.open(run).schedule
+        _ = Run.open(run).schedule
 
 
 def test_checkpoint_outside_a_run_has_no_config(tmp_path):

@@ -11,8 +11,8 @@ about 1.4% of sd at 5 SE) of the exact sd; across the ~20 configurations the cha
 1e-5. Separately, the exact law is compared with the data (mu, s): with T = 1000 steps every sampler must be within
 2.5% of s and 0.005 of mu. (The fixed "small" variance under-disperses for Gaussian data: beta_tilde is the best choice
 only for a point mass, beta only for N(0, I), as the DDPM paper notes; at s = 0.2 the exact law gives 0.981 s, so
-2.5% is the honest bound, not 1%.) With few DDIM steps the deterministic sampler provably shrinks the spread (std ratio 0.52
-at 10 uniform steps for s = 0.2), so there only the mean is compared with mu.
+2.5% is the honest bound, not 1%.) With few DDIM steps the deterministic sampler provably shrinks the spread (std
+ratio 0.52 at 10 uniform steps for s = 0.2), so there only the mean is compared with mu.
 """
 
 import math
@@ -233,7 +233,7 @@ def test_ddim_eta1_full_steps_equals_ddpm_small(sched, clip):
     xb = ddim_sample(model, sched, (64, 1, 2, 2), steps=T, eta=1.0, clip_x0=clip, generator=gb,
                      callback=lambda i, t, x, x0: trace_b.append((t, x.clone())))
     assert [t for t, _ in trace_a] == [t for t, _ in trace_b] == list(range(T - 1, -1, -1))
-    for (t, a), (_, b) in zip(trace_a[:5], trace_b[:5]):  # the first steps agree to float32 rounding
+    for (_, a), (_, b) in zip(trace_a[:5], trace_b[:5]):  # the first steps agree to float32 rounding
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(xa, xb, atol=1e-3, rtol=0)
 

@@ -104,7 +104,9 @@ def test_an_unreachable_cpu_index_falls_back_at_once_and_says_so(tmp_path):
 
 def test_a_reachable_cpu_index_is_used_once_without_retries(tmp_path):
     (tmp_path / "www" / "whl" / "cpu" / "torch").mkdir(parents=True)
-    handler = lambda *a, **k: http.server.SimpleHTTPRequestHandler(*a, directory=str(tmp_path / "www"), **k)
+    def handler(*a, **k):
+        return http.server.SimpleHTTPRequestHandler(*a, directory=str(tmp_path / "www"), **k)
+
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:

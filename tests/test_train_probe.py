@@ -48,7 +48,7 @@ def test_grids_and_probe_draw_with_the_runs_variance(tmp_path, monkeypatch, opts
         tr._release_lock()
     assert seen["grid"].variance == seen["probe"].variance == drawn
     assert seen["grid"].objective == cfg.objective and seen["grid"].clip_x0
-    if drawn == "small":  # analytic: no Gamma_t during training (Trainer._denoiser)
+    if drawn == "small":  # analytic: no Gamma_t during training (DiffusionTask.denoiser)
         return
     # the grid is what `ddpmkit sample`'s Denoiser draws with the same sampler and noise
     run = Run.open(tmp_path / "run")

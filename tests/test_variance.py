@@ -351,7 +351,7 @@ class _Prefilled(LossSecondMomentSampler):
 
 @pytest.mark.parametrize("vlb_only", [False, True])
 def test_learn_sigma_with_importance_sampling_resumes_bit_exactly(tmp_path, monkeypatch, vlb_only):
-    import ddpmkit.train.trainer as trainer_mod
+    import ddpmkit.train.tasks.diffusion as trainer_mod
 
     monkeypatch.setattr(trainer_mod, "LossSecondMomentSampler", _Prefilled)
     kw = dict(learn_sigma=True, timestep_sampler="loss-second-moment", checkpoint_every=3, vlb_only=vlb_only)

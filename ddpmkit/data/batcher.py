@@ -11,7 +11,7 @@ import torch
 
 from ..errors import CheckpointError, ConfigError, DataError
 from ..images import from_uint8
-from .sources import _MEMORY_SHARE, ImageData
+from .common import _MEMORY_SHARE, ImageData
 
 __all__ = ["Batcher"]
 

@@ -53,8 +53,7 @@ def _conditioning(run: Run, classes, guidance, own: torch.Tensor | None, N: int)
     """``(labels [N] or None, guidance w or None, folder tag, description)`` for N input images whose labels are
     ``own`` (None: they have none); see the module's notes. One-line errors, before any work."""
     from ..data import parse_source
-    from ..samplers.options import one_class_label
-    from ..samplers.options import Conditioning, SampleOptions
+    from ..request import Conditioning, SampleOptions, one_class_label
 
     def weight() -> float:  # as `sample`: a number >= 0, DEFAULT_GUIDANCE by default; refused by unconditional runs
         return Conditioning.of(SampleOptions(guidance=guidance), run.class_names, run.null_class, N,
@@ -104,14 +103,14 @@ def inpaint_run(run_path, *, image: str, mask: str, out=None, jump: int = 10, re
     from ..viz.editing import save_inpaint_figure
     from ..viz.figures import save_images
 
-    run = Run.open(run_path)
+    run = run_path if isinstance(run_path, Run) else Run.open(run_path)  # an opened Run is used as it is
     C, H, W = run.image_shape
     T = run.schedule.T
     for name, v in (("n", n), ("batch_size", batch_size), ("jump", jump), ("resample", resample)):
         _check_count(name, v)
     S = min(DEFAULT_INPAINT_STEPS, T) if steps is None else steps
     try:
-        timesteps(run.schedule, S, spacing)
+        tau = timesteps(run.schedule, S, spacing)  # computed once, checked before any work
     except ValueError as e:
         raise EditError(f"--steps/--spacing: {e}") from None
     images, labels, names = load_images(image, (C, H, W), resize=resize)
@@ -130,8 +129,7 @@ def inpaint_run(run_path, *, image: str, mask: str, out=None, jump: int = 10, re
     for start in range(0, x0.shape[0], batch_size):
         xb = x0[start:start + batch_size]
         db = den if ys is None else den.with_cond(ys[start:start + batch_size].to(den.device))
-        y = repaint(db, xb, known, steps=S, spacing=spacing, jump=jump, resample=resample,
-                    noise=PerSampleNoise(seed, start))
+        y = repaint(db, xb, known, jump=jump, resample=resample, noise=PerSampleNoise(seed, start), timesteps=tau)
         results.append(y.cpu())
     seconds = time.perf_counter() - t0
     res = torch.cat(results)
@@ -151,11 +149,10 @@ def edit_run(run_path, *, image: str, strengths, sample_options, out=None, devic
     write ``edit_s<strength>_<i>_<k>.png`` and the strip ``sdedit.png`` (input, then each strength) under ``out``.
     ``sample_options.classes`` (one class or ``none``) and ``.guidance``: see the module's notes."""
     from ..errors import ConfigError
-    from ..samplers import plan as resolve
     from ..viz.editing import save_sdedit_strip
     from ..viz.figures import save_images
 
-    run = Run.open(run_path)
+    run = run_path if isinstance(run_path, Run) else Run.open(run_path)  # an opened Run is used as it is
     C, H, W = run.image_shape
     strengths = parse_strengths(strengths) if isinstance(strengths, str) else [check_strength(s) for s in strengths]
     opt = sample_options
@@ -172,7 +169,6 @@ def edit_run(run_path, *, image: str, strengths, sample_options, out=None, devic
         run.dir / "edits" / f"sdedit-{_tag(image)}-s{sgs}-{plan.tag()}{ctag}-seed{opt.seed}")
     out.mkdir(parents=True, exist_ok=True)
 
-    tau = resolve(plan.sampler, run.schedule, plan.steps, plan.spacing, **plan.options)[1]
     x0 = images.repeat_interleave(n, 0)
     ys = None if labels is None else labels.repeat_interleave(n, 0)  # row i * n + k is input i's
     edits, files, calls = [], [], []
@@ -181,11 +177,11 @@ def edit_run(run_path, *, image: str, strengths, sample_options, out=None, devic
         parts = []
         for start in range(0, x0.shape[0], opt.batch_size):
             db = den if ys is None else den.with_cond(ys[start:start + opt.batch_size].to(den.device))
-            parts.append(sdedit(db, x0[start:start + opt.batch_size], s, sampler=plan.sampler, steps=plan.steps,
-                                spacing=plan.spacing, noise=PerSampleNoise(opt.seed, start), **plan.options).cpu())
+            parts.append(sdedit(db, x0[start:start + opt.batch_size], s, sampler=plan,
+                                noise=PerSampleNoise(opt.seed, start)).cpu())
         e = torch.cat(parts)
         edits.append(e)
-        calls.append(len(sdedit_timesteps(tau, run.schedule.T, s)) * plan.model_calls // max(plan.steps, 1))
+        calls.append(len(sdedit_timesteps(plan.timesteps, run.schedule.T, s)) * plan.model_calls // max(plan.steps, 1))
         u8 = to_uint8(e)
         for i in range(N):
             files += save_images(u8[i * n:(i + 1) * n], out, prefix=f"edit_s{s:g}_{i:03d}", start=0)

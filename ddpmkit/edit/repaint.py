@@ -83,7 +83,7 @@ def repaint_model_calls(steps: int, jump: int = DEFAULT_JUMP, resample: int = DE
 @torch.inference_mode()
 def repaint(denoiser, image: torch.Tensor, mask: torch.Tensor, *, steps: int | None = None,
             spacing: str = "uniform", jump: int = DEFAULT_JUMP, resample: int = DEFAULT_RESAMPLE, noise=None,
-            x_T: torch.Tensor | None = None, callback: Callable | None = None) -> torch.Tensor:
+            x_T: torch.Tensor | None = None, callback: Callable | None = None, timesteps=None) -> torch.Tensor:
     """Fill in the pixels of ``image`` where ``mask`` is False; the known pixels (mask True) come back unchanged.
 
     Args:
@@ -95,12 +95,14 @@ def repaint(denoiser, image: torch.Tensor, mask: torch.Tensor, *, steps: int | N
         noise: a NoiseSource, int seed (per-sample streams), torch.Generator or None, as for ``sample``.
         x_T: the starting noise (default drawn from ``noise``).
         callback: ``callback(k, t, x, x0_hat)`` after each downward move k with the timestep t just denoised.
+        timesteps: the respaced timesteps when already computed (then ``steps`` and ``spacing`` are not read).
 
     Returns float [B, C, H, W]: exactly ``image`` where the mask is True, the model's completion elsewhere.
     """
-    T = denoiser.T
-    S = T if steps is None else steps
-    tau = make_timesteps(denoiser.schedule, S, spacing)
+    if timesteps is None:
+        tau = make_timesteps(denoiser.schedule, denoiser.T if steps is None else steps, spacing)
+    else:
+        tau = timesteps
     levels = repaint_levels(len(tau), jump, resample)
     noise = as_noise(noise)
     dev = denoiser.device

@@ -21,8 +21,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..samplers import plan
 from ..samplers.noise import as_noise
+from ..samplers.options import SamplingPlan, resolve
 from .masks import EditError
 
 __all__ = ["sdedit", "sdedit_timesteps", "check_strength"]
@@ -51,16 +51,20 @@ def sdedit_timesteps(tau, T: int, strength: float) -> np.ndarray:
 
 
 @torch.inference_mode()
-def sdedit(denoiser, image: torch.Tensor, strength: float, *, sampler: str = "ddim", steps: int | None = None,
-           spacing: str | None = None, noise=None, callback: Callable | None = None, **options) -> torch.Tensor:
+def sdedit(denoiser, image: torch.Tensor, strength: float, *, sampler: str | SamplingPlan = "ddim",
+           steps: int | None = None, spacing: str | None = None, noise=None, callback: Callable | None = None,
+           **options) -> torch.Tensor:
     """Edit ``image`` (float [B, C, H, W] in [-1, 1]) at ``strength`` in [0, 1] with ``sampler``.
 
     ``steps`` and ``spacing`` are those of the plain run whose tail is walked (the sampler's defaults when None);
     ``noise`` and ``options`` are as for :func:`ddpmkit.samplers.sample`. The first draw of ``noise`` is the eps of
     q(x_t0 | x_0), the later ones the sampler's, so strength 1 with a seed equals ``sample`` with that seed.
+    ``sampler`` may be a :class:`~ddpmkit.samplers.SamplingPlan`, whose timesteps are used as they are.
     """
     s = check_strength(strength)
-    info, tau, opts = plan(sampler, denoiser.schedule, steps, spacing, **options)
+    p = sampler if isinstance(sampler, SamplingPlan) else resolve(sampler, denoiser.schedule, steps, spacing,
+                                                                  **options)
+    info, tau, opts = p.info, p.timesteps, p.options
     x0 = image.to(device=denoiser.device, dtype=torch.float32)
     sub = sdedit_timesteps(tau, denoiser.T, s)
     if len(sub) == 0:

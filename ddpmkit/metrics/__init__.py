@@ -7,7 +7,7 @@ cached reference statistics), ``nll`` (the bound, ``evaluate_nll``). The arrows 
 fid -> inception, digits -> frechet.
 """
 
-from .digits import DigitsClassifier, DigitsError, DigitsFeatures, DigitsNet, DigitsRow
+from .digits import DigitsClassifier, DigitsError, DigitsFeatures, DigitsNet
 from .fid import evaluate_fid, reference_stats
 from .frechet import FidError, RunningStats, feature_stats, frechet_distance, mean_cov
 from .inception import (INCEPTION_FILENAME, INCEPTION_URL, InceptionFeatures, InceptionMissingError,
@@ -18,7 +18,7 @@ __all__ = [
     "frechet_distance", "mean_cov", "RunningStats", "feature_stats", "FidError",
     "INCEPTION_FILENAME", "INCEPTION_URL", "InceptionFeatures", "InceptionMissingError", "default_inception_path",
     "download_inception", "load_inception",
-    "DigitsClassifier", "DigitsFeatures", "DigitsNet", "DigitsRow", "DigitsError",
+    "DigitsClassifier", "DigitsFeatures", "DigitsNet", "DigitsError",
     "evaluate_fid", "reference_stats",
     "bpd_terms", "nll_bpd", "prior_bpd", "write_terms_csv", "evaluate_nll",
 ]

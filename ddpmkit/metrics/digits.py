@@ -10,19 +10,16 @@ digits (359) is held out to measure its accuracy (about 99%). Its weights are ca
 classifier's version, its training code, its settings (seed, epochs) and the digits themselves, so that a
 second run loads it instantly and a change to any of these trains a new one.
 
-For a set of images (uint8 [N, 1, 16, 16]) it gives
-
-* ``confidence`` - the mean of the largest softmax probability;
-* ``coverage``   - how many of the 10 classes receive at least a third of their fair share (N / 10 / 3)
-  of the predictions, and ``entropy``, the entropy of the predicted-class histogram divided by log(10);
-* ``fd``         - the Frechet distance between Gaussians fitted to the penultimate features (64 after a
-  ReLU) of the set and of the reference, the classifier's *training split* (1,438 real digits), so that the
-  held-out split (359 real digits) measured against it gives an honest floor. A Frechet distance estimated
-  from N samples is biased upwards by roughly 1/N; compare sets of equal size.
+For a set of images (uint8 [N, 1, 16, 16]) it gives its class predictions and ``fd``, the Frechet distance
+between Gaussians fitted to the penultimate features (64 after a ReLU) of the set and of the reference, the
+classifier's *training split* (1,438 real digits), so that the held-out split (359 real digits) measured against
+it gives an honest floor. A Frechet distance estimated from N samples is biased upwards by roughly 1/N; compare
+sets of equal size.
 
 ``DigitsFeatures`` wraps a classifier as a feature extractor with the interface of
 ``metrics.inception.InceptionFeatures`` (uint8 NCHW in, float64 [N, D] out, and a ``key`` naming its
-identity). The table and the command line live in ``bench/digits_judge.py``.
+identity). The benchmarks' table (confidence, class coverage, noise rows) lives in ``bench/digits_tools.py`` and
+``bench/digits_judge.py``.
 """
 
 from __future__ import annotations
@@ -34,7 +31,6 @@ import inspect
 import json
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -52,11 +48,6 @@ __all__ = [
     "DigitsError",
     "DigitsFeatures",
     "DigitsNet",
-    "DigitsRow",
-    "class_coverage",
-    "class_entropy",
-    "load_png_dir",
-    "noise_images",
     "real_digits",
     "stratified_split",
 ]
@@ -70,7 +61,6 @@ DEFAULT_SEED = 0
 DEFAULT_EPOCHS = 20
 TEST_FRACTION = 0.2
 MAX_SHIFT = 2
-COVERAGE_SHARE = 1.0 / 3.0
 BATCH_SIZE = 64
 LR = 3e-3
 
@@ -190,77 +180,7 @@ def _train_loop(net, x, y, *, epochs, seed, batch_size, lr, log) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# Metrics
-
-
-def class_coverage(pred, num_classes: int = NUM_CLASSES, share: float = COVERAGE_SHARE) -> int:
-    """Classes that receive at least ``share`` of their fair share (N / num_classes) of the predictions."""
-    pred = np.asarray(pred, dtype=np.int64)
-    counts = np.bincount(pred, minlength=num_classes)
-    return int((counts >= share * len(pred) / num_classes).sum()) if len(pred) else 0
-
-
-def class_entropy(pred, num_classes: int = NUM_CLASSES) -> float:
-    """Entropy of the predicted-class histogram divided by log(num_classes): 1 = balanced, 0 = one class."""
-    pred = np.asarray(pred, dtype=np.int64)
-    if len(pred) == 0:
-        return 0.0
-    p = np.bincount(pred, minlength=num_classes) / len(pred)
-    p = p[p > 0]
-    return float(-(p * np.log(p)).sum() / math.log(num_classes))
-
-
-# --------------------------------------------------------------------------------------------------
 # Inputs
-
-
-def load_png_dir(path, image_size: int = IMAGE_SIZE, pattern: str | None = None) -> torch.Tensor:
-    """The PNG files directly in ``path`` that match ``pattern`` (sorted by name) as uint8 [N, 1, size, size]
-    (gray, PIL's 'L'). By default ``sample_*.png`` (what ``ddpmkit sample`` writes, leaving out its
-    ``grid.png``) when there are such files, else every ``*.png``."""
-    from PIL import Image
-
-    root = Path(path).expanduser()
-    if not root.is_dir():
-        raise DigitsError(f"no such directory: {root}" if not root.exists() else f"not a directory: {root}")
-    if pattern is None:
-        files = sorted(p for p in root.glob("sample_*.png") if p.is_file())
-        if not files:
-            files = sorted(p for p in root.glob("*.png") if p.is_file())
-    else:
-        files = sorted(p for p in root.glob(pattern) if p.is_file())
-    if not files:
-        raise DigitsError(f"no {pattern or '.png'} files in {root}")
-    out = np.empty((len(files), 1, image_size, image_size), dtype=np.uint8)
-    for i, f in enumerate(files):
-        try:
-            with Image.open(f) as im:
-                im = im.convert("L")
-                if im.size == (NATIVE_SIZE, NATIVE_SIZE) and image_size == IMAGE_SIZE:  # native 8x8 samples
-                    out[i, 0] = to_classifier_size(torch.from_numpy(np.asarray(im, dtype=np.uint8))[None, None])[0, 0]
-                    continue
-                if im.size != (image_size, image_size):
-                    raise DigitsError(f"{f}: the image is {im.size[0]}x{im.size[1]}, the digits classifier reads "
-                                     f"{image_size}x{image_size}")
-                out[i, 0] = np.asarray(im, dtype=np.uint8)
-        except DigitsError:
-            raise
-        except Exception as e:  # PIL raises OSError, ValueError, SyntaxError, ...
-            raise DigitsError(f"{f}: cannot read this image ({type(e).__name__}: {e})") from None
-    return torch.from_numpy(out)
-
-
-def noise_images(n: int, kind: str = "gaussian", seed: int = 1234, image_size: int = IMAGE_SIZE) -> torch.Tensor:
-    """uint8 [n, 1, size, size] noise: ``gaussian`` = N(0, 1) clipped to [-1, 1] and quantized as samples
-    are (round((x + 1) * 127.5)); ``uniform`` = every level 0..255 equally likely."""
-    gen = torch.Generator().manual_seed(seed)
-    shape = (n, 1, image_size, image_size)
-    if kind == "gaussian":
-        x = torch.randn(shape, generator=gen)
-        return ((x.clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
-    if kind == "uniform":
-        return torch.randint(0, 256, shape, generator=gen, dtype=torch.uint8)
-    raise ValueError(f"unknown noise kind {kind!r}")
 
 
 NATIVE_SIZE = 8  # the scikit-learn digits' own side: such images are brought to 16x16 first
@@ -270,7 +190,7 @@ def to_classifier_size(x: torch.Tensor) -> torch.Tensor:
     """uint8 [N, 1, 8, 8] (a model trained on the native digits) -> [N, 1, 16, 16], resized exactly as the data
     source makes the 16x16 digits the classifier was trained on (bicubic on uint8); other sizes unchanged."""
     if x.dtype == torch.uint8 and x.dim() == 4 and tuple(x.shape[1:]) == (1, NATIVE_SIZE, NATIVE_SIZE):
-        from ..data.sources import _resize_uint8
+        from ..data.common import _resize_uint8
 
         return _resize_uint8(x, IMAGE_SIZE)
     return x
@@ -308,21 +228,6 @@ def _classifier_key(seed: int, epochs: int, images: torch.Tensor, labels: torch.
     h.update(images.numpy().tobytes())
     h.update(labels.numpy().astype(np.int64).tobytes())
     return h.hexdigest()[:16]
-
-
-@dataclass
-class DigitsRow:
-    """One row of the quality table: a set of images and what the classifier says of it."""
-
-    source: str
-    n: int
-    confidence: float
-    coverage: int
-    entropy: float
-    fd: float
-
-    def as_dict(self) -> dict:
-        return dict(self.__dict__)
 
 
 class DigitsClassifier:
@@ -410,31 +315,12 @@ class DigitsClassifier:
         mu, sigma = mean_cov(f)
         return frechet_distance(mu, sigma, self.ref_mu, self.ref_sigma)
 
-    def evaluate(self, images, source: str = "images") -> DigitsRow:
-        feats, probs = self._run(images)
-        if feats.shape[0] < 2:
-            raise DigitsError(f"{source}: need at least 2 images, got {feats.shape[0]}")
-        pred = probs.argmax(axis=1)
-        return DigitsRow(source=source, n=int(feats.shape[0]), confidence=float(probs.max(axis=1).mean()),
-                         coverage=class_coverage(pred), entropy=class_entropy(pred), fd=self.fd(feats=feats))
-
     def real_subset(self, n: int, seed: int = 0) -> torch.Tensor:
         """``n`` held-out real digits (a seeded random subset of the test split, all of it if n >= 360)."""
         if n >= len(self.test_idx):
             return self.test_images
         g = torch.Generator().manual_seed(seed)
         return self.test_images[torch.randperm(len(self.test_idx), generator=g)[:n]]
-
-    def reference_rows(self, ns=()) -> list[DigitsRow]:
-        """Real held-out digits, real digits at each size in ``ns``, Gaussian and uniform noise."""
-        n_test = len(self.test_idx)
-        rows = [self.evaluate(self.test_images, "real (held out)")]
-        for n in sorted(set(int(k) for k in ns)):
-            if 2 <= n < n_test:
-                rows.append(self.evaluate(self.real_subset(n), f"real, n={n}"))
-        rows.append(self.evaluate(noise_images(n_test, "gaussian"), "gaussian noise"))
-        rows.append(self.evaluate(noise_images(n_test, "uniform"), "uniform noise"))
-        return rows
 
 
 def _save_weights(net: nn.Module, path: Path, key: str, meta: dict, log=None) -> None:

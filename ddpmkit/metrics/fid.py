@@ -158,44 +158,39 @@ def reference_stats(extractor, images: torch.Tensor, *, cache_dir=None, use_cach
 # The evaluation of a run
 
 
-def _sample_batches(run_dir, opt, *, n: int, batch_size: int, seed: int, device, shape_check=None):
-    """Batches of uint8 samples from the run (quantized before scoring); never more than one batch held.
+def _sample_batches(run, opt, *, n: int, batch_size: int, seed: int, device, shape_check=None):
+    """Batches of uint8 samples from the opened ``run`` (quantized before scoring); never more than one batch held.
 
     Sample i comes from the noise stream (seed, i) (``samplers.batches.sample_batches``), so the score does not
-    depend on the batch size. The run, the image shape and the flags are checked before the network is loaded.
+    depend on the batch size. The request is resolved once (``Request``), and the image shape and the flags are
+    checked before the network is loaded.
     """
+    import dataclasses
     import sys
 
     from ..images import to_uint8
-    from ..run import Run
+    from ..request import Request
     from ..samplers.batches import sample_batches
 
-    run = Run.open(run_dir)
     chw = run.image_shape
     if shape_check is not None:
         shape_check(chw)
-    T = run.schedule.T
-    plan = opt.plan(run.schedule)
-    sampler, steps, spacing, options, ema = plan.sampler, plan.steps, plan.spacing, plan.options, opt.ema
-    from ..samplers.options import Conditioning
-
     # a class-conditional run: the classes asked for (or every class) in turn, guided
-    cond = Conditioning.of(opt, run.class_names, run.null_class, n, grouped=False)
-    denoiser = run.denoiser(ema=ema, variance=opt.variance, clip_x0=opt.clip_x0, device=device,
-                            guidance=cond.guidance)
+    req = Request.resolve(run, dataclasses.replace(opt, n=n, batch_size=batch_size, seed=seed), per_class=False)
+    plan, cond, ema = req.plan, req.conditioning, opt.ema
+    denoiser = req.denoiser(device)
 
     def gen():
-        for _, x in sample_batches(denoiser, n=n, shape=chw, sampler=sampler, steps=steps, spacing=spacing,
-                                   seed=seed, batch_size=batch_size, options=options,
+        for _, x in sample_batches(denoiser, n=n, shape=chw, sampler=plan, seed=seed, batch_size=batch_size,
                                    log=lambda m: print(m, file=sys.stderr), labels=cond.labels):
             yield to_uint8(x.cpu())
 
-    settings = {"sampler": sampler, "steps": steps, "eta": options.get("eta"), "spacing": spacing,
-                "options": options, "variance": denoiser.variance, "clip_x0": denoiser.clip_x0, "ema": ema,
-                "seed": seed, "objective": denoiser.objective, "T": T, "guidance": cond.guidance,
+    settings = {"sampler": plan.sampler, "steps": plan.steps, "eta": plan.options.get("eta"), "spacing": plan.spacing,
+                "options": plan.options, "variance": denoiser.variance, "clip_x0": denoiser.clip_x0, "ema": ema,
+                "seed": seed, "objective": denoiser.objective, "T": run.schedule.T, "guidance": cond.guidance,
                 "classes": cond.classes,
                 "class_names": None if cond.classes is None else [run.class_names[c] for c in cond.classes]}
-    return gen(), settings, chw, run.config, denoiser
+    return gen(), settings, chw, run.config, denoiser, plan
 
 
 def evaluate_fid(run_dir, *, n: int = 50000, reference: str | None = None, data_dir=None,
@@ -203,7 +198,8 @@ def evaluate_fid(run_dir, *, n: int = 50000, reference: str | None = None, data_
                  batch_size: int | None = None, seed: int = 0, device=None, cache_dir=None,
                  use_cache: bool = True, judge_epochs: int | None = None, progress: bool = True,
                  protocol: str | None = None) -> dict:
-    """FID of ``n`` samples of a run against a reference set; returns a dict of the score and its settings.
+    """FID of ``n`` samples of a run (an opened ``Run``, or its path) against a reference set; returns a dict of the
+    score and its settings.
 
     - ``reference``: ``"cifar10-train"`` (default for Inception), ``"cifar10-test"``, ``"digits"`` or any
       data source of ``ddpmkit.data.load_dataset`` (a folder). For ``features="digits"`` the default is the
@@ -211,7 +207,7 @@ def evaluate_fid(run_dir, *, n: int = 50000, reference: str | None = None, data_
     - ``features``: ``"inception"`` (the TorchScript file at ``inception_path``, default in the cache;
       ``download`` fetches it when missing) or ``"digits"`` (the digits classifier of ``metrics.digits``,
       trained once and cached; ``judge_epochs`` sets its training epochs).
-    - ``sample_options``: a ``samplers.options.SampleOptions`` (sampler, steps, spacing, options, variance, clip_x0,
+    - ``sample_options``: a ``request.SampleOptions`` (sampler, steps, spacing, options, variance, clip_x0,
       ema, batch_size; read through its ``plan``), default DDIM with its defaults. Its ``n``/``seed`` are
       not read (``n``/``seed`` here), and ``batch_size`` here overrides its own.
     - ``cache_dir``: where reference statistics (and the classifier) are cached (default ``$DDPMKIT_CACHE``).
@@ -221,13 +217,16 @@ def evaluate_fid(run_dir, *, n: int = 50000, reference: str | None = None, data_
     for digits also ``noise_floor`` (real held-out digits against the reference) with ``noise_floor_n``,
     and ``noise_floor_at_n`` when ``n`` is smaller than the held-out split (the 1/N bias matters).
     """
+    from ..run import Run
+
+    run = run_dir if isinstance(run_dir, Run) else None  # opened once, by the caller or below
     if protocol is not None:
-        _check_protocol(protocol, run_dir, n=n, reference=reference, features=features, opt=sample_options)
+        run = _check_protocol(protocol, run_dir, n=n, reference=reference, features=features, opt=sample_options)
     if isinstance(n, bool) or not isinstance(n, int) or n < 2:
         raise ConfigError(f"--n must be an integer of at least 2, got {n!r}")
     if features not in ("inception", "digits"):
         raise ConfigError(f"unknown features {features!r}: choose inception or digits")
-    from ..samplers.options import SampleOptions
+    from ..request import SampleOptions
 
     opt = sample_options if sample_options is not None else SampleOptions()
     if protocol is not None:  # checked above: nothing given contradicts it
@@ -253,8 +252,9 @@ def evaluate_fid(run_dir, *, n: int = 50000, reference: str | None = None, data_
                                   f"{chw[0]}x{chw[1]}x{chw[2]}")
 
     # the sampler (and its model) first: a bad run or flag fails before any network is loaded or trained
-    batches, settings, chw, config, denoiser = _sample_batches(run_dir, opt, n=n, batch_size=batch_size, seed=seed,
-                                                     device=dev, shape_check=shape_check)
+    run = run if run is not None else Run.open(run_dir)
+    batches, settings, chw, config, denoiser, plan = _sample_batches(run, opt, n=n, batch_size=batch_size, seed=seed,
+                                                                     device=dev, shape_check=shape_check)
     t_score = 0.0
     classifier = None
     t0 = time.perf_counter()
@@ -277,12 +277,10 @@ def evaluate_fid(run_dir, *, n: int = 50000, reference: str | None = None, data_
     stats = RunningStats()
     t_sample = 0.0
     from ..progress import steps_bar
-    from ..samplers import get_sampler
 
     # a bar of network calls: one batch of the ddpm-paper protocol is 1000 of them (progress.py)
-    calls = get_sampler(settings["sampler"]).model_calls(settings["steps"])
-    with steps_bar(denoiser.net, n=n, batch_size=batch_size, calls_per_batch=calls, desc=f"fid {settings['sampler']}",
-                   disable=not progress) as bar:
+    with steps_bar(denoiser.net, n=n, batch_size=batch_size, calls_per_batch=plan.model_calls,
+                   desc=f"fid {settings['sampler']}", disable=not progress) as bar:
         done = 0
         while True:
             t1 = time.perf_counter()
@@ -332,15 +330,16 @@ def _only(images, labels, classes, name) -> tuple[torch.Tensor, str]:
     return images[keep], f"{name}, class {','.join(map(str, classes))}"
 
 
-def _check_protocol(protocol, run_dir, *, n, reference, features, opt) -> None:
+def _check_protocol(protocol, run_dir, *, n, reference, features, opt):
     """A protocol fixes every setting: one line for an unknown name, a setting that contradicts it, or a run it
-    cannot apply to (checked before anything is sampled)."""
+    cannot apply to (checked before anything is sampled). Returns the opened Run."""
     if protocol not in PROTOCOLS:
         raise ConfigError(f"unknown protocol {protocol!r}: choose {', '.join(PROTOCOLS)}")
     want = PROTOCOLS[protocol]
     from ..run import Run
 
-    T = Run.open(run_dir).schedule.T
+    run = run_dir if isinstance(run_dir, Run) else Run.open(run_dir)
+    T = run.schedule.T
     if T != want["T"]:
         raise ConfigError(f"--protocol {protocol} samples {want['steps']} ancestral steps of a T = {want['T']} "
                           f"process; this run has T = {T}")
@@ -367,6 +366,7 @@ def _check_protocol(protocol, run_dir, *, n, reference, features, opt) -> None:
     if bad:
         raise ConfigError(f"--protocol {protocol} fixes the sampler, steps, variance, samples and reference; it "
                           f"contradicts {', '.join(bad)}")
+    return run
 
 
 def _reference_images(reference, features, classifier, chw, data_dir, config, classes=None

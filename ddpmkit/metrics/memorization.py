@@ -123,21 +123,21 @@ def _features(data: str, log):
 def evaluate_memorization(run_dir, *, n: int = 500, sampler: str = "ddim", steps: int | None = 50, seed: int = 0,
                           out=None, ema: bool = True, pairs: int = 8, guidance: float | None = None,
                           log=print) -> dict:
-    """Draw ``n`` samples from a run (a class-conditional one: every class in turn, guided with ``guidance``,
-    default ``DEFAULT_GUIDANCE``), measure their distances to the training set against real images' own,
+    """Draw ``n`` samples from a run (a Run or its path; a class-conditional one: every class in turn, guided with
+    ``guidance``, default ``DEFAULT_GUIDANCE``), measure their distances to the training set against real images' own,
     write ``OUT/memorization.json`` and ``OUT/memorization.png`` (OUT: ``RUN/eval``); returns the result."""
     from ..data import load_dataset
     from ..images import to_uint8
     from ..limits import MAX_GRID, check_int
     from ..run import Run
-    from ..samplers.options import DEFAULT_GUIDANCE
+    from ..request import DEFAULT_GUIDANCE
     from .quality import draw_samples
 
     check_int("--n", n, 2, MAX_GRID)
     check_int("--pairs", pairs, 0, 64)
     if guidance is not None and not (isinstance(guidance, (int, float)) and 0 <= guidance < float("inf")):
         raise ConfigError(f"--guidance must be a number >= 0, got {guidance!r}")
-    run = Run.open(run_dir)
+    run = run_dir if isinstance(run_dir, Run) else Run.open(run_dir)  # an opened Run is used as it is
     cfg = run.config.get("train", {})
     t0 = time.perf_counter()
     c, h, w = run.image_shape

@@ -213,7 +213,7 @@ def evaluate_nll(run_dir, *, data=None, split: str = "test", n: int | None = 256
                  guidance: float | None = None) -> dict:
     """The variational bound in bits/dim of a trained run on its data (or ``data``).
 
-    The run (any path ``Run.open`` accepts) gives the Denoiser: its network (EMA weights by default),
+    The run (a Run, or any path ``Run.open`` accepts) gives the Denoiser: its network (EMA weights by default),
     schedule and objective, and ``variance`` unless given (the config's ``diffusion.variance``, else
     ``small``). The data source, size and channels come from the run's config unless ``data`` names another
     source. Sources with one split (digits, folders) fall back to ``train``; the result's ``split`` and
@@ -226,9 +226,9 @@ def evaluate_nll(run_dir, *, data=None, split: str = "test", n: int | None = 256
     """
     from ..data import load_dataset, parse_source
     from ..run import Run
-    from ..samplers.options import Conditioning, SampleOptions, one_class_label
+    from ..request import Conditioning, SampleOptions, one_class_label
 
-    run = Run.open(run_dir)
+    run = run_dir if isinstance(run_dir, Run) else Run.open(run_dir)  # an opened Run is used as it is
     label = one_class_label(classes, run.class_names, run.null_class)
     null = label is not None and label == run.null_class
     if null and guidance:

@@ -443,7 +443,7 @@ UNET_PRESETS: dict[str, dict] = {
     # DDPM appendix B: the CIFAR-10 model, 35.7M parameters (the constructor's defaults).
     "cifar10": _preset(image_size=32),
     # The digits at their native 8x8 (pictures show them upscaled), chosen for quality per CPU-second by
-    # bench/bench_demo_recipe.py: at equal wall-clock cost it beat the earlier 16x16 width-16 model (README, demo).
+    # bench/bench_demo_recipe.py: at equal wall-clock cost it beat the earlier 16x16 width-16 model (docs/demo.md).
     # 917,889 parameters unconditional.
     "digits": _preset(image_size=8, in_channels=1, base_channels=32, channel_mults=(1, 2), num_res_blocks=2,
                       attention_resolutions=(), dropout=0.0, num_groups=8),

@@ -6,7 +6,8 @@ stochastic steps, and ``callback(i, t, x, x0_hat)`` is called after step i (0-ba
 denoised, the new sample and that step's clean-image prediction. A new sampler is one new module of this package
 that decorates its function with :func:`~.registry.register`; nothing else changes.
 
-:func:`sample` runs any of them by name.
+:func:`sample` runs any of them by name, or a :class:`~.options.SamplingPlan` made once by :func:`resolve` (the
+sampler, its checked options and its timesteps), as the batch loop and the commands do.
 """
 
 from __future__ import annotations
@@ -19,10 +20,12 @@ import torch
 
 from .noise import GeneratorNoise, NoiseSource, PerSampleNoise, as_noise
 from .registry import SAMPLERS, Option, SamplerInfo, get_sampler, register, sampler_names
-from .timesteps import NOISE_SPACINGS, SPACINGS, timesteps
+from .timesteps import SPACINGS, timesteps
+from .options import SamplingPlan, resolve
 
 __all__ = ["SAMPLERS", "SPACINGS", "Option", "SamplerInfo", "register", "get_sampler", "sampler_names",
-           "timesteps", "NoiseSource", "PerSampleNoise", "GeneratorNoise", "sample", "plan"]
+           "timesteps", "NoiseSource", "PerSampleNoise", "GeneratorNoise", "sample", "plan", "resolve",
+           "SamplingPlan"]
 
 _NOT_SAMPLERS = {"registry", "noise", "timesteps", "batches", "options"}
 for _m in pkgutil.iter_modules(__path__):
@@ -35,26 +38,31 @@ def plan(sampler: str, schedule, steps: int | None = None, spacing: str | None =
     the spacing needs no more), every argument checked.
 
     A sampler that takes real-valued timesteps gets the ``logsnr`` and ``karras`` spacings exactly. ValueError
-    with one line on an unknown sampler, spacing or option, or a step count outside [1, T].
+    with one line on an unknown sampler, spacing or option, or a step count outside [1, T]. ``resolve`` gives the
+    same as one :class:`SamplingPlan`.
     """
-    info = get_sampler(sampler)
-    T = schedule if isinstance(schedule, int) else schedule.T
-    spacing = spacing or info.default_spacing
-    exact = info.continuous and spacing in NOISE_SPACINGS
-    tau = timesteps(schedule, info.steps_for(T, steps), spacing, integer=not exact)
-    return info, tau, info.resolve_options(options)
+    p = resolve(sampler, schedule, steps, spacing, **options)
+    return p.info, p.timesteps, p.options
 
 
 @torch.inference_mode()
-def sample(denoiser, x_T: torch.Tensor | Sequence[int], *, sampler: str = "ddim", steps: int | None = None,
-           spacing: str | None = None, noise=None, callback: Callable | None = None, **options) -> torch.Tensor:
+def sample(denoiser, x_T: torch.Tensor | Sequence[int], *, sampler: str | SamplingPlan = "ddim",
+           steps: int | None = None, spacing: str | None = None, noise=None, callback: Callable | None = None,
+           **options) -> torch.Tensor:
     """Run ``sampler`` from ``x_T`` (a tensor, or a shape [B, C, H, W] to draw it from ``noise``).
 
     ``noise``: a NoiseSource, an int seed (per-sample streams: see :class:`PerSampleNoise`), a
     ``torch.Generator`` (one stream for the batch) or None (the global generator). ``steps`` and ``spacing``
-    default to the sampler's own; ``options`` are the sampler's (for example ``eta`` for ddim).
+    default to the sampler's own; ``options`` are the sampler's (for example ``eta`` for ddim). ``sampler`` may be
+    a :class:`SamplingPlan` (from ``resolve``), whose timesteps and options are used as they are.
     """
-    info, tau, opts = plan(sampler, denoiser.schedule, steps, spacing, **options)
+    if isinstance(sampler, SamplingPlan):
+        if steps is not None or spacing is not None or options:
+            raise ValueError("sample: a SamplingPlan carries its steps, spacing and options; give none besides")
+        p = sampler
+    else:
+        p = resolve(sampler, denoiser.schedule, steps, spacing, **options)
+    info, tau, opts = p.info, p.timesteps, p.options
     noise = as_noise(noise)
     if not isinstance(x_T, torch.Tensor):
         shape = tuple(int(s) for s in x_T)

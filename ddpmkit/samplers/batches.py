@@ -13,15 +13,19 @@ import torch
 from ..errors import DdpmkitError
 from . import sample
 from .noise import PerSampleNoise
+from .options import SamplingPlan, resolve
 
 __all__ = ["sample_batches"]
 
 
-def sample_batches(denoiser, *, n: int, shape: Sequence[int], sampler: str = "ddim", steps: int | None = None,
-                   spacing: str | None = None, seed: int = 0, batch_size: int = 64, start: int = 0,
-                   options: dict | None = None, on_first_batch: Callable | None = None,
+def sample_batches(denoiser, *, n: int, shape: Sequence[int], sampler: str | SamplingPlan = "ddim",
+                   steps: int | None = None, spacing: str | None = None, seed: int = 0, batch_size: int = 64,
+                   start: int = 0, options: dict | None = None, on_first_batch: Callable | None = None,
                    log: Callable = print, labels: torch.Tensor | None = None) -> Iterator[tuple[int, torch.Tensor]]:
     """Yield ``(index, x)`` for samples ``start .. start + n - 1``: x is float [b, C, H, W] in [-1, 1], index its first.
+
+    ``sampler`` is a :class:`SamplingPlan` or a sampler's name (planned here once, with ``steps``, ``spacing`` and
+    ``options``); every batch runs the same plan.
 
     ``labels`` (int64 [n], one per sample, for a class-conditional Denoiser) conditions sample ``start + j`` on
     ``labels[j]``, whatever batch it falls in.
@@ -30,7 +34,8 @@ def sample_batches(denoiser, *, n: int, shape: Sequence[int], sampler: str = "dd
     returns the callback for that batch's sampler (a chain recorder, say), or None. A CUDA out-of-memory error
     halves the batch size and retries, with a warning through ``log``; the images stay the same.
     """
-    options = dict(options or {})
+    plan = sampler if isinstance(sampler, SamplingPlan) else resolve(sampler, denoiser.schedule, steps, spacing,
+                                                                      **dict(options or {}))
     chw = tuple(int(s) for s in shape)
     if labels is not None:
         labels = torch.as_tensor(labels, dtype=torch.int64)
@@ -44,8 +49,7 @@ def sample_batches(denoiser, *, n: int, shape: Sequence[int], sampler: str = "dd
             x_T = noise.initial((b, *chw), denoiser.device)
             callback = on_first_batch(x_T) if (on_first_batch is not None and done == 0) else None
             den = denoiser if labels is None else denoiser.with_cond(labels[done:done + b].to(denoiser.device))
-            x = sample(den, x_T, sampler=sampler, steps=steps, spacing=spacing, noise=noise,
-                       callback=callback, **options)
+            x = sample(den, x_T, sampler=plan, noise=noise, callback=callback)
         except torch.cuda.OutOfMemoryError:
             if batch_size == 1:
                 raise DdpmkitError(f"out of GPU memory on {denoiser.device} even at batch size 1") from None

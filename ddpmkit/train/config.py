@@ -1,8 +1,8 @@
 """The settings of a training run, each declared once: a :class:`TrainConfig` field with its default and its help.
 
 Everything else is derived from the fields: the presets override them, the ``ddpmkit train`` flags and their
-help are generated from them (``cli.py``), so are the run's ``config.json``, the U-Net's constructor arguments
-(:meth:`TrainConfig.model_config`), the list of settings a resume may not change, the README's table of
+help are generated from them (``cli/train.py``), so are the run's ``config.json``, the U-Net's constructor arguments
+(:meth:`TrainConfig.model_config`), the list of settings a resume may not change, docs/training.md's table of
 settings (:func:`settings_table`, checked by a test) and the report's command that trains a run again
 (:func:`train_arguments`).
 
@@ -22,7 +22,7 @@ from ..diffusion import OBJECTIVES, VARIANCES, NoiseSchedule
 from ..errors import CheckpointError, ConfigError
 from ..limits import (MAX_BATCH, MAX_CHANNELS, MAX_GRID, MAX_IMAGE_SIZE, MAX_T, check_float, check_int,
                       check_model_config)
-from ..models.unet import UNET_PRESETS, UNet
+from ..models.unet import UNET_PRESETS
 
 __all__ = ["TrainConfig", "PRESETS", "config_from_preset", "flag", "settings", "preset_value", "show_value",
            "settings_table", "resume_locked", "changed_settings", "train_arguments"]
@@ -33,7 +33,7 @@ _NET = UNET_PRESETS["digits"]  # the default architecture
 def setting(default, help: str, *, locked: bool = False, unet: str | None = None, metavar: str | None = None):
     """A :class:`TrainConfig` field.
 
-    help: the one-line meaning (the CLI's help and the README's table); locked: a resumed run may not change it
+    help: the one-line meaning (the CLI's help and docs/training.md's table); locked: a resumed run may not change it
     (it would be a different run); unet: the U-Net constructor argument it sets; metavar: the CLI's value name.
     """
     meta = {"help": help, "locked": locked}
@@ -336,7 +336,7 @@ def preset_value(preset: str, name: str):
 
 
 def show_value(v) -> str:
-    """A setting's value as the CLI help and the README write it."""
+    """A setting's value as the CLI help and docs/training.md write it."""
     if isinstance(v, bool):
         return "on" if v else "off"
     if v is None:
@@ -374,7 +374,7 @@ def describe_default(name: str) -> str:
 
 
 def settings_table() -> str:
-    """The README's table of the training settings: one row per setting, a column per preset."""
+    """docs/training.md's table of the training settings: one row per setting, a column per preset."""
     presets = list(PRESETS)
     lines = ["| flag | meaning | " + " | ".join(f"`{p}`" for p in presets) + " |",
              "| --- | --- |" + " --- |" * len(presets)]

@@ -5,7 +5,7 @@
 * :func:`save_chain_gif`: each recorded frame drawn as x_t above x0_hat, with t, the step and a progress
   bar, written atomically as one GIF (``ddpmkit.files``).
 
-Images follow ``figures``: float [-1, 1] or uint8, [N, C, H, W], C = 1 or 3; grayscale stays grayscale.
+Images follow ``grids``: float [-1, 1] or uint8, [N, C, H, W], C = 1 or 3; grayscale stays grayscale.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from .figures import (PlotError, _as_uint8_nhwc, _check_int, _font, _text_size, _to_pil, _upscale, _write_file,
-                      default_scale)
+from .grids import (PlotError, _as_uint8_nhwc, _check_int, _font, _text_size, _to_pil, _upscale, _write_file,
+                    default_scale)
 
 __all__ = ["ChainFrame", "ChainRecorder", "save_chain_gif"]
 

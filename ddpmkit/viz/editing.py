@@ -8,8 +8,8 @@ from typing import Sequence
 
 from PIL import Image, ImageDraw
 
-from .figures import (PlotError, _as_uint8_nhwc, _check_int, _font, _save_pil, _text_size, _to_pil, _upscale,
-                      default_scale)
+from .grids import (PlotError, _as_uint8_nhwc, _check_int, _font, _save_pil, _text_size, _to_pil, _upscale,
+                    default_scale)
 
 __all__ = ["save_table", "save_inpaint_figure", "save_sdedit_strip"]
 

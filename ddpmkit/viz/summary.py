@@ -182,7 +182,7 @@ def bpd_fact(run_dir: Path) -> Fact:
     except (OSError, ValueError, KeyError, TypeError) as e:
         return Fact("bits/dim", "unreadable", f"{path}: {e}")
     # DDPM eq. 5: L = L_T + sum_{t>1} L_{t-1} + L_0; the file's rows are the mean bits/dim of each term
-    return Fact("bits/dim", f"{sum(bits):.3f}", f"upper bound, DDPM eq. 5: the sum of eval/nll_terms.csv")
+    return Fact("bits/dim", f"{sum(bits):.3f}", "upper bound, DDPM eq. 5: the sum of eval/nll_terms.csv")
 
 
 def memorization_fact(run_dir: Path) -> Fact:
@@ -225,7 +225,7 @@ def summary_grid(run: Run) -> tuple[Path | None, str]:
         step = int(grids[-1].stem.rsplit("_", 1)[-1])
         how = f"{train.get('sample_sampler', '?')}, {train.get('sample_steps', '?')} steps"
         if run.class_cond:
-            from ..samplers.options import DEFAULT_GUIDANCE  # the trainer guides its grid with it
+            from ..diffusion.denoiser import DEFAULT_GUIDANCE  # the trainer guides its grid with it
 
             how += f", guidance {DEFAULT_GUIDANCE:g}"
         return grids[-1], f"EMA samples at step {step:,} ({how}){rows}; samples/{grids[-1].name}"

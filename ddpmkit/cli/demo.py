@@ -1,0 +1,26 @@
+"""`ddpmkit demo`: train on the embedded digits and draw samples, pictures and GIFs."""
+
+from __future__ import annotations
+
+
+def add_parser(sub) -> None:
+    """Register `demo` and its flags."""
+    d = sub.add_parser("demo", help="train on the embedded digits and draw samples, pictures and GIFs",
+                       description="Train the digits preset for a few minutes on this machine, sample with DDPM "
+                                   "(1000 steps) and DDIM (50 steps), and write grids, GIFs, the schedule, "
+                                   "forward-process and loss plots.")
+    d.add_argument("--out", default=None, metavar="DIR",
+                   help="output folder (default: runs/demo, or runs/demo-2, ... when that exists)")
+    d.add_argument("--train-seconds", type=float, default=None,
+                   help="wall-clock budget for training (default: 150)")
+    d.add_argument("--n", type=int, default=64, help="samples per sampler (default: 64)")
+    d.add_argument("--quiet", action="store_true", help="no progress bars")
+    d.set_defaults(func=run)
+
+
+def run(args) -> int:
+    """Run the demo."""
+    from ..demo import run_demo
+
+    run_demo(out=args.out, train_seconds=args.train_seconds, quiet=args.quiet, n=args.n)
+    return 0

@@ -1,0 +1,76 @@
+"""`ddpmkit train`: one flag per training setting, then the training loop."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+from .common import int_tuple
+
+
+def add_parser(sub) -> None:
+    """Register `train` and its flags."""
+    t = sub.add_parser("train", help="train a diffusion model", description="Train a diffusion model. "
+                       "A preset gives every setting; any flag overrides it.")
+    add_train_flags(t)
+    t.set_defaults(func=run)
+
+
+def add_train_flags(p: argparse.ArgumentParser) -> None:
+    """--preset, one flag per TrainConfig field, --out, --resume and --quiet."""
+    from ..train.config import PRESETS, TrainConfig, describe_default, flag, settings
+
+    preset = TrainConfig.__dataclass_fields__["preset"]
+    p.add_argument("--preset", default=preset.default, choices=list(PRESETS),
+                   help=f"{preset.metadata['help']} (default: {preset.default})")
+    for f, kind in settings():  # one flag per TrainConfig field, its help and default from the field
+        kw = dict(default=None, help=f"{f.metadata['help']} ({describe_default(f.name)})")
+        if kind is bool:
+            p.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, **kw)
+        elif kind is tuple:
+            p.add_argument(flag(f.name), type=int_tuple, metavar="N,N", **kw)
+        else:
+            p.add_argument(flag(f.name), type=kind, metavar=f.metadata.get("metavar"), **kw)
+    p.add_argument("--out", default=None, metavar="DIR", help="run directory (default: runs/<preset>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (for logs)")
+
+
+def run(args) -> int:
+    """Train (or resume) a run and print where it stopped."""
+    from ..train import TrainConfig, Trainer, resolve_config
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"preset"}
+    overrides = {k: getattr(args, k) for k in fields if getattr(args, k, None) is not None}
+    out = Path(args.out) if args.out else Path("runs") / args.preset
+    cfg = resolve_config(args.preset, overrides, out, args.resume)  # a resume starts from the run's own settings
+    trainer = Trainer(cfg, out, resume=args.resume, quiet=args.quiet)
+    main_rank = trainer.dist.is_main
+    if main_rank and trainer.step >= cfg.steps:  # a resume asked for no more steps than the run has
+        print(f"{out} is at step {trainer.step}, at or past --steps {cfg.steps}: nothing to train (give a larger "
+              f"--steps to go on)", file=sys.stderr)
+    elif main_rank:
+        print(f"training {out} on {trainer.device} ({trainer.model.num_parameters():,} parameters, "
+              f"{trainer.num_images:,} images), from step {trainer.step} to {cfg.steps}", file=sys.stderr)
+    res = trainer.run()
+    if res["stop"] == "signal":  # a first SIGINT/SIGTERM: the step finished and a checkpoint was written
+        import shlex
+        import signal
+
+        if main_rank:
+            how = "torchrun ... -m ddpmkit" if trainer.dist.enabled else "ddpmkit"
+            print(f"ddpmkit: stopped by {res['signal']} at step {res['step']}; checkpoint {res['checkpoint']}; "
+                  f"resume with: {how} train --out {shlex.quote(str(out))} --resume", file=sys.stderr)
+        return 128 + int(signal.Signals[res["signal"]])  # 130 for SIGINT, 143 for SIGTERM, as the shell does
+    if not main_rank:
+        return 0
+    how = "time limit reached" if res["stop"] == "time_limit" else "done"
+    loss = f"loss {res['loss']:.4f}" if res["loss"] == res["loss"] else "no step taken"  # NaN: no step was taken
+    print(f"{how} at step {res['step']}: {loss}, {res['seconds']:.0f} s")
+    if res["checkpoint"]:
+        print(f"checkpoint: {res['checkpoint']}")
+    if res["grid"]:
+        print(f"samples:    {res['grid']}")
+    return 0

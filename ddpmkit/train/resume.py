@@ -1,0 +1,41 @@
+"""Resuming a run: its settings resolved once from config.json and the command's overrides, locked ones checked."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from ..errors import ConfigError
+from ..store.rundir import CONFIG_NAME, read_config
+from .config import TrainConfig, config_from_preset, resume_locked
+
+__all__ = ["resolve_config", "check_locked"]
+
+
+def resolve_config(preset: str, overrides: dict, out, resume: bool) -> TrainConfig:
+    """The settings of ``ddpmkit train``: a new run's are ``preset`` with ``overrides``; a resumed run's are its
+    config.json (read here, once) with ``overrides`` on top, refused when they change a locked setting."""
+    out = Path(out)
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if not (resume and (out / CONFIG_NAME).is_file()):
+        return config_from_preset(preset, **overrides)
+    stored_json = read_config(out)
+    stored = TrainConfig.from_json(stored_json)
+    base = dataclasses.asdict(stored)
+    base.update(overrides)
+    base.pop("preset", None)
+    cfg = config_from_preset(stored.preset, **base)
+    check_locked(cfg, stored, out)
+    return cfg
+
+
+def check_locked(cfg: TrainConfig, stored: TrainConfig | dict, run_dir) -> None:
+    """ConfigError naming every locked setting (architecture, T, schedule, objective, data...) whose value in
+    ``cfg`` differs from the run's stored one (a TrainConfig, or the config.json it came from)."""
+    if not isinstance(stored, TrainConfig):
+        stored = TrainConfig.from_json(stored)
+    changed = [k for k in resume_locked() if getattr(stored, k) != getattr(cfg, k)]
+    if changed:
+        raise ConfigError(
+            "cannot resume with a changed " + ", ".join(changed) + f" (the run in {run_dir} has "
+            + ", ".join(f"{k}={getattr(stored, k)!r}" for k in changed) + ")")
