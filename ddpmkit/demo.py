@@ -73,7 +73,7 @@ def forward_images(data: str = "digits", image: str | None = None, data_dir=None
 
 
 def run_demo(out=None, train_seconds: float | None = None, quiet: bool = False, n: int = 64, log=print) -> dict:
-    from .viz import figures as plots
+    from .viz import plots
     from .generate import SampleOptions, generate
     from .train import Trainer, config_from_preset
 

@@ -96,7 +96,7 @@ def test_eval_every_logs_the_frechet_distance(tmp_path):
         rows = list(csv.DictReader(f))
     fd = {int(r["step"]): float(r["fd"]) for r in rows if r["fd"]}
     assert sorted(fd) == [2, 4] and all(v > 0 and math.isfinite(v) for v in fd.values())
-    from ddpmkit.viz.figures import plot_loss
+    from ddpmkit.viz.plots import plot_loss
 
     assert plot_loss(run / "metrics.csv", tmp_path / "loss.png").is_file()
 

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from ddpmkit import viz
-from ddpmkit.viz import figures
+from ddpmkit.viz import grids, plots
 from ddpmkit.errors import DdpmkitError
 from ddpmkit.images import from_uint8
 
@@ -168,7 +168,7 @@ def test_failed_write_leaves_the_old_file_and_no_temp(tmp_path):
         raise RuntimeError("disk on fire")
 
     with pytest.raises(RuntimeError):
-        figures._write_file(target, boom)
+        grids._write_file(target, boom)
     assert target.read_bytes() == b"old"
     assert no_temp_files(tmp_path)
     (tmp_path / "afile").write_text("x")
@@ -327,4 +327,4 @@ def test_writing_a_grid_does_not_import_matplotlib():
             "print('matplotlib' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
-    assert viz.plot_loss is figures.plot_loss and viz.save_grid is figures.save_grid  # one object, two addresses
+    assert viz.plot_loss is plots.plot_loss and viz.save_grid is grids.save_grid  # one object, two addresses

@@ -106,7 +106,7 @@ def test_frechet_stderr_matches_the_spread_of_independent_draws(shift, scale):
 
 
 def test_metrics_csv_has_the_standard_error_and_old_files_still_plot(tmp_path):
-    from ddpmkit.viz.figures import plot_loss
+    from ddpmkit.viz.plots import plot_loss
 
     run = tiny_run(tmp_path, steps=4, eval_every=2, eval_n=20, eval_steps=3, log_every=3, class_cond=True)
     with open(run / "metrics.csv", newline="") as f:

@@ -32,7 +32,7 @@ def run(args) -> int:
         NoiseSchedule.linear(args.T)
     except ValueError as e:
         raise CLIError(f"--T: {e}") from None
-    from ..viz import figures as plots
+    from ..viz import plots
 
     if args.what == "schedule":
         path = plots.plot_schedule(args.out or "schedule.png", T=args.T)

@@ -101,7 +101,7 @@ def inpaint_run(run_path, *, image: str, mask: str, out=None, jump: int = 10, re
     ``classes`` (one class or ``none``) and ``guidance``: a class-conditional run's (see the module's notes)."""
     from ..samplers import timesteps
     from ..viz.editing import save_inpaint_figure
-    from ..viz.figures import save_images
+    from ..viz.grids import save_images
 
     run = run_path if isinstance(run_path, Run) else Run.open(run_path)  # an opened Run is used as it is
     C, H, W = run.image_shape
@@ -150,7 +150,7 @@ def edit_run(run_path, *, image: str, strengths, sample_options, out=None, devic
     ``sample_options.classes`` (one class or ``none``) and ``.guidance``: see the module's notes."""
     from ..errors import ConfigError
     from ..viz.editing import save_sdedit_strip
-    from ..viz.figures import save_images
+    from ..viz.grids import save_images
 
     run = run_path if isinstance(run_path, Run) else Run.open(run_path)  # an opened Run is used as it is
     C, H, W = run.image_shape

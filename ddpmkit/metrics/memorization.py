@@ -169,7 +169,7 @@ def evaluate_memorization(run_dir, *, n: int = 500, sampler: str = "ddim", steps
     atomic_write_text(out / "memorization.json", json.dumps(result, indent=1) + "\n")
     result["json"] = out / "memorization.json"
     if pairs:
-        from ..viz.figures import plot_nearest_pairs
+        from ..viz.plots import plot_nearest_pairs
 
         order = np.argsort(d_pix)[:pairs]
         result["figure"] = plot_nearest_pairs(samples[torch.from_numpy(order)], train[torch.from_numpy(j_pix[order])],

@@ -19,7 +19,7 @@ one, eps = (1 + w) eps(x, y) - w eps(x, null) (Ho & Salimans 2022 eq. 6) with th
 ancestral sampler walks with guidance. The bound holds for any Gaussian reverse chain (DDPM eq. 5), so it then bounds
 -log of what that sampler draws, not of the unguided model.
 
-Plotting the per-t curve belongs to ``viz.figures``; :func:`write_terms_csv` writes it to a file.
+Plotting the per-t curve belongs to ``viz.plots``; :func:`write_terms_csv` writes it to a file.
 """
 
 from __future__ import annotations

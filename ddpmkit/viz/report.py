@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ..files import atomic_write_text
 from ..store import read_config
-from . import figures
+from . import plots
 from .summary import Fact, Summary, sample_grids, settings_rows, summarize, trainer_grids
 
 __all__ = ["write_report", "SECTIONS"]
@@ -132,9 +132,9 @@ def _training(run: Path) -> str:
     if not (run / "metrics.csv").is_file():
         return ""
     try:
-        body = _img(figures.plot_loss(run / "metrics.csv", run / "loss.png"),
+        body = _img(plots.plot_loss(run / "metrics.csv", run / "loss.png"),
                     "sample quality (Frechet distance) and loss, loss by timestep, learning rate, throughput")
-    except figures.PlotError as e:
+    except plots.PlotError as e:
         body = f"<p class=sub>no curves: {_esc(e)}</p>"
     return _section("training", "<h2>Training</h2>" + body)
 
@@ -166,7 +166,7 @@ def _editing(run: Path) -> str:
 def _schedules(run: Path, T: int) -> str:
     png = run / "schedule.png"
     if not png.is_file():
-        figures.plot_schedule(png, T=T)
+        plots.plot_schedule(png, T=T)
     return _section("schedules", "<h2>Noise schedules</h2><p class=sub>the same for every run of this T</p>"
                     + _img(png, f"linear and cosine, T = {T}"))
 

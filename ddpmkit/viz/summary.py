@@ -20,7 +20,7 @@ import numpy as np
 
 from ..errors import DdpmkitError
 from ..run import Run
-from . import figures
+from . import plots
 
 __all__ = ["Fact", "Setting", "Summary", "summarize", "settings_rows", "NOT_RECORDED"]
 
@@ -90,8 +90,8 @@ def _model(run: Run) -> list[Fact]:
 def _metrics(run_dir: Path) -> tuple[dict | None, str]:
     """metrics.csv's columns, or None and why not."""
     try:
-        return figures.load_metrics(run_dir / "metrics.csv"), ""
-    except figures.PlotError as e:
+        return plots.load_metrics(run_dir / "metrics.csv"), ""
+    except plots.PlotError as e:
         return None, str(e)
 
 

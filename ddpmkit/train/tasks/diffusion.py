@@ -171,7 +171,7 @@ class DiffusionTask(Task):
     def sample_grid(self, ema, path: Path) -> Path | None:
         from ...samplers import sample
         from ...diffusion.denoiser import DEFAULT_GUIDANCE
-        from ...viz.figures import save_grid, save_labelled_grid
+        from ...viz.grids import save_grid, save_labelled_grid
 
         if self.cfg.num_samples <= 0:
             return None
