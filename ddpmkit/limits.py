@@ -12,6 +12,7 @@ its parameters.
 from __future__ import annotations
 
 import math
+import numbers
 
 from .errors import ConfigError
 
@@ -27,12 +28,14 @@ MAX_PARAMETERS = 10_000_000_000  # 40 GB of float32 weights, 280 times the paper
 
 
 def check_int(name: str, value, lo: int, hi: int | None = None, error=ConfigError) -> int:
-    """``value`` if it is an integer in [lo, hi]; else one line naming ``name`` and the range."""
-    ok = not isinstance(value, bool) and isinstance(value, int) and value >= lo and (hi is None or value <= hi)
+    """``value`` (a Python or NumPy integer) as an int if it lies in [lo, hi]; else one line naming ``name`` and the
+    range, in ``error``'s class."""
+    ok = (not isinstance(value, bool) and isinstance(value, numbers.Integral) and value >= lo
+          and (hi is None or value <= hi))
     if not ok:
         what = f"an integer in [{lo}, {hi}]" if hi is not None else f"an integer >= {lo}"
         raise error(f"{name} must be {what}, got {_show(value)}")
-    return value
+    return int(value)
 
 
 def check_float(name: str, value, lo: float, hi: float, *, hi_open: bool = False, error=ConfigError) -> float:

@@ -21,10 +21,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import numpy as np
 
 from .. import files
 from ..errors import DataError
+from ..limits import check_int
 from .cifar10 import CIFAR10_CLASSES, CIFAR10_MD5, CIFAR10_URL, load_cifar10
 from .common import _resize_uint8, _rgb_to_gray  # noqa: F401  (metrics.quality's grey and resize import them here)
 from .common import DataWarning, ImageData, available_memory_bytes
@@ -115,6 +115,4 @@ def parse_source(source) -> tuple[str, Path | None]:
 
 
 def _check_int(name: str, value, lo: int, hi: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not lo <= value <= hi:
-        raise DataError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}")
-    return int(value)
+    return check_int(name, value, lo, hi, DataError)  # the one integer check (ddpmkit.limits), as a DataError

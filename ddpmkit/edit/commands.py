@@ -35,9 +35,9 @@ def _tag(s: str) -> str:
 
 
 def _check_count(name: str, v) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise EditError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
-    return v
+    from ..limits import check_int
+
+    return check_int(f"--{name.replace('_', '-')}", v, 1, None, EditError)
 
 
 def _denoiser(run: Run, *, ema: bool, variance, clip_x0: bool, device, guidance=None):

@@ -24,6 +24,7 @@ from PIL import Image, ImageDraw, ImageFont
 from .. import files
 from ..errors import DdpmkitError
 from ..images import from_uint8, to_uint8
+from ..limits import check_int
 
 __all__ = [
     "PlotError",
@@ -125,9 +126,7 @@ def _to_pil(arr_hwc: np.ndarray) -> Image.Image:
 
 
 def _check_int(name: str, v, lo: int) -> int:
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
-        raise PlotError(f"{name} must be an integer >= {lo}, got {v!r}")
-    return int(v)
+    return check_int(name, v, lo, None, PlotError)  # the one integer check (ddpmkit.limits), as a PlotError
 
 
 def default_scale(h: int, w: int) -> int:
