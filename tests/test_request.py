@@ -113,7 +113,9 @@ def test_eval_fid_reads_each_file_once_and_plans_once(run_dir, counts, tmp_path,
     _WATCH["root"] = None
     assert rc == 0
     assert opened["config.json"] == 1, dict(opened)
-    assert all(v == 1 for v in _weights(opened).values()), dict(opened)
+    # the checkpoint resumed from is read once to load it, and once more by the pruning after the new save, which
+    # checks the hashes of what it keeps before it deletes anything older (store/saving.py): a second, deliberate pass
+    assert all(v <= 2 for v in _weights(opened).values()), dict(opened)
     assert len(tau_calls) == 1
 
 
@@ -148,3 +150,22 @@ def test_a_refused_setting_names_itself_and_the_cli_names_its_flag(run_dir, caps
     assert main(["sample", str(run_dir), "--class", "3", "--n", "2", "--quiet"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--class 3: this run is unconditional" in err
+
+
+def test_a_resume_reads_config_json_once(tmp_path, counts, capsys):
+    """`train --resume` resolves its settings from config.json once (train.resume.resolve_run) and hands that
+    reading to the loop, which checks the locked settings and loads the checkpoint without reading it again."""
+    from conftest import tiny_flags
+
+    from ddpmkit.cli import main
+
+    run = tiny_run(tmp_path, steps=2)
+    opened, _ = counts
+    _watch(run, opened)
+    rc = main(["train", "--out", str(run), "--resume", "--steps", "3"] + tiny_flags())
+    _WATCH["root"] = None
+    assert rc == 0
+    assert opened["config.json"] == 1, dict(opened)
+    # the checkpoint resumed from is read once to load it, and once more by the pruning after the new save, which
+    # checks the hashes of what it keeps before it deletes anything older (store/saving.py): a second, deliberate pass
+    assert all(v <= 2 for v in _weights(opened).values()), dict(opened)

@@ -40,13 +40,13 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     """Train (or resume) a run and print where it stopped."""
-    from ..train import TrainConfig, Trainer, resolve_config
+    from ..train import TrainConfig, Trainer, resolve_run
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"preset"}
     overrides = {k: getattr(args, k) for k in fields if getattr(args, k, None) is not None}
     out = Path(args.out) if args.out else Path("runs") / args.preset
-    cfg = resolve_config(args.preset, overrides, out, args.resume)  # a resume starts from the run's own settings
-    trainer = Trainer(cfg, out, resume=args.resume, quiet=args.quiet)
+    cfg, stored = resolve_run(args.preset, overrides, out, args.resume)  # a resume: the run's settings, read once
+    trainer = Trainer(cfg, out, resume=args.resume, quiet=args.quiet, stored_config=stored)
     main_rank = trainer.dist.is_main
     if main_rank and trainer.step >= cfg.steps:  # a resume asked for no more steps than the run has
         print(f"{out} is at step {trainer.step}, at or past --steps {cfg.steps}: nothing to train (give a larger "

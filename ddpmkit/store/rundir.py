@@ -60,12 +60,12 @@ def _check_writable(directory: Path) -> None:
         raise CheckpointError(f"cannot write to run directory {directory}: {reason(e)}") from e
 
 
-def prepare_run_dir(run_dir, *, resume: bool) -> Path:
+def prepare_run_dir(run_dir, *, resume: bool, config: dict | None = None) -> Path:
     """Get a run directory ready for training and return it.
 
     New run (``resume=False``): the directory must not exist or be empty; it is created (with parents)
     and checked to be writable. Nothing already there is touched. Resume: it must exist and be a run
-    (have a valid config.json), and be writable.
+    (have a valid config.json, read here unless the caller passes the ``config`` it read), and be writable.
     """
     run_dir = Path(run_dir)
     if resume:
@@ -75,7 +75,8 @@ def prepare_run_dir(run_dir, *, resume: bool) -> Path:
             raise CheckpointError(f"cannot resume: {run_dir} is not a directory")
         if not (run_dir / CONFIG_NAME).is_file():
             raise CheckpointError(f"cannot resume: {run_dir} is not a ddpmkit run directory (no {CONFIG_NAME})")
-        read_config(run_dir)
+        if config is None:
+            read_config(run_dir)
         _check_writable(run_dir)
         return run_dir
     if run_dir.exists() or run_dir.is_symlink():

@@ -10,11 +10,11 @@ from .config import PRESETS, TrainConfig, config_from_preset, settings_table
 from .device import pick_device
 from .ema import EMA
 from .loop import MAX_GRAD_NORM, NonFiniteError, TrainingLoop
-from .resume import resolve_config
+from .resume import Resolved, resolve_config, resolve_run
 from .seeding import dropout_seed, seed_dropout
 from .task import Task
 from .trainer import Trainer, train
 
 __all__ = ["TrainConfig", "PRESETS", "config_from_preset", "settings_table", "Trainer", "NonFiniteError", "EMA",
            "MetricsLog", "pick_device", "train", "dropout_seed", "seed_dropout", "MAX_GRAD_NORM", "TrainingLoop",
-           "Task", "resolve_config"]
+           "Task", "resolve_config", "resolve_run", "Resolved"]

@@ -67,8 +67,10 @@ class TrainingLoop:
     device, precision, compile) and is the resolved configuration (:func:`ddpmkit.train.resume.resolve_config`).
     """
 
-    def __init__(self, task, cfg, run_dir: str | Path, *, resume: bool = False, quiet: bool = False, log=None):
+    def __init__(self, task, cfg, run_dir: str | Path, *, resume: bool = False, quiet: bool = False, log=None,
+                 stored_config: dict | None = None):
         cfg.validate()
+        self._stored_config = stored_config  # a resumed run's config.json as the command read it (resolve_run)
         world = distributed.current().world_size if distributed.current().enabled else distributed.env_world_size()
         if cfg.batch_size % world:  # checked before joining the group: every rank stops here at once
             raise ConfigError(f"--batch-size {cfg.batch_size} (the global batch) is not divisible by the "
@@ -159,9 +161,10 @@ class TrainingLoop:
         """The run's newest intact checkpoint, its settings checked against the locked ones of this session's."""
         dctx = self.dist
         # rank 0 checks the directory (a probe write) and takes the lock first; the other ranks only read from it
-        dctx.main_first(lambda: (prepare_run_dir(self.run_dir, resume=True), self._take_lock())
+        stored = self._stored_config  # read once by the command (resolve_run); else read here, once
+        dctx.main_first(lambda: (prepare_run_dir(self.run_dir, resume=True, config=stored), self._take_lock())
                         if dctx.is_main else None)
-        ckpt = load_checkpoint(self.run_dir)
+        ckpt = load_checkpoint(self.run_dir, config=stored)
         check_locked(self.cfg, ckpt.config, self.run_dir)  # the config.json load_checkpoint read with it
         for p in ckpt.skipped:
             self.log(f"warning: checkpoint {p} is corrupt; resuming from {ckpt.path} instead")

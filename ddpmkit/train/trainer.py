@@ -27,8 +27,9 @@ class Trainer(TrainingLoop):
     """One diffusion training run in a run directory: build or resume, then :meth:`run`."""
 
     def __init__(self, cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, quiet: bool = False,
-                 log=None):
-        super().__init__(DiffusionTask, cfg, run_dir, resume=resume, quiet=quiet, log=log)
+                 log=None, stored_config: dict | None = None):
+        super().__init__(DiffusionTask, cfg, run_dir, resume=resume, quiet=quiet, log=log,
+                         stored_config=stored_config)
 
     # the diffusion task's parts, under the names they had before the split
     model = property(lambda self: self.models["model"], doc="the U-Net being trained")
