@@ -24,8 +24,8 @@ class ConfigError(DdpmkitError):
 class SettingError(ConfigError, ValueError):
     """One setting's value is refused; ``setting`` names it, ``text`` says why with ``{name}`` where it is named.
 
-    ``str()`` names it ``--batch-size`` for the setting ``batch_size``; ``named(name)`` names it any other way (the
-    CLI's ``cli.common.flag_of`` gives each setting its flag there).
+    ``str()`` names the setting itself (``batch_size must be ...``): the library speaks of settings. ``named(name)``
+    names it any other way: the command line shows its flag (``cli.common.error_line``, with ``flag_of``).
     """
 
     def __init__(self, setting: str, text: str):
@@ -36,4 +36,4 @@ class SettingError(ConfigError, ValueError):
         return self.text.format(name=name)
 
     def __str__(self) -> str:
-        return self.named("--" + self.setting.replace("_", "-"))
+        return self.named(self.setting)

@@ -148,7 +148,7 @@ def edit_run(run_path, *, image: str, strengths, sample_options, out=None, devic
     """SDEdit ``image`` at each strength, ``sample_options.n`` times each, with the sampler of ``sample_options``;
     write ``edit_s<strength>_<i>_<k>.png`` and the strip ``sdedit.png`` (input, then each strength) under ``out``.
     ``sample_options.classes`` (one class or ``none``) and ``.guidance``: see the module's notes."""
-    from ..errors import ConfigError
+    from ..errors import ConfigError, SettingError
     from ..viz.editing import save_sdedit_strip
     from ..viz.grids import save_images
 
@@ -158,6 +158,8 @@ def edit_run(run_path, *, image: str, strengths, sample_options, out=None, devic
     opt = sample_options
     try:
         plan = opt.plan(run.schedule)
+    except SettingError:
+        raise  # names its setting; the command line shows the flag
     except ConfigError as e:
         raise EditError(str(e)) from None
     images, labels, names = load_images(image, (C, H, W), resize=resize)
