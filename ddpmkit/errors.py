@@ -22,18 +22,18 @@ class ConfigError(DdpmkitError):
 
 
 class SettingError(ConfigError, ValueError):
-    """One setting's value is refused; ``setting`` names it, ``text`` says why with ``{name}`` where it is named.
+    """One setting's value is refused; ``setting`` names it, ``detail`` says why, after the name (``lead``) or alone.
 
     ``str()`` names the setting itself (``batch_size must be ...``): the library speaks of settings. ``named(name)``
     names it any other way: the command line shows its flag (``cli.common.error_line``, with ``flag_of``).
     """
 
-    def __init__(self, setting: str, text: str):
-        super().__init__(setting, text)
-        self.setting, self.text = setting, text
+    def __init__(self, setting: str, detail: str, *, lead: bool = True):
+        super().__init__(setting, detail)
+        self.setting, self.detail, self.lead = setting, detail, lead
 
     def named(self, name: str) -> str:
-        return self.text.format(name=name)
+        return name + self.detail if self.lead else self.detail
 
     def __str__(self) -> str:
         return self.named(self.setting)

@@ -19,13 +19,7 @@ from .run import Run
 from .samplers.options import SamplingPlan, resolve
 
 __all__ = ["SampleOptions", "Request", "SamplingPlan", "DEFAULT_GUIDANCE", "parse_classes", "one_class_label",
-           "Conditioning", "setting_error"]
-
-
-
-def setting_error(setting: str, text: str, *, lead: bool = True) -> SettingError:
-    """A SettingError for ``text``, led by the setting's name (``{name} must be ...``) unless ``lead`` is False."""
-    return SettingError(setting, ("{name}" if lead else "") + text.replace("{", "{{").replace("}", "}}"))
+           "Conditioning"]
 
 
 def parse_classes(spec, class_names) -> list[int] | None:
@@ -41,8 +35,8 @@ def parse_classes(spec, class_names) -> list[int] | None:
         spec = ",".join(str(int(c)) for c in spec)
     text = str(spec).strip()
     if class_names is None:
-        raise setting_error("classes", f" {text}: this run is unconditional (trained without --class-cond), so it "
-                                       f"cannot draw a chosen class")
+        raise SettingError("classes", f" {text}: this run is unconditional (trained without --class-cond), so it "
+                                      f"cannot draw a chosen class")
     names = list(class_names)
     if text == "all":
         return list(range(len(names)))
@@ -55,10 +49,10 @@ def parse_classes(spec, class_names) -> list[int] | None:
             out.append(int(part))
         else:
             shown = ", ".join(names) if len(names) <= 12 else f"{names[0]} .. {names[-1]}"
-            raise setting_error("classes", f": no class {part!r} in this run; its classes are 0..{len(names) - 1} "
-                                           f"({shown}), or all")
+            raise SettingError("classes", f": no class {part!r} in this run; its classes are 0..{len(names) - 1} "
+                                          f"({shown}), or all")
     if not out:
-        raise setting_error("classes", ": name at least one class, or all")
+        raise SettingError("classes", ": name at least one class, or all")
     return out
 
 
@@ -71,12 +65,12 @@ def one_class_label(spec, class_names, null_class) -> int | None:
     text = str(spec).strip()
     if text == "none" and class_names is not None:
         if null_class is None:
-            raise setting_error("classes", " none: this model has no null class (it was not trained with label "
-                                           "dropout), so it has no unconditional model; give a class")
+            raise SettingError("classes", " none: this model has no null class (it was not trained with label "
+                                          "dropout), so it has no unconditional model; give a class")
         return null_class
     labels = parse_classes(text, class_names)  # refuses an unconditional run or an unknown class
     if len(labels) != 1:
-        raise setting_error("classes", f" {text}: give one class for all the images, or none")
+        raise SettingError("classes", f" {text}: give one class for all the images, or none")
     return labels[0]
 
 
@@ -101,18 +95,18 @@ class Conditioning:
         classes = parse_classes(opt.classes, class_names)
         if class_names is None:
             if opt.guidance is not None:
-                raise setting_error("guidance", ": this run is unconditional (trained without --class-cond), so "
-                                                "it has nothing to guide")
+                raise SettingError("guidance", ": this run is unconditional (trained without --class-cond), so "
+                                               "it has nothing to guide")
             return Conditioning(None, None, None)
         w = opt.guidance
         if w is not None and (isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w)
                               or w < 0):
-            raise setting_error("guidance", f" must be a number >= 0, got {w!r}")
+            raise SettingError("guidance", f" must be a number >= 0, got {w!r}")
         if w is None:
             w = DEFAULT_GUIDANCE if null_class is not None else 0.0
         elif w > 0 and null_class is None:
-            raise setting_error("guidance", ": this model has no null class (it was not trained with label "
-                                            "dropout), so it cannot be guided; use --guidance 0")
+            raise SettingError("guidance", ": this model has no null class (it was not trained with label "
+                                           "dropout), so it cannot be guided; use --guidance 0")
         pool = classes if classes is not None else list(range(len(class_names)))
         if grouped and classes is not None:
             labels = torch.tensor(pool, dtype=torch.int64).repeat_interleave(n // len(pool))
@@ -150,10 +144,10 @@ class SampleOptions:
         for name in ("n", "batch_size"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise setting_error(name, f" must be a positive integer, got {v!r}")
+                raise SettingError(name, f" must be a positive integer, got {v!r}")
         if self.variance is not None and self.variance not in VARIANCES:
-            raise setting_error("variance", f"unknown variance {self.variance!r}: choose {' or '.join(VARIANCES)}",
-                                lead=False)
+            raise SettingError("variance", f"unknown variance {self.variance!r}: choose {' or '.join(VARIANCES)}",
+                               lead=False)
         return resolve(self.sampler, schedule, self.steps, self.spacing, **self.options)
 
 

@@ -51,7 +51,7 @@ class SamplingPlan:
 
 
 def _refuse(setting: str, e: Exception) -> SettingError:
-    return SettingError(setting, "{name}: " + str(e).replace("{", "{{").replace("}", "}}"))
+    return SettingError(setting, f": {e}")
 
 
 def resolve(sampler: str, schedule, steps: int | None = None, spacing: str | None = None, **options) -> SamplingPlan:
