@@ -254,6 +254,22 @@ def test_edit_command(run_dir, tmp_path, capsys):
     assert np.array_equal(np.asarray(Image.open(out / "edit_s0_000_00000.png")), to_uint8(x)[0, 0].numpy())
 
 
+@pytest.mark.parametrize("command, target", [("inpaint", "repaint"), ("edit", "sdedit")])
+def test_an_edit_failing_midway_leaves_no_empty_folder(run_dir, tmp_path, capsys, monkeypatch, command, target):
+    import ddpmkit.edit.commands as commands
+    from ddpmkit.errors import DdpmkitError
+
+    def broken(*a, **k):
+        raise DdpmkitError("the chain failed")
+
+    monkeypatch.setattr(commands, target, broken)
+    out = tmp_path / "edits" / "x"
+    extra = ["--mask", "center", "--steps", "4"] if command == "inpaint" else ["--strength", "0.5"]
+    assert main([command, str(run_dir), "--image", "digits:3", "--n", "1", "--out", str(out)] + extra) == 2
+    assert "the chain failed" in capsys.readouterr().err
+    assert not (tmp_path / "edits").exists()
+
+
 @pytest.mark.parametrize("argv, message", [
     (["inpaint", "--image", "digits:3", "--mask", "bottom-half", "--jump", "0"], "--jump"),
     (["inpaint", "--image", "digits:3", "--mask", "nowhere.png"], "no such file"),

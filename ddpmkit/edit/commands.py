@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from ..files import output_dir
 from ..images import to_uint8
 from ..run import Run
 from ..samplers.noise import PerSampleNoise
@@ -120,28 +121,27 @@ def inpaint_run(run_path, *, image: str, mask: str, out=None, jump: int = 10, re
     den = _denoiser(run, ema=ema, variance=variance, clip_x0=clip_x0, device=device, guidance=w)
     out = Path(out) if out is not None else (
         run.dir / "edits" / f"inpaint-{_tag(image)}-{_tag(mask)}-{S}steps-j{jump}-r{resample}{ctag}-seed{seed}")
-    out.mkdir(parents=True, exist_ok=True)
-
-    x0 = images.repeat_interleave(n, 0)
-    ys = None if labels is None else labels.repeat_interleave(n, 0)  # row i * n + k is input i's
-    results = []
-    t0 = time.perf_counter()
-    for start in range(0, x0.shape[0], batch_size):
-        xb = x0[start:start + batch_size]
-        db = den if ys is None else den.with_cond(ys[start:start + batch_size].to(den.device))
-        y = repaint(db, xb, known, jump=jump, resample=resample, noise=PerSampleNoise(seed, start), timesteps=tau)
-        results.append(y.cpu())
-    seconds = time.perf_counter() - t0
-    res = torch.cat(results)
-    files = []
-    u8 = to_uint8(res)
-    for i in range(N):
-        files += save_images(u8[i * n:(i + 1) * n], out, prefix=f"inpainted_{i:03d}", start=0)
-    fig = save_inpaint_figure(images, masked_view(images, known), res.view(N, n, C, H, W), out / "inpaint.png")
-    calls = repaint_model_calls(S, jump, resample)
-    return {"dir": out, "figure": fig, "files": files, "n": N * n, "seconds": seconds, "model_calls": calls,
-            "steps": S, "images": images, "labels": labels, "names": names, "mask": known, "results": res,
-            "guidance": w, "conditioning": cdesc}
+    with output_dir(out) as out:  # made after every check; removed again if the work below fails before writing
+        x0 = images.repeat_interleave(n, 0)
+        ys = None if labels is None else labels.repeat_interleave(n, 0)  # row i * n + k is input i's
+        results = []
+        t0 = time.perf_counter()
+        for start in range(0, x0.shape[0], batch_size):
+            xb = x0[start:start + batch_size]
+            db = den if ys is None else den.with_cond(ys[start:start + batch_size].to(den.device))
+            y = repaint(db, xb, known, jump=jump, resample=resample, noise=PerSampleNoise(seed, start), timesteps=tau)
+            results.append(y.cpu())
+        seconds = time.perf_counter() - t0
+        res = torch.cat(results)
+        files = []
+        u8 = to_uint8(res)
+        for i in range(N):
+            files += save_images(u8[i * n:(i + 1) * n], out, prefix=f"inpainted_{i:03d}", start=0)
+        fig = save_inpaint_figure(images, masked_view(images, known), res.view(N, n, C, H, W), out / "inpaint.png")
+        calls = repaint_model_calls(S, jump, resample)
+        return {"dir": out, "figure": fig, "files": files, "n": N * n, "seconds": seconds, "model_calls": calls,
+                "steps": S, "images": images, "labels": labels, "names": names, "mask": known, "results": res,
+                "guidance": w, "conditioning": cdesc}
 
 
 def edit_run(run_path, *, image: str, strengths, sample_options, out=None, device=None, resize: bool = False) -> dict:
@@ -169,26 +169,26 @@ def edit_run(run_path, *, image: str, strengths, sample_options, out=None, devic
     sgs = "-".join(f"{s:g}" for s in strengths)
     out = Path(out) if out is not None else (
         run.dir / "edits" / f"sdedit-{_tag(image)}-s{sgs}-{plan.tag()}{ctag}-seed{opt.seed}")
-    out.mkdir(parents=True, exist_ok=True)
-
-    x0 = images.repeat_interleave(n, 0)
-    ys = None if labels is None else labels.repeat_interleave(n, 0)  # row i * n + k is input i's
-    edits, files, calls = [], [], []
-    t0 = time.perf_counter()
-    for s in strengths:
-        parts = []
-        for start in range(0, x0.shape[0], opt.batch_size):
-            db = den if ys is None else den.with_cond(ys[start:start + opt.batch_size].to(den.device))
-            parts.append(sdedit(db, x0[start:start + opt.batch_size], s, sampler=plan,
-                                noise=PerSampleNoise(opt.seed, start)).cpu())
-        e = torch.cat(parts)
-        edits.append(e)
-        calls.append(len(sdedit_timesteps(plan.timesteps, run.schedule.T, s)) * plan.model_calls // max(plan.steps, 1))
-        u8 = to_uint8(e)
-        for i in range(N):
-            files += save_images(u8[i * n:(i + 1) * n], out, prefix=f"edit_s{s:g}_{i:03d}", start=0)
-    seconds = time.perf_counter() - t0
-    strip = save_sdedit_strip(x0, edits, strengths, out / "sdedit.png")
-    return {"dir": out, "figure": strip, "files": files, "n": N * n * len(strengths), "seconds": seconds,
-            "model_calls": calls, "strengths": strengths, "plan": plan, "images": images, "labels": labels,
-            "edits": edits, "guidance": w, "conditioning": cdesc}
+    with output_dir(out) as out:  # made after every check; removed again if the work below fails before writing
+        x0 = images.repeat_interleave(n, 0)
+        ys = None if labels is None else labels.repeat_interleave(n, 0)  # row i * n + k is input i's
+        edits, files, calls = [], [], []
+        t0 = time.perf_counter()
+        for s in strengths:
+            parts = []
+            for start in range(0, x0.shape[0], opt.batch_size):
+                db = den if ys is None else den.with_cond(ys[start:start + opt.batch_size].to(den.device))
+                parts.append(sdedit(db, x0[start:start + opt.batch_size], s, sampler=plan,
+                                    noise=PerSampleNoise(opt.seed, start)).cpu())
+            e = torch.cat(parts)
+            edits.append(e)
+            calls.append(len(sdedit_timesteps(plan.timesteps, run.schedule.T, s)) * plan.model_calls
+                         // max(plan.steps, 1))
+            u8 = to_uint8(e)
+            for i in range(N):
+                files += save_images(u8[i * n:(i + 1) * n], out, prefix=f"edit_s{s:g}_{i:03d}", start=0)
+        seconds = time.perf_counter() - t0
+        strip = save_sdedit_strip(x0, edits, strengths, out / "sdedit.png")
+        return {"dir": out, "figure": strip, "files": files, "n": N * n * len(strengths), "seconds": seconds,
+                "model_calls": calls, "strengths": strengths, "plan": plan, "images": images, "labels": labels,
+                "edits": edits, "guidance": w, "conditioning": cdesc}
