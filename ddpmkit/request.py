@@ -19,7 +19,7 @@ from .run import Run
 from .samplers.options import SamplingPlan, resolve
 
 __all__ = ["SampleOptions", "Request", "SamplingPlan", "DEFAULT_GUIDANCE", "parse_classes", "one_class_label",
-           "Conditioning"]
+           "guidance_weight", "Conditioning"]
 
 
 def parse_classes(spec, class_names) -> list[int] | None:
@@ -74,6 +74,27 @@ def one_class_label(spec, class_names, null_class) -> int | None:
     return labels[0]
 
 
+def guidance_weight(guidance, class_names, null_class) -> float | None:
+    """The classifier-free guidance weight w of a run with ``class_names`` (None: unconditional) and ``null_class``:
+    ``guidance`` checked (a number >= 0, a null class to guide with), ``DEFAULT_GUIDANCE`` when None and the run has
+    a null class, else 0; None for an unconditional run, which refuses a weight. SettingError (one line)."""
+    if class_names is None:
+        if guidance is not None:
+            raise SettingError("guidance", ": this run is unconditional (trained without --class-cond), so "
+                                           "it has nothing to guide")
+        return None
+    w = guidance
+    if w is not None and (isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w)
+                          or w < 0):
+        raise SettingError("guidance", f" must be a number >= 0, got {w!r}")
+    if w is None:
+        return DEFAULT_GUIDANCE if null_class is not None else 0.0
+    if w > 0 and null_class is None:
+        raise SettingError("guidance", ": this model has no null class (it was not trained with label "
+                                       "dropout), so it cannot be guided; use --guidance 0")
+    return float(w)
+
+
 @dataclass(frozen=True)
 class Conditioning:
     """What a sampling run conditions on: one label per sample (None: unconditional), the classes asked for (None:
@@ -93,26 +114,15 @@ class Conditioning:
         the run has a null class; an unconditional run refuses a weight.
         """
         classes = parse_classes(opt.classes, class_names)
+        w = guidance_weight(opt.guidance, class_names, null_class)
         if class_names is None:
-            if opt.guidance is not None:
-                raise SettingError("guidance", ": this run is unconditional (trained without --class-cond), so "
-                                               "it has nothing to guide")
             return Conditioning(None, None, None)
-        w = opt.guidance
-        if w is not None and (isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w)
-                              or w < 0):
-            raise SettingError("guidance", f" must be a number >= 0, got {w!r}")
-        if w is None:
-            w = DEFAULT_GUIDANCE if null_class is not None else 0.0
-        elif w > 0 and null_class is None:
-            raise SettingError("guidance", ": this model has no null class (it was not trained with label "
-                                           "dropout), so it cannot be guided; use --guidance 0")
         pool = classes if classes is not None else list(range(len(class_names)))
         if grouped and classes is not None:
             labels = torch.tensor(pool, dtype=torch.int64).repeat_interleave(n // len(pool))
         else:
             labels = torch.tensor(pool, dtype=torch.int64).repeat(-(-n // len(pool)))[:n]
-        return Conditioning(labels, classes, float(w))
+        return Conditioning(labels, classes, w)
 
 
 @dataclass

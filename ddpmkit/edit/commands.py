@@ -54,11 +54,10 @@ def _conditioning(run: Run, classes, guidance, own: torch.Tensor | None, N: int)
     """``(labels [N] or None, guidance w or None, folder tag, description)`` for N input images whose labels are
     ``own`` (None: they have none); see the module's notes. One-line errors, before any work."""
     from ..data import parse_source
-    from ..request import Conditioning, SampleOptions, one_class_label
+    from ..request import guidance_weight, one_class_label
 
-    def weight() -> float:  # as `sample`: a number >= 0, DEFAULT_GUIDANCE by default; refused by unconditional runs
-        return Conditioning.of(SampleOptions(guidance=guidance), run.class_names, run.null_class, N,
-                               grouped=False).guidance
+    def weight() -> float | None:  # as `sample`: a number >= 0, DEFAULT_GUIDANCE by default; refused when unconditional
+        return guidance_weight(guidance, run.class_names, run.null_class)
 
     label = one_class_label(classes, run.class_names, run.null_class)  # refuses a class of an unconditional run
     if not run.class_cond:

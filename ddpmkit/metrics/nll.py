@@ -226,7 +226,7 @@ def evaluate_nll(run_dir, *, data=None, split: str = "test", n: int | None = 256
     """
     from ..data import load_dataset, parse_source
     from ..run import Run
-    from ..request import Conditioning, SampleOptions, one_class_label
+    from ..request import guidance_weight, one_class_label
 
     run = run_dir if isinstance(run_dir, Run) else Run.open(run_dir)  # an opened Run is used as it is
     label = one_class_label(classes, run.class_names, run.null_class)
@@ -236,8 +236,7 @@ def evaluate_nll(run_dir, *, data=None, split: str = "test", n: int | None = 256
                           "guide (give a class, or leave out --guidance)")
     w = None
     if guidance is not None:  # checked (a number >= 0, a null class to guide with) as `sample` does
-        w = Conditioning.of(SampleOptions(guidance=guidance), run.class_names, run.null_class, 1,
-                            grouped=False).guidance or None
+        w = guidance_weight(guidance, run.class_names, run.null_class) or None
     if variance is None:
         variance = run.variance
     train = run.config.get("train") or {}
