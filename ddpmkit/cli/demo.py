@@ -5,15 +5,18 @@ from __future__ import annotations
 
 def add_parser(sub) -> None:
     """Register `demo` and its flags."""
+    from ..demo import DEFAULT_TRAIN_SECONDS
+
     d = sub.add_parser("demo", help="train on the embedded digits and draw samples, pictures and GIFs",
-                       description="Train the digits preset for a few minutes on this machine, sample with DDPM "
-                                   "(1000 steps) and DDIM (50 steps), and write grids, GIFs, the schedule, "
-                                   "forward-process and loss plots.")
+                       description="Train the digits preset class-conditionally for a few minutes on this machine, "
+                                   "sample every digit with DPM-Solver++(2M) SDE (20 steps) and DDIM (50 steps), "
+                                   "check the samples for copies, and write grids, GIFs, the schedule, "
+                                   "forward-process and loss plots and a report.")
     d.add_argument("--out", default=None, metavar="DIR",
                    help="output folder (default: runs/demo, or runs/demo-2, ... when that exists)")
     d.add_argument("--train-seconds", type=float, default=None,
-                   help="wall-clock budget for training (default: 150)")
-    d.add_argument("--n", type=int, default=64, help="samples per sampler (default: 64)")
+                   help=f"wall-clock budget for training (default: {DEFAULT_TRAIN_SECONDS:g})")
+    d.add_argument("--n", type=int, default=64, help="samples per sampler, n // 10 of each digit (default: 64)")
     d.add_argument("--quiet", action="store_true", help="no progress bars")
     d.set_defaults(func=run)
 
