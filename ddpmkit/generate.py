@@ -61,7 +61,7 @@ def generate(request, out_dir, opt: SampleOptions | None = None, *, gif_path=Non
         def start_recorder(x_T):  # the first batch's chain, recorded for the GIF (anew after an out-of-memory retry)
             nonlocal recorder
             recorder = ChainRecorder(plan.model_calls, num_samples=min(opt.gif_samples, n_total),
-                                     num_frames=opt.gif_frames)
+                                     num_frames=opt.gif_frames, decode=denoiser.decoder)  # a latent run's decoder
             recorder.initial(x_T)
             return recorder
 

@@ -5,8 +5,8 @@ names: :class:`~ddpmkit.errors.CheckpointError` for a run's config.json), never 
 a traceback. The bounds are far beyond any real use (the paper's CIFAR-10 U-Net has 35.7 M parameters, T = 1000,
 a batch of 128) and far below what would exhaust a machine before a clear error could be given.
 
-The U-Net's size is checked by building it on PyTorch's ``meta`` device, which allocates no memory, and counting
-its parameters.
+The U-Net's size (and the KL autoencoder's) is checked by building it on PyTorch's ``meta`` device, which allocates
+no memory, and counting its parameters.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import numbers
 from .errors import ConfigError
 
 __all__ = ["MAX_T", "MAX_BATCH", "MAX_PARAMETERS", "MAX_GRID", "MAX_CHANNELS", "MAX_IMAGE_SIZE", "check_int",
-           "check_float", "check_T", "check_model_config", "count_parameters"]
+           "check_float", "check_T", "check_model_config", "count_parameters", "check_autoencoder_config"]
 
 MAX_T = 100_000  # diffusion steps (the papers use 1000 to 4000)
 MAX_BATCH = 65_536  # images in one batch (the paper's CIFAR-10 batch is 128)
@@ -97,6 +97,42 @@ def check_model_config(model_config: dict, where: str, error=ConfigError) -> int
         raise error(f"{where}: the U-Net would have {n:,} parameters ({4 * n / 1e9:,.0f} GB of float32 weights), "
                     f"more than the {MAX_PARAMETERS:,} allowed: lower base_channels, channel_mults or "
                     "num_res_blocks")
+    return n
+
+
+def check_autoencoder_config(model_config: dict, where: str, error=ConfigError) -> int:
+    """Check a KL autoencoder's configuration (an autoencoder run's config.json ``model`` section) before any
+    weight is allocated; return its number of parameters.
+
+    As :func:`check_model_config` does for the U-Net: every integer against a range first, then a build on the
+    meta device (which runs the autoencoder's own checks) to count its parameters.
+    """
+    if type(model_config) is not dict:
+        raise error(f"{where}: the autoencoder settings must be a JSON object, got {_show(model_config)}")
+    ranges = {"in_channels": (1, MAX_CHANNELS), "out_channels": (1, MAX_CHANNELS), "layers_per_block": (1, 64),
+              "latent_channels": (1, 1024), "norm_num_groups": (1, 8192), "image_size": (1, MAX_IMAGE_SIZE)}
+    for key, (lo, hi) in ranges.items():
+        if model_config.get(key) is not None:
+            check_int(f"{where}: {key}", model_config[key], lo, hi, error)
+    widths = model_config.get("block_out_channels")
+    if widths is not None:
+        if not isinstance(widths, (list, tuple)) or len(widths) > 16:
+            raise error(f"{where}: block_out_channels must be a list of at most 16 integers, got {_show(widths)}")
+        for w in widths:
+            check_int(f"{where}: each of block_out_channels", w, 1, 8192, error)
+    import torch
+
+    from .models.autoencoder import AutoencoderKL
+
+    try:
+        with torch.device("meta"):
+            n = AutoencoderKL.from_config(dict(model_config)).num_parameters()
+    except (ConfigError, TypeError, ValueError, KeyError) as e:
+        raise error(f"{where} does not describe a valid autoencoder: {e}") from None
+    if n > MAX_PARAMETERS:
+        raise error(f"{where}: the autoencoder would have {n:,} parameters ({4 * n / 1e9:,.0f} GB of float32 "
+                    f"weights), more than the {MAX_PARAMETERS:,} allowed: lower block_out_channels or "
+                    "layers_per_block")
     return n
 
 

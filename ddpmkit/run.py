@@ -23,7 +23,9 @@ from .store.rundir import CONFIG_NAME, read_config
 if TYPE_CHECKING:  # pragma: no cover
     from .diffusion import Denoiser
 
-__all__ = ["Run", "GAMMA_FILE", "ON_THE_FLY_GAMMA_N"]
+__all__ = ["Run", "GAMMA_FILE", "ON_THE_FLY_GAMMA_N", "RUN_KINDS"]
+
+RUN_KINDS = ("diffusion", "autoencoder")  # config.json's "kind": what a run's model is
 
 ON_THE_FLY_GAMMA_N = 32  # images of the estimate made when a run asked for the analytic variance has none
 
@@ -59,6 +61,15 @@ class Run:
     @property
     def config_path(self) -> Path:
         return self.dir / CONFIG_NAME
+
+    @property
+    def kind(self) -> str:
+        """What the run trains: ``"autoencoder"`` (config.json's ``"kind"``) or ``"diffusion"`` (the default: runs
+        written before the field existed are diffusion runs)."""
+        kind = self.config.get("kind", "diffusion")
+        if kind not in RUN_KINDS:
+            raise CheckpointError(f"{self.config_path}: unknown kind {kind!r} (expected {' or '.join(RUN_KINDS)})")
+        return kind
 
     def _section(self, name: str) -> dict[str, Any]:
         section = self.config.get(name)
@@ -159,6 +170,53 @@ class Run:
         check_int(f"{self.config_path}: model.image_size", s, 1, MAX_IMAGE_SIZE, CheckpointError)
         return (c, s, s)
 
+    # ------------------------------------------------------------------ a latent run
+    @property
+    def latent_section(self) -> dict | None:
+        """config.json's ``latent`` section of a latent diffusion run (None for a pixel run, and for an autoencoder
+        run, whose ``latent`` section describes its own latents)."""
+        section = self.config.get("latent")
+        if self.kind == "autoencoder" or type(section) is not dict or "scale" not in section:
+            return None
+        return section
+
+    @property
+    def is_latent(self) -> bool:
+        """Whether the run diffuses an autoencoder's latents (``ddpmkit train --autoencoder``)."""
+        return self.latent_section is not None
+
+    @property
+    def pixel_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the images the run makes: :attr:`image_shape` for a pixel run, the decoded images' for a
+        latent run."""
+        section = self.latent_section
+        if section is None:
+            return self.image_shape
+        shape = section.get("image_shape")
+        if not (isinstance(shape, list) and len(shape) == 3 and all(type(v) is int and v > 0 for v in shape)):
+            raise CheckpointError(f"{self.config_path}: latent.image_shape must be [C, H, W], got {shape!r}")
+        return tuple(shape)
+
+    def latent_space(self):
+        """A latent run's :class:`~ddpmkit.latent.LatentSpace`: its copy of the autoencoder (``RUN/autoencoder``),
+        checked against the hash it trained with, and its scale; loaded once, on the CPU."""
+        cached = getattr(self, "_latent_space", None)
+        if cached is not None:
+            return cached
+        section = self.latent_section
+        if section is None:
+            raise CheckpointError(f"{self.dir} is not a latent diffusion run")
+        from .latent import AUTOENCODER_DIR, LatentSpace, open_autoencoder
+
+        path = self.dir / AUTOENCODER_DIR
+        if not (path / CONFIG_NAME).is_file():
+            raise CheckpointError(f"{self.dir} is a latent run without its autoencoder ({path} is missing)")
+        ae, _, ae_hash = open_autoencoder(path)
+        if section.get("autoencoder_hash") not in (None, ae_hash):
+            raise CheckpointError(f"{path} is not the autoencoder {self.dir} was trained with (its hash changed)")
+        self._latent_space = LatentSpace.from_section(ae, section)
+        return self._latent_space
+
     # ------------------------------------------------------------------ classes
     @property
     def num_class_embeds(self) -> int | None:
@@ -221,25 +279,38 @@ class Run:
             self._loaded = (ck, want, verify)
         return ck
 
+    def build_model(self):
+        """The run's network as config.json's ``model`` section describes it, with fresh weights: the U-Net of a
+        diffusion run, the :class:`~ddpmkit.models.autoencoder.AutoencoderKL` of an autoencoder run."""
+        model_cfg = self._section("model")
+        where = f"the 'model' section of {self.config_path}"
+        # the network code is imported only when a model is built; every number is checked and the size counted
+        # on the meta device, before a byte is allocated
+        if self.kind == "autoencoder":
+            from .limits import check_autoencoder_config
+            from .models.autoencoder import AutoencoderKL as net_class
+
+            check_autoencoder_config(model_cfg, where, CheckpointError)
+        else:
+            from .limits import check_model_config
+            from .models.unet import UNet as net_class
+
+            check_model_config(model_cfg, where, CheckpointError)
+        try:
+            return net_class.from_config(model_cfg)
+        except (DdpmkitError, TypeError, ValueError, KeyError) as e:
+            what = "an autoencoder" if self.kind == "autoencoder" else "a U-Net"
+            raise CheckpointError(f"{where} does not describe a valid {what}: {e}") from e
+
     def load_model(self, ema: bool = True, verify: bool = True):
-        """The run's U-Net with its EMA weights (``ema=True``, falling back to the raw weights when no EMA
-        was saved) or its raw weights, in eval mode on the CPU.
+        """The run's network (the U-Net, or an autoencoder run's autoencoder) with its EMA weights (``ema=True``,
+        falling back to the raw weights when no EMA was saved) or its raw weights, in eval mode on the CPU.
 
         The architecture comes from ``config["model"]``. Keys and shapes are checked strictly; a mismatch is
         a CheckpointError naming it.
         """
         ck = self.checkpoint(verify=verify, parts=("model", "ema", "train"))  # the train state for its step
-        model_cfg = self._section("model")
-        from .limits import check_model_config
-        from .models.unet import UNet  # the network code is imported only when a model is built
-
-        # every number checked and the size counted on the meta device, before a byte is allocated
-        check_model_config(model_cfg, f"the 'model' section of {self.config_path}", CheckpointError)
-        try:
-            model = UNet.from_config(model_cfg)
-        except (DdpmkitError, TypeError, ValueError, KeyError) as e:
-            raise CheckpointError(f"the 'model' section of {self.config_path} does not describe a valid U-Net: "
-                                  f"{e}") from e
+        model = self.build_model()
         use_ema = ema and ck.ema_state is not None
         state = ck.ema_state if use_ema else ck.model_state
         what = f"the {'EMA' if use_ema else 'model'} weights of checkpoint {ck.path}"
@@ -265,6 +336,9 @@ class Run:
         run's Denoiser knows its null class and refuses a call without labels: give them with ``with_cond`` (a
         tensor [B], or one int; ``null_class`` for the unconditional model) and a guidance weight here (or with
         ``guided``). The analytic variance refuses a guidance weight: its Gamma_t is the unguided model's.
+
+        A latent run's Denoiser works on latents, never clips x0 (latents are not bounded as pixels are), and
+        decodes with the run's autoencoder (:meth:`Denoiser.to_pixels`, which ``sample_batches`` applies).
         """
         from .diffusion import Denoiser
         from .diffusion.process import check_objective
@@ -310,5 +384,9 @@ class Run:
             raise CheckpointError(f"{self.dir} has no null class, so it cannot be guided: "
                                   + ("it is unconditional" if not self.class_cond else
                                      "its model was not trained with ddpmkit's label dropout"))
+        decoder = None
+        if self.is_latent:  # latents are not bounded by [-1, 1]: no clipping; samples are decoded into images
+            clip_x0 = False
+            decoder = self.latent_space().to(device or "cpu").decode
         return Denoiser(net, schedule, objective=objective, variance=variance, clip_x0=clip_x0,
-                        guidance=guidance, null_cond=self.null_class, gamma=gamma)
+                        guidance=guidance, null_cond=self.null_class, gamma=gamma, decoder=decoder)

@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
+from ddpmkit.images import from_uint8
 from PIL import Image
 
 from ddpmkit.data import Batcher, DataWarning, ImageData, load_dataset
@@ -650,13 +652,30 @@ def test_batcher_shape_dtype_range():
     assert next(iter(b)).shape == (32, 1, 16, 16)
 
 
+def test_a_float_batcher_serves_its_values_as_they_are_and_flips_from_the_mirrored_tensor():
+    """Latents: a float tensor is not scaled as uint8 pixels are, and a flipped sample is the mirrored tensor's row
+    (the latent of the mirror image), in the same order and with the same flips as a uint8 Batcher of the same seed."""
+    x, _ = _ids()
+    u8 = Batcher(x, 8, flip=True, seed=3)
+    fl = Batcher(from_uint8(x), 8, flip=True, seed=3, mirrored=from_uint8(x.flip(3)))
+    for _ in range(5):
+        assert torch.equal(u8.next_batch(), fl.next_batch())
+    marked = torch.arange(x.shape[0], dtype=torch.float32).view(-1, 1, 1, 1).expand(x.shape).contiguous()
+    b = Batcher(marked, x.shape[0], flip=True, seed=0, mirrored=-marked)
+    idx, flips = Batcher(marked, x.shape[0], flip=True, seed=0).next_indices()
+    expected = torch.where(flips.view(-1, 1, 1, 1), -marked[idx], marked[idx])
+    assert torch.equal(b.next_batch(), expected) and flips.any() and not flips.all()
+
+
 def test_batcher_bad_arguments():
     x, _ = _ids()
     for bad in (0, -3, 2.5, True):
         with pytest.raises(ConfigError):
             Batcher(x, bad)
     with pytest.raises(DataError):
-        Batcher(x.float(), 4)
+        Batcher(x.int(), 4)
+    with pytest.raises(DataError, match="mirrored"):
+        Batcher(x.float(), 4, mirrored=x.float()[:-1])
     with pytest.raises(ConfigError, match="no labels"):
         Batcher(x, 4).next_batch(return_labels=True)
     with pytest.raises(ConfigError, match="divisible"):

@@ -171,7 +171,7 @@ def test_evaluate_fid_with_the_stand_in(tmp_path, standin):
     with pytest.raises(DdpmkitError, match="features"):
         fid.evaluate_fid(run, **{**kw, "features": "vgg"})
     rgb = tiny_run(tmp_path, "rgb", channels=3, steps=1, num_groups=4)
-    with pytest.raises(DdpmkitError, match="16x16"):  # the judge reads grey 16x16 (or native 8x8) digits
+    with pytest.raises(DdpmkitError, match="1xSxS"):  # the judge reads grey square digits (resized to 16x16)
         fid.evaluate_fid(rgb, **{**kw, "features": "digits", "judge_epochs": 1})
 
 

@@ -20,12 +20,23 @@ def add_parser(sub) -> None:
 
 def add_train_flags(p: argparse.ArgumentParser) -> None:
     """--preset, one flag per TrainConfig field, --out, --resume and --quiet."""
-    from ..train.config import PRESETS, TrainConfig, describe_default, flag, settings
+    from ..train.config import PRESETS, TrainConfig, describe_default
 
     preset = TrainConfig.__dataclass_fields__["preset"]
     p.add_argument("--preset", default=preset.default, choices=list(PRESETS),
                    help=f"{preset.metadata['help']} (default: {preset.default})")
-    for f, kind in settings():  # one flag per TrainConfig field, its help and default from the field
+    add_settings_flags(p, TrainConfig, describe_default)
+    p.add_argument("--out", default=None, metavar="DIR", help="run directory (default: runs/<preset>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (for logs)")
+
+
+def add_settings_flags(p: argparse.ArgumentParser, cls, describe_default) -> None:
+    """One flag per field of settings class ``cls`` (train/settings.py), its help and default from the field;
+    ``describe_default(name)`` writes the default. Every flag defaults to None: a given flag overrides."""
+    from ..train.settings import flag, settings
+
+    for f, kind in settings(cls):
         kw = dict(default=None, help=f"{f.metadata['help']} ({describe_default(f.name)})")
         if kind is bool:
             p.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, **kw)
@@ -33,9 +44,6 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
             p.add_argument(flag(f.name), type=int_tuple, metavar="N,N", **kw)
         else:
             p.add_argument(flag(f.name), type=kind, metavar=f.metadata.get("metavar"), **kw)
-    p.add_argument("--out", default=None, metavar="DIR", help="run directory (default: runs/<preset>)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
-    p.add_argument("--quiet", action="store_true", help="no progress bar (for logs)")
 
 
 def run(args) -> int:
@@ -54,16 +62,22 @@ def run(args) -> int:
     elif main_rank:
         print(f"training {out} on {trainer.device} ({trainer.model.num_parameters():,} parameters, "
               f"{trainer.num_images:,} images), from step {trainer.step} to {cfg.steps}", file=sys.stderr)
-    res = trainer.run()
+    return finish(trainer, trainer.run(), out, "train")
+
+
+def finish(loop, res: dict, out: Path, command: str) -> int:
+    """Print where a training run stopped (rank 0) and return the exit status: 0, or 128 + the signal that
+    stopped it (130 for SIGINT, 143 for SIGTERM, as the shell does). ``command``: what resumes it."""
+    main_rank = loop.dist.is_main
     if res["stop"] == "signal":  # a first SIGINT/SIGTERM: the step finished and a checkpoint was written
         import shlex
         import signal
 
         if main_rank:
-            how = "torchrun ... -m ddpmkit" if trainer.dist.enabled else "ddpmkit"
+            how = "torchrun ... -m ddpmkit" if loop.dist.enabled else "ddpmkit"
             print(f"ddpmkit: stopped by {res['signal']} at step {res['step']}; checkpoint {res['checkpoint']}; "
-                  f"resume with: {how} train --out {shlex.quote(str(out))} --resume", file=sys.stderr)
-        return 128 + int(signal.Signals[res["signal"]])  # 130 for SIGINT, 143 for SIGTERM, as the shell does
+                  f"resume with: {how} {command} --out {shlex.quote(str(out))} --resume", file=sys.stderr)
+        return 128 + int(signal.Signals[res["signal"]])
     if not main_rank:
         return 0
     how = "time limit reached" if res["stop"] == "time_limit" else "done"

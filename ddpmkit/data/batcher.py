@@ -30,19 +30,27 @@ class Batcher:
 
     Given an ``ImageData``, its labels and class names come along (``labels=`` overrides the labels).
     ``next_batch(return_labels=True)`` gives ``(x, y)``: y int64 [B], gathered with x's indices.
+
+    A float tensor in place of the uint8 images (a latent run's latents) is served as it is, not scaled; a flipped
+    sample then comes from ``mirrored`` (the latents of the mirror images: a latent's own mirror image is not one),
+    when given.
     """
 
     def __init__(self, images_uint8, batch_size: int, *, device="cpu", flip: bool = True, seed: int = 0,
-                 labels: torch.Tensor | None = None):
+                 labels: torch.Tensor | None = None, mirrored: torch.Tensor | None = None):
         class_names = None
         if isinstance(images_uint8, ImageData):
             if labels is None:
                 labels, class_names = images_uint8.labels, images_uint8.class_names
             images_uint8 = images_uint8.images
-        if not torch.is_tensor(images_uint8) or images_uint8.dtype != torch.uint8 or images_uint8.dim() != 4:
+        if (not torch.is_tensor(images_uint8) or images_uint8.dim() != 4
+                or not (images_uint8.dtype == torch.uint8 or images_uint8.is_floating_point())):
             desc = (f"{images_uint8.dtype} {tuple(images_uint8.shape)}" if torch.is_tensor(images_uint8)
                     else type(images_uint8).__name__)
-            raise DataError(f"Batcher needs a uint8 tensor [N, C, H, W], got {desc}")
+            raise DataError(f"Batcher needs a uint8 (or float) tensor [N, C, H, W], got {desc}")
+        if mirrored is not None and (not torch.is_tensor(mirrored) or mirrored.shape != images_uint8.shape
+                                     or mirrored.dtype != images_uint8.dtype):
+            raise DataError("Batcher's mirrored tensor must match the images in shape and dtype")
         n = int(images_uint8.shape[0])
         if n == 0:
             raise DataError("Batcher got no images")
@@ -62,6 +70,7 @@ class Batcher:
                 raise DataError(f"the dataset needs {nbytes / 2**30:.2f} GiB on {self.device} but only "
                                 f"{free / 2**30:.2f} GiB is free there; use a smaller image_size or fewer images")
         self.images = images_uint8.to(self.device).contiguous()
+        self.mirrored = None if mirrored is None else mirrored.to(self.device).contiguous()
         self.labels = None if labels is None else labels.to(device=self.device, dtype=torch.int64)
         self.class_names: tuple[str, ...] | None = class_names
         self.batch_size = batch_size
@@ -129,8 +138,9 @@ class Batcher:
         idx, flip = self.next_indices(rank=rank, world_size=world_size)
         x = self.images.index_select(0, idx)
         if self.flip:
-            x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
-        x = from_uint8(x)
+            other = x.flip(3) if self.mirrored is None else self.mirrored.index_select(0, idx)
+            x = torch.where(flip.view(-1, 1, 1, 1), other, x)
+        x = from_uint8(x) if x.dtype == torch.uint8 else x.float()
         if return_labels:
             return x, self.labels.index_select(0, idx)
         return x

@@ -64,7 +64,7 @@ class Denoiser:
     def __init__(self, net: Callable, schedule: NoiseSchedule, objective: str = "eps", variance: str = "small",
                  clip_x0: bool = True, *, cond=None, timestep_map: torch.Tensor | None = None,
                  guidance: float | None = None, null_cond=None, guidance_space: str = "eps",
-                 gamma: torch.Tensor | None = None, clip_sigma: bool = True):
+                 gamma: torch.Tensor | None = None, clip_sigma: bool = True, decoder: Callable | None = None):
         check_objective(objective)
         if variance not in VARIANCES:
             raise ValueError(f"unknown variance {variance!r}: choose one of {', '.join(VARIANCES)}")
@@ -88,6 +88,8 @@ class Denoiser:
         # the last noisy step for sampling (off for the bound, see ddpmkit.metrics.nll)
         self.gamma = None if gamma is None else torch.as_tensor(gamma, dtype=torch.float64).cpu()
         self.clip_sigma = bool(clip_sigma)
+        # what turns a finished sample into an image: a latent run's decoder (ddpmkit.latent); None: the identity
+        self.decoder = decoder
         self._gamma_steps = None  # analytic: Gamma at each step of this schedule (float64, CPU); see _fixed_log_var
         self._log_var = self._fixed_log_var()
 
@@ -108,6 +110,10 @@ class Denoiser:
         if self.clip_sigma and self.schedule.T > 1:  # official sampler: clip_sigma_idx = 1, clip_pixel = 2
             log_var[1] = min(float(log_var[1]), math.log(sampling_sigma2_max()))
         return log_var.float().to(self.schedule.device)
+
+    def to_pixels(self, x: torch.Tensor) -> torch.Tensor:
+        """Finished samples (or x0 predictions) as images: decoded by a latent run's decoder, else as they are."""
+        return x if self.decoder is None else self.decoder(x)
 
     # ------------------------------------------------------------------ the network
     @property
@@ -272,7 +278,7 @@ class Denoiser:
         kw = dict(net=self.net, schedule=self.schedule, objective=self.objective, variance=self.variance,
                   clip_x0=self.clip_x0, cond=self.cond, timestep_map=self.timestep_map, guidance=self.guidance,
                   null_cond=self.null_cond, guidance_space=self.guidance_space, gamma=self.gamma,
-                  clip_sigma=self.clip_sigma)
+                  clip_sigma=self.clip_sigma, decoder=self.decoder)
         kw.update(changes)
         return Denoiser(**kw)
 

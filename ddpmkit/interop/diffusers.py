@@ -1,10 +1,13 @@
 """Interop with the diffusers file format: read a ``UNet2DModel`` and its scheduler into a ddpmkit run, and
 write a run back out as a diffusers ``DDPMPipeline`` folder (a class-conditional run: a folder with its own
-``pipeline.py``, see :func:`export_diffusers`).
+``pipeline.py``, see :func:`export_diffusers`). An ``AutoencoderKL`` (a folder of its own, or the ``vae/`` of a
+pipeline such as Stable Diffusion's) becomes an autoencoder run, and an autoencoder run exports as an
+``AutoencoderKL`` folder.
 
 This module reads and writes files only (JSON, safetensors, and pickled ``.bin`` weights through
 ``torch.load(weights_only=True)``); it never imports diffusers. Downloading a hub id needs ``huggingface_hub``.
-The translation of configs and weight names between the two U-Nets is :mod:`.diffusers_convert`'s.
+The translation of configs and weight names between the two U-Nets is :mod:`.diffusers_convert`'s, between the
+two autoencoders :mod:`.diffusers_vae`'s.
 
 A class-conditional run exports with ``num_class_embeds`` = its classes + 1 (the null class last), and its class
 names and null label go into ``unet/class_names.json`` beside the config, which an import reads back. A diffusers
@@ -21,6 +24,7 @@ import torch
 
 from .. import __version__
 from ..errors import CheckpointError, ConfigError
+from ..models.autoencoder import AutoencoderKL
 from ..files import atomic_write_json, atomic_write_text, read_json_object
 from ..models.unet import UNet
 from ..run import Run
@@ -28,9 +32,13 @@ from ..store import (atomic_save_safetensors, check_state_matches, load_safetens
                      save_checkpoint, write_config)
 from .diffusers_convert import (diffusers_config_from_unet, diffusion_from_scheduler, scheduler_from_diffusion,
                                 state_from_diffusers, state_to_diffusers, unet_config_from_diffusers)
+from .diffusers_vae import (LATENT_KEYS, autoencoder_config_from_diffusers, diffusers_config_from_autoencoder,
+                            state_from_diffusers_vae, state_to_diffusers_vae)
 
 __all__ = ["import_diffusers", "export_diffusers", "unet_config_from_diffusers", "diffusers_config_from_unet",
-           "state_from_diffusers", "state_to_diffusers", "diffusion_from_scheduler", "scheduler_from_diffusion"]
+           "state_from_diffusers", "state_to_diffusers", "diffusion_from_scheduler", "scheduler_from_diffusion",
+           "autoencoder_config_from_diffusers", "diffusers_config_from_autoencoder", "state_from_diffusers_vae",
+           "state_to_diffusers_vae"]
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 SCHEDULER_FILE = "scheduler_config.json"
@@ -115,13 +123,37 @@ def _read_classes(model_dir: Path, cfg: Mapping) -> dict | None:
     return {"names": names, "null": null}
 
 
+def _class_name(config_path: Path) -> str | None:
+    """The ``_class_name`` of a diffusers config.json (None when the file is absent or names none)."""
+    if not config_path.is_file():
+        return None
+    name = read_json_object(config_path, error=CheckpointError).get("_class_name")
+    return name if isinstance(name, str) else None
+
+
+def _find_vae_dir(root: Path) -> Path | None:
+    """The folder of an AutoencoderKL to import: ``root`` itself, or the ``vae/`` of a pipeline whose ``unet/``
+    holds no UNet2DModel (e.g. Stable Diffusion's); None when SOURCE is something else."""
+    if _class_name(root / "config.json") == VAE_CLASS:
+        return root
+    if (not (root / "config.json").is_file() and _class_name(root / "vae" / "config.json") == VAE_CLASS
+            and _class_name(root / "unet" / "config.json") != "UNet2DModel"):
+        return root / "vae"
+    return None
+
+
 def import_diffusers(source: str, out_dir, *, log=print) -> Path:
-    """Convert a diffusers ``UNet2DModel`` (and its scheduler config) into a new ddpmkit run directory.
+    """Convert a diffusers ``UNet2DModel`` (and its scheduler config) into a new ddpmkit run directory, or a
+    diffusers ``AutoencoderKL`` (its own folder, or the ``vae/`` of a pipeline without a UNet2DModel, such as Stable
+    Diffusion's) into a new autoencoder run (config.json's ``"kind": "autoencoder"``).
 
     Everything is read and converted in memory first; the run directory is written only when the weights load
-    strictly into the U-Net that the config describes. ``out_dir`` must not exist or be empty.
+    strictly into the network that the config describes. ``out_dir`` must not exist or be empty.
     """
     root = resolve_source(source)
+    vae_dir = _find_vae_dir(root)
+    if vae_dir is not None:
+        return _import_vae(source, vae_dir, out_dir, log=log)
     model_dir = _find_model_dir(root)
     dcfg = read_json_object(model_dir / "config.json", error=CheckpointError)
     cfg = unet_config_from_diffusers(dcfg)
@@ -160,6 +192,78 @@ def import_diffusers(source: str, out_dir, *, log=print) -> Path:
     return run
 
 
+VAE_CLASS = "AutoencoderKL"
+
+
+def _import_vae(source: str, vae_dir: Path, out_dir, *, log=print) -> Path:
+    """An autoencoder run from the diffusers AutoencoderKL in ``vae_dir``: config.json (``"kind": "autoencoder"``,
+    the network in ``model``, the latent statistics in ``latent``) and the weights as checkpoint step 0."""
+    dcfg = read_json_object(vae_dir / "config.json", error=CheckpointError)
+    cfg, latent = autoencoder_config_from_diffusers(dcfg)
+    if not any((vae_dir / w).is_file() for w in WEIGHT_FILES):
+        raise CheckpointError(f"{vae_dir} holds an AutoencoderKL config but no weights: expected "
+                              f"{' or '.join(WEIGHT_FILES)} beside it")
+    state = state_from_diffusers_vae(_load_weights(vae_dir), cfg)
+    model = AutoencoderKL.from_config(cfg)
+    check_state_matches(state, model.state_dict(), f"the weights in {vae_dir}")
+    model.load_state_dict(state, strict=True)
+    size, f, z = cfg["image_size"], model.factor, cfg["latent_channels"]
+    shape = (f"{size}x{size} images to {z}x{size // f}x{size // f} latents" if size and size % f == 0 else
+             f"{z}-channel latents")
+    scale = latent["scaling_factor"]
+    line = (f"imported {source}: a {model.num_parameters():,}-parameter KL autoencoder (f={f}, {shape}), "
+            + (f"latent scaling factor {scale:g}" if scale is not None else "no latent scaling factor"))
+
+    run = prepare_run_dir(out_dir, resume=False)
+    save_checkpoint(run, 0, model_state=model.state_dict(), keep=None)
+    config = {
+        "format": "ddpmkit-run",
+        "version": 1,
+        "ddpmkit_version": __version__,
+        "kind": "autoencoder",
+        "model": cfg,
+        "latent": latent,
+        "data": {"source": None, "image_size": cfg["image_size"], "channels": cfg["in_channels"]},
+        "imported_from": {"source": str(source), "format": "diffusers", "vae_config": dict(dcfg)},
+    }
+    write_config(run, config)  # last: a folder without config.json is not taken for a run
+    log(line)
+    return run
+
+
+def _export_vae(run: Run, run_dir, out: Path, *, ema: bool, log=print) -> Path:
+    """An autoencoder run as a diffusers AutoencoderKL folder: config.json and its safetensors weights."""
+    model = run.load_model(ema=ema)
+    latent = run.config.get("latent")
+    if latent is not None and type(latent) is not dict:
+        raise CheckpointError(f"{run.config_path}: the 'latent' section must be a JSON object")
+    latent = {k: v for k, v in (latent or {}).items() if k in LATENT_KEYS}
+    try:
+        dcfg = diffusers_config_from_autoencoder(model.config, latent)
+    except ConfigError as e:
+        raise CheckpointError(f"{run.config_path}: {e}") from None
+    state = state_to_diffusers_vae(model.state_dict(), model.config)
+    _make_out_dir(out)
+    atomic_save_safetensors(state, out / WEIGHT_FILES[0], metadata={"format": "pt"})
+    atomic_write_json(out / "config.json", dcfg, error=CheckpointError)
+    note = ("" if latent.get("scaling_factor") is not None else
+            "; its scaling_factor is 1.0: the latent scale of a ddpmkit autoencoder lives in the latent diffusion "
+            "run trained on it")
+    log(f"exported {run_dir} to {out}: AutoencoderKL.from_pretrained({str(out)!r}) loads it{note}")
+    return out
+
+
+def _make_out_dir(out: Path, *subdirs: str) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise CheckpointError(f"{out} already exists and is not an empty directory; choose another --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for d in subdirs:
+            (out / d).mkdir(exist_ok=True)
+    except OSError as e:
+        raise CheckpointError(f"cannot create {out}: {e.strerror or e}") from e
+
+
 PIPELINE_FILE = "pipeline.py"  # a class-conditional export's pipeline: diffusers_pipeline.py, copied
 PIPELINE_CLASS = "ClassConditionalDDPMPipeline"
 
@@ -172,8 +276,14 @@ def export_diffusers(run_dir, out_dir, *, ema: bool = True, log=print) -> Path:
     no labels), also gets ``pipeline.py`` (a copy of :mod:`ddpmkit.interop.diffusers_pipeline`), named in
     ``model_index.json`` with its null class: ``DiffusionPipeline.from_pretrained(out_dir, trust_remote_code=True)``
     loads it, and ``pipe(class_labels=[...], guidance=w)`` samples with classifier-free guidance.
+
+    An autoencoder run (config.json's ``"kind": "autoencoder"``) is written as a diffusers ``AutoencoderKL``
+    folder instead: ``config.json`` (with the run's ``latent`` statistics) and its safetensors weights, which
+    ``AutoencoderKL.from_pretrained(out_dir)`` loads.
     """
     run = Run.open(run_dir)
+    if run.kind == "autoencoder":
+        return _export_vae(run, run_dir, Path(out_dir), ema=ema, log=log)
     model = run.load_model(ema=ema)
     diffusion = run.diffusion_config
     dcfg = diffusers_config_from_unet(model.config)
@@ -181,13 +291,7 @@ def export_diffusers(run_dir, out_dir, *, ema: bool = True, log=print) -> Path:
     state = state_to_diffusers(model.state_dict(), model.config)
 
     out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise CheckpointError(f"{out} already exists and is not an empty directory; choose another --out")
-    try:
-        (out / "unet").mkdir(parents=True, exist_ok=True)
-        (out / "scheduler").mkdir(exist_ok=True)
-    except OSError as e:
-        raise CheckpointError(f"cannot create {out}: {e.strerror or e}") from e
+    _make_out_dir(out, "unet", "scheduler")
     atomic_save_safetensors(state, out / "unet" / WEIGHT_FILES[0], metadata={"format": "pt"})
     atomic_write_json(out / "unet" / "config.json", dcfg, error=CheckpointError)
     if run.class_cond and run.null_class is not None:  # names and null label, for a round trip

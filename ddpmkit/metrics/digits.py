@@ -187,9 +187,11 @@ NATIVE_SIZE = 8  # the scikit-learn digits' own side: such images are brought to
 
 
 def to_classifier_size(x: torch.Tensor) -> torch.Tensor:
-    """uint8 [N, 1, 8, 8] (a model trained on the native digits) -> [N, 1, 16, 16], resized exactly as the data
-    source makes the 16x16 digits the classifier was trained on (bicubic on uint8); other sizes unchanged."""
-    if x.dtype == torch.uint8 and x.dim() == 4 and tuple(x.shape[1:]) == (1, NATIVE_SIZE, NATIVE_SIZE):
+    """uint8 [N, 1, S, S] of another side than 16 (8: a model trained on the native digits; 32: a latent run's
+    digits) -> [N, 1, 16, 16], resized as the data source resizes the digits (bicubic on uint8: for 8x8 exactly how
+    the classifier's 16x16 training digits were made); other shapes unchanged."""
+    if (x.dtype == torch.uint8 and x.dim() == 4 and x.shape[1] == 1 and x.shape[2] == x.shape[3]
+            and x.shape[2] != IMAGE_SIZE and x.shape[2] >= NATIVE_SIZE):
         from ..data.common import _resize_uint8
 
         return _resize_uint8(x, IMAGE_SIZE)
@@ -199,7 +201,7 @@ def to_classifier_size(x: torch.Tensor) -> torch.Tensor:
 def _check_images(images) -> torch.Tensor:
     x = to_classifier_size(torch.as_tensor(images))
     if x.dtype != torch.uint8 or x.dim() != 4 or tuple(x.shape[1:]) != (1, IMAGE_SIZE, IMAGE_SIZE):
-        raise DigitsError(f"the digits classifier reads uint8 [N, 1, {IMAGE_SIZE}, {IMAGE_SIZE}] (or 8x8) images, "
+        raise DigitsError(f"the digits classifier reads uint8 [N, 1, S, S] images (S >= 8, resized to 16), "
                           f"got {x.dtype} {tuple(x.shape)}")
     return x
 

@@ -172,7 +172,7 @@ def _sample_batches(run, opt, *, n: int, batch_size: int, seed: int, device, sha
     from ..request import Request
     from ..samplers.batches import sample_batches
 
-    chw = run.image_shape
+    chw = run.pixel_shape  # of the images scored (a latent run's decoded samples)
     if shape_check is not None:
         shape_check(chw)
     # a class-conditional run: the classes asked for (or every class) in turn, guided
@@ -181,7 +181,7 @@ def _sample_batches(run, opt, *, n: int, batch_size: int, seed: int, device, sha
     denoiser = req.denoiser(device)
 
     def gen():
-        for _, x in sample_batches(denoiser, n=n, shape=chw, sampler=plan, seed=seed, batch_size=batch_size,
+        for _, x in sample_batches(denoiser, n=n, shape=run.image_shape, sampler=plan, seed=seed, batch_size=batch_size,
                                    log=lambda m: print(m, file=sys.stderr), labels=cond.labels):
             yield to_uint8(x.cpu())
 
@@ -246,9 +246,9 @@ def evaluate_fid(run_dir, *, n: int = 50000, reference: str | None = None, data_
     shape_check = None
     if features == "digits":
         def shape_check(chw):
-            sides = (digits.IMAGE_SIZE, digits.NATIVE_SIZE)  # 8x8 samples are brought to 16x16 (digits.py)
-            if tuple(chw) not in [(1, k, k) for k in sides]:
-                raise ConfigError(f"--features digits reads 1x16x16 (or 1x8x8) images; this run makes "
+            # other sides are brought to 16x16 (digits.to_classifier_size)
+            if not (chw[0] == 1 and chw[1] == chw[2] >= digits.NATIVE_SIZE):
+                raise ConfigError(f"--features digits reads 1xSxS images (S >= 8); this run makes "
                                   f"{chw[0]}x{chw[1]}x{chw[2]}")
 
     # the sampler (and its model) first: a bad run or flag fails before any network is loaded or trained

@@ -140,7 +140,7 @@ def evaluate_memorization(run_dir, *, n: int = 500, sampler: str = "ddim", steps
     run = run_dir if isinstance(run_dir, Run) else Run.open(run_dir)  # an opened Run is used as it is
     cfg = run.config.get("train", {})
     t0 = time.perf_counter()
-    c, h, w = run.image_shape
+    c, h, w = run.pixel_shape  # a latent run's samples are compared with the images, decoded
     data = load_dataset(cfg.get("data", "digits"), image_size=h, channels=c, data_dir=cfg.get("data_dir"),
                         split="train", progress=False)
     train = data.images

@@ -23,6 +23,8 @@ def sample_batches(denoiser, *, n: int, shape: Sequence[int], sampler: str | Sam
                    start: int = 0, options: dict | None = None, on_first_batch: Callable | None = None,
                    log: Callable = print, labels: torch.Tensor | None = None) -> Iterator[tuple[int, torch.Tensor]]:
     """Yield ``(index, x)`` for samples ``start .. start + n - 1``: x is float [b, C, H, W] in [-1, 1], index its first.
+    ``shape`` is that of the samples the denoiser makes; a latent run's (a Denoiser with a decoder) come out decoded,
+    as images.
 
     ``sampler`` is a :class:`SamplingPlan` or a sampler's name (planned here once, with ``steps``, ``spacing`` and
     ``options``); every batch runs the same plan.
@@ -59,5 +61,5 @@ def sample_batches(denoiser, *, n: int, shape: Sequence[int], sampler: str | Sam
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             continue
-        yield start + done, x
+        yield start + done, denoiser.to_pixels(x)  # a latent run's samples decoded into images
         done += b

@@ -24,11 +24,16 @@ class MetricsFileError(DdpmkitError, ValueError):
 class MetricsLog:
     """metrics.csv of a run, appended row by row; a resume first drops the rows past the checkpoint."""
 
-    COLUMNS = (["step", "loss", "lr", "grad_norm", "img_per_s", "wall_s"] + [f"loss_t{i}" for i in range(NUM_BUCKETS)]
-               + ["fd", "fd_stderr"])  # --eval-every's Frechet distance and its standard error, on its steps' rows
+    # the loop's columns; then the task's own (the diffusion task's: the loss in ten timestep buckets); then
+    # --eval-every's Frechet distance and its standard error, on its steps' rows
+    LOOP_COLUMNS = ["step", "loss", "lr", "grad_norm", "img_per_s", "wall_s"]
+    DIFFUSION_COLUMNS = [f"loss_t{i}" for i in range(NUM_BUCKETS)]
+    QUALITY_COLUMNS = ["fd", "fd_stderr"]
+    COLUMNS = LOOP_COLUMNS + DIFFUSION_COLUMNS + QUALITY_COLUMNS  # a diffusion run's
 
-    def __init__(self, path: Path, resume_step: int | None = None):
+    def __init__(self, path: Path, resume_step: int | None = None, task_columns: list[str] | None = None):
         self.path = path
+        columns = self.COLUMNS if task_columns is None else self.LOOP_COLUMNS + task_columns + self.QUALITY_COLUMNS
         if resume_step is not None and path.exists():
             with open(path, newline="") as f:
                 rows = list(csv.reader(f))
@@ -36,9 +41,9 @@ class MetricsLog:
             if keep:
                 atomic_write_text(path, "".join(",".join(r) + "\n" for r in keep))
         if not path.exists():
-            atomic_write_text(path, ",".join(self.COLUMNS) + "\n")
+            atomic_write_text(path, ",".join(columns) + "\n")
         with open(path, newline="") as f:  # a run started by an older version keeps its file's columns
-            self.columns = next(csv.reader(f), None) or self.COLUMNS
+            self.columns = next(csv.reader(f), None) or columns
 
     def append(self, row: dict) -> None:
         line = ",".join(_fmt(row.get(c)) for c in self.columns) + "\n"

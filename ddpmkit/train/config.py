@@ -13,16 +13,16 @@ The defaults are the ``digits`` preset. The U-Net's numbers are not written here
 from __future__ import annotations
 
 import dataclasses
-import math
-import typing
 from dataclasses import dataclass, field
 
 from .. import __version__
 from ..diffusion import OBJECTIVES, VARIANCES, NoiseSchedule
-from ..errors import CheckpointError, ConfigError
-from ..limits import (MAX_BATCH, MAX_CHANNELS, MAX_GRID, MAX_IMAGE_SIZE, MAX_T, check_float, check_int,
-                      check_model_config)
+from ..errors import ConfigError
+from ..limits import MAX_GRID, MAX_T, check_float, check_int, check_model_config
 from ..models.unet import UNET_PRESETS
+from .settings import (DataSettings, LoopSettings, default_of, flag, locked_settings, positive_int, setting,
+                       settings_from_json, show_value)
+from .settings import settings as settings_of
 
 __all__ = ["TrainConfig", "PRESETS", "config_from_preset", "flag", "settings", "preset_value", "show_value",
            "settings_table", "resume_locked", "changed_settings", "train_arguments"]
@@ -30,37 +30,20 @@ __all__ = ["TrainConfig", "PRESETS", "config_from_preset", "flag", "settings", "
 _NET = UNET_PRESETS["digits"]  # the default architecture
 
 
-def setting(default, help: str, *, locked: bool = False, unet: str | None = None, metavar: str | None = None):
-    """A :class:`TrainConfig` field.
-
-    help: the one-line meaning (the CLI's help and docs/training.md's table); locked: a resumed run may not change it
-    (it would be a different run); unet: the U-Net constructor argument it sets; metavar: the CLI's value name.
-    """
-    meta = {"help": help, "locked": locked}
-    if unet:
-        meta["unet"] = unet
-    if metavar:
-        meta["metavar"] = metavar
-    return field(default=default, metadata=meta)
-
-
 @dataclass
-class TrainConfig:
-    """Every setting of a training run. ``config.json`` of a run holds all of it."""
+class TrainConfig(DataSettings, LoopSettings):
+    """Every setting of a diffusion training run: the data's and the loop's (:mod:`.settings`) and the diffusion
+    model's. ``config.json`` of a run holds all of it."""
 
     preset: str = field(default="digits", metadata={"help": "starting configuration; every other setting "
                                                              "overrides it"})
-    # data
-    data: str = setting("digits", "data source: digits, cifar10, folder:PATH or a path to a folder of images",
-                        locked=True)
-    data_dir: str | None = setting(None, "folder that holds (or receives, with --download) cifar-10-batches-py "
-                                         "or its archive", metavar="DIR")
-    download: bool = setting(False, "download CIFAR-10 when it is absent")
-    image_size: int = setting(_NET["image_size"], "image side in pixels", locked=True, unet="image_size")
-    channels: int = setting(_NET["in_channels"], "image channels: 1 (grayscale) or 3 (RGB)", locked=True,
-                            unet="in_channels")
-    flip: bool = setting(False, "random horizontal flips", locked=True)
-    strict: bool = setting(False, "fail on a corrupt image instead of skipping it")
+    # data (the rest in DataSettings)
+    image_size: int = default_of(DataSettings, "image_size", _NET["image_size"])
+    channels: int = default_of(DataSettings, "channels", _NET["in_channels"])
+    autoencoder: str | None = setting(None, "latent diffusion: train in the latent space of this autoencoder run "
+                                            "(`ddpmkit autoencoder train`, or an imported diffusers VAE); the "
+                                            "U-Net's settings then describe the latent grid", locked=True,
+                                      metavar="RUN")
     class_cond: bool = setting(False, "class-conditional: the network takes the data's class labels (digits, "
                                       "CIFAR-10, a folder of class subfolders), for --class and --guidance when "
                                       "sampling", locked=True)
@@ -99,74 +82,50 @@ class TrainConfig:
                                      "large (beta, the official CIFAR-10 fixedlarge), learned (with --learn-sigma) "
                                      "or analytic (Analytic-DPM, after `eval variance`); sampling and the bound "
                                      "default to it")
-    # optimisation
-    steps: int = setting(5000, "training steps")
-    time_limit: float | None = setting(None, "stop after this many seconds of training (the run can be resumed)",
-                                       metavar="SECONDS")
-    batch_size: int = setting(128, "images per optimizer step: the global batch, over all processes and "
-                                  "micro-batches", locked=True)
-    grad_accum: int = setting(1, "split each process's share of the batch into this many micro-batches, one "
-                                 "forward and backward each, before one optimizer step: less memory, the same "
-                                 "result")
-    lr: float = setting(2e-3, "Adam learning rate")
-    warmup: int = setting(100, "linear learning-rate warm-up, in steps")
-    lr_decay: str = setting("cosine", "learning-rate decay after the warm-up: none, or cosine (to 0 at --steps, or at "
-                                    "--time-limit when that comes first)")
-    grad_clip: float = setting(1.0, "clip the gradient norm to this (0: no clipping)")
-    adam_beta1: float = setting(0.9, "Adam beta1")
-    adam_beta2: float = setting(0.999, "Adam beta2")
-    weight_decay: float = setting(0.0, "Adam weight decay")
-    ema_decay: float = setting(0.999, "EMA decay of the weights")
-    ema_warmup: bool = setting(True, "warm the EMA decay up as min(decay, (1+n)/(10+n))")
-    # bookkeeping
-    seed: int = setting(0, "random seed of the run", locked=True)
-    log_every: int = setting(25, "write a metrics.csv row every N steps")
-    checkpoint_every: int = setting(500, "save a checkpoint every N steps (and at the end)")
-    sample_every: int = setting(1000, "save a sample grid from the EMA weights every N steps (and at the end)")
+    # sample grids and --eval-every (when: LoopSettings' sample_every and eval_every)
     num_samples: int = setting(64, "images in each sample grid")
     sample_sampler: str = setting("ddim", "sampler of the sample grids: any of `ddpmkit sample --help`'s")
     sample_steps: int = setting(50, "steps of that sampler for the sample grids")
-    eval_every: int = setting(0, "every N steps (and at the end) draw --eval-n samples from the EMA weights and log "
-                                 "their Frechet distance to metrics.csv (0: never)")
     eval_n: int = setting(200, "samples of each --eval-every measurement")
     eval_sampler: str = setting("dpmpp-2m", "sampler of the --eval-every samples")
     eval_steps: int = setting(10, "steps of that sampler")
-    keep: int = setting(3, "checkpoints to keep")
-    skip_nonfinite: bool = setting(False, "skip a step whose loss or gradient norm is NaN, inf or above 1e6, "
-                                          "instead of stopping")
-    # hardware
-    device: str = setting("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
-    precision: str = setting("auto", "auto (bf16 autocast on CUDA), fp32 or bf16")
-    compile: bool = setting(False, "torch.compile the model")
 
-    def model_config(self, num_classes: int | None = None) -> dict:
+    def model_config(self, num_classes: int | None = None, latent_shape=None) -> dict:
         """The U-Net's constructor arguments (config.json's ``model`` section).
 
         With ``class_cond``, the class embedding has ``num_classes + 1`` rows: the data's classes and, last, the
         null class of classifier-free guidance (``num_classes`` defaults to 10, enough to check the settings).
+        A latent run's U-Net takes the latents' (C, h, w) ``latent_shape`` instead of the images'.
         """
         cfg = {f.metadata["unet"]: _json_value(getattr(self, f.name))
                for f in dataclasses.fields(self) if "unet" in f.metadata}
-        cfg["out_channels"] = 2 * self.channels if self.learn_sigma else None  # learn_sigma: Improved DDPM's 2C outputs
+        if latent_shape is not None:
+            cfg["in_channels"], cfg["image_size"] = int(latent_shape[0]), int(latent_shape[1])
+        c = cfg["in_channels"]
+        cfg["out_channels"] = 2 * c if self.learn_sigma else None  # learn_sigma: Improved DDPM's 2C outputs
         if self.class_cond:
             cfg["num_class_embeds"] = (10 if num_classes is None else int(num_classes)) + 1
         return cfg
 
-    def to_json(self, class_names=None) -> dict:
+    def to_json(self, class_names=None, latent: dict | None = None) -> dict:
         """The run's config.json: the flat settings plus the sections that loaders read.
 
         A class-conditional run also records its classes: ``classes = {"names": [...], "null": K}``, label k
-        named ``names[k]`` and K the null class's label.
+        named ``names[k]`` and K the null class's label. A latent run records its ``latent`` section
+        (:meth:`ddpmkit.latent.LatentSpace.section`, with the latents' ``shape``): its model is the latents'.
         """
         extra = {}
         if self.class_cond and class_names is not None:
             extra["classes"] = {"names": [str(c) for c in class_names], "null": len(class_names)}
+        if latent is not None:
+            extra["latent"] = latent
         return {
             "format": "ddpmkit-run",
             "version": 1,
             "ddpmkit_version": __version__,
             "train": {k: _json_value(v) for k, v in dataclasses.asdict(self).items()},
-            "model": self.model_config(None if class_names is None else len(class_names)),
+            "model": self.model_config(None if class_names is None else len(class_names),
+                                       None if latent is None else latent["shape"]),
             "diffusion": {"schedule": self.schedule, "T": self.T, "objective": self.objective,
                           "variance": self.variance},
             "data": {"source": self.data, "image_size": self.image_size, "channels": self.channels},
@@ -177,34 +136,17 @@ class TrainConfig:
     def from_json(cls, cfg: dict) -> "TrainConfig":
         """The settings of a config.json; a setting it lacks (written before the setting existed) takes its
         default."""
-        if not isinstance(cfg, dict) or not isinstance(cfg.get("train"), dict):
-            raise CheckpointError("config.json has no 'train' section: not a ddpmkit training run")
-        stored = cfg["train"]
-        d = {}
-        for f in dataclasses.fields(cls):
-            if f.name in stored:
-                v = stored[f.name]
-                d[f.name] = tuple(v) if isinstance(f.default, tuple) and isinstance(v, list) else v
-        return cls(**d)
+        return settings_from_json(cls, cfg)
 
     def validate(self) -> None:
-        def positive_int(name):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ConfigError(f"{flag(name)} must be a positive integer, got {v!r}")
-
-        for name in ["image_size", "channels", "T", "steps", "batch_size", "grad_accum", "log_every",
-                     "checkpoint_every", "sample_every", "keep", "sample_steps"]:
-            positive_int(name)
+        self.validate_data()
+        self.validate_loop()
+        for name in ["T", "sample_steps"]:
+            positive_int(self, name)
         # upper bounds before anything is allocated (ddpmkit/limits.py): a config.json or a flag of 2^40 is one line
-        for name, hi in (("T", MAX_T), ("batch_size", MAX_BATCH), ("channels", MAX_CHANNELS),
-                         ("image_size", MAX_IMAGE_SIZE)):
-            check_int(flag(name), getattr(self, name), 1, hi)
+        check_int(flag("T"), self.T, 1, MAX_T)
         check_int("--num-samples", self.num_samples, 0, MAX_GRID)
-        for name, lo, hi, hi_open in (("grad_clip", 0, 1e12, False), ("adam_beta1", 0, 1, True),
-                                      ("adam_beta2", 0, 1, True), ("weight_decay", 0, 1e6, False),
-                                      ("dropout", 0, 1, True)):
-            check_float(flag(name), getattr(self, name), lo, hi, hi_open=hi_open)
+        check_float(flag("dropout"), self.dropout, 0, 1, hi_open=True)
         if self.variance not in VARIANCES:
             raise ConfigError(f"unknown variance {self.variance!r}: choose {' or '.join(VARIANCES)}")
         if (self.variance == "learned") != bool(self.learn_sigma):
@@ -221,33 +163,20 @@ class TrainConfig:
         if self.timestep_sampler not in TIMESTEP_SAMPLERS:
             raise ConfigError(f"unknown --timestep-sampler {self.timestep_sampler!r}: choose one of "
                               f"{', '.join(TIMESTEP_SAMPLERS)}")
-        if self.warmup < 0:
-            raise ConfigError(f"--warmup must be >= 0, got {self.warmup}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ConfigError(f"--lr must be a positive number, got {self.lr}")
-        if not 0 <= self.ema_decay < 1:
-            raise ConfigError(f"--ema-decay must lie in [0, 1), got {self.ema_decay}")
         if not (isinstance(self.p_uncond, (int, float)) and 0.0 <= self.p_uncond < 1.0):
             raise ConfigError(f"--p-uncond must lie in [0, 1), got {self.p_uncond}")
-        if self.time_limit is not None and not (self.time_limit > 0 and math.isfinite(self.time_limit)):
-            raise ConfigError(f"--time-limit must be a positive number of seconds, got {self.time_limit}")
         from ..diffusion.losses import LOSS_WEIGHTS
 
         if self.loss_weight not in LOSS_WEIGHTS:
             raise ConfigError(f"unknown --loss-weight {self.loss_weight!r}: choose one of {', '.join(LOSS_WEIGHTS)}")
         if check_float("--min-snr-gamma", self.min_snr_gamma, 0, 1e6) <= 0:
             raise ConfigError(f"--min-snr-gamma must be positive, got {self.min_snr_gamma}")
-        if self.lr_decay not in ("none", "cosine"):
-            raise ConfigError(f"unknown --lr-decay {self.lr_decay!r}: choose none or cosine")
-        check_int("--eval-every", self.eval_every, 0, 10**12)
         check_int("--eval-n", self.eval_n, 2, MAX_GRID)
         check_int("--eval-steps", self.eval_steps, 1, self.T)
         if self.schedule not in ("linear", "cosine"):
             raise ConfigError(f"unknown schedule {self.schedule!r}: choose linear or cosine")
         if self.objective not in OBJECTIVES:
             raise ConfigError(f"unknown objective {self.objective!r}: choose one of {', '.join(OBJECTIVES)}")
-        if self.precision not in ("auto", "fp32", "bf16"):
-            raise ConfigError(f"unknown precision {self.precision!r}: choose auto, fp32 or bf16")
         if self.sample_steps > self.T:
             raise ConfigError(f"--sample-steps {self.sample_steps} exceeds T = {self.T}")
         from ..samplers import SAMPLERS, sampler_names
@@ -308,44 +237,18 @@ def config_from_preset(preset: str, **overrides) -> TrainConfig:
 
 def resume_locked() -> tuple[str, ...]:
     """The settings whose change makes a resumed run a different run; everything else may change on resume."""
-    return tuple(f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get("locked"))
+    return locked_settings(TrainConfig)
 
 
 # ------------------------------------------------------------------------------ derived views of the fields
-def flag(name: str) -> str:
-    """The command-line flag of a setting: ``batch_size`` -> ``--batch-size``."""
-    return "--" + name.replace("_", "-")
-
-
 def settings() -> list[tuple[dataclasses.Field, type]]:
-    """Every setting but ``preset``, with the type of its values (``X`` for ``X | None``), in field order."""
-    hints = typing.get_type_hints(TrainConfig)
-    out = []
-    for f in dataclasses.fields(TrainConfig):
-        if f.name == "preset":
-            continue
-        kind = hints[f.name]
-        args = [a for a in typing.get_args(kind) if a is not type(None)]
-        out.append((f, args[0] if args else kind))
-    return out
+    """Every diffusion training setting but ``preset``, with the type of its values (:func:`.settings.settings`)."""
+    return settings_of(TrainConfig)
 
 
 def preset_value(preset: str, name: str):
     """The value of setting ``name`` in ``preset``."""
     return PRESETS[preset].get(name, TrainConfig.__dataclass_fields__[name].default)
-
-
-def show_value(v) -> str:
-    """A setting's value as the CLI help and docs/training.md write it."""
-    if isinstance(v, bool):
-        return "on" if v else "off"
-    if v is None:
-        return "none"
-    if isinstance(v, tuple):
-        return ",".join(map(str, v)) or "none"
-    if isinstance(v, float):
-        return f"{v:g}"
-    return str(v)
 
 
 def changed_settings(cfg: TrainConfig) -> list[str]:

@@ -111,7 +111,8 @@ class TrainingLoop:
         if dctx.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", dctx.local_rank)
         self.autocast_dtype = autocast_dtype(cfg.precision, self.device)
-        self.task = task(cfg, TaskContext(self.device, dctx, self.log, self.quiet))
+        self.task = task(cfg, TaskContext(self.device, dctx, self.log, self.quiet, run_dir=run_dir,
+                                          resume=ckpt is not None))
         self.num_images = self.task.num_images
 
         # The same seed on every rank: identical initial weights. Dropout is reseeded per rank and step (train_step).
@@ -150,10 +151,12 @@ class TrainingLoop:
                 prepare_run_dir(self.run_dir, resume=False)
                 self.run_dir.mkdir(parents=True, exist_ok=True)
                 self._take_lock()
+            self.task.write_files(self.run_dir)
             config = self.task.config_json()
             config["machine"] = describe_machine(self.device, dctx.world_size)  # of this session, after a resume
             write_config(self.run_dir, config)
-            return MetricsLog(self.run_dir / "metrics.csv", resume_step=self.step if ckpt else None)
+            return MetricsLog(self.run_dir / "metrics.csv", resume_step=self.step if ckpt else None,
+                              task_columns=self.task.metrics_columns())
 
         self.metrics = dctx.main_first(prepare)
 
@@ -386,14 +389,15 @@ class TrainingLoop:
         bar = ProgressBar(cfg, self.step, self.quiet)
         window = MetricsWindow(cfg.batch_size, self.device, self.task.meter())
         last_loss, stop_reason, r = float("nan"), "steps", None
-        # --eval-every: the pending values, the last result, its cost
-        quality = {"fd": None, "fd_stderr": None, "last": None, "seconds": 0.0}
+        # --eval-every: the values for the next row, the last result, its cost
+        quality = {"pending": {}, "last": None, "seconds": 0.0}
 
         def flush_window() -> float:
             """Write one metrics.csv row for the steps since the last one; return their mean loss."""
             row = window.row(self.step, r.lr, r.grad_norm, self.wall_offset + time.perf_counter() - self._t0)
-            row.update(fd=quality["fd"], fd_stderr=quality["fd_stderr"])
-            quality["fd"] = quality["fd_stderr"] = None
+            row.update(fd=None, fd_stderr=None)
+            row.update(quality["pending"])
+            quality["pending"] = {}
             if self.metrics is not None:  # rank 0 only
                 self.metrics.append(row)
             shown = {} if quality["last"] is None else {"fd": fd_text(quality["last"])}  # --eval-every's last
@@ -403,7 +407,7 @@ class TrainingLoop:
         def measure_quality() -> None:
             q = self.evaluate()
             if q is not None:
-                quality.update(fd=q["fd"], fd_stderr=q.get("fd_stderr"), last=q,
+                quality.update(pending={k: v for k, v in q.items() if k != "seconds"}, last=q,
                                seconds=quality["seconds"] + q["seconds"])
                 bar.show(fd=fd_text(q))
 

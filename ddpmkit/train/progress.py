@@ -12,7 +12,10 @@ __all__ = ["ProgressBar", "MetricsWindow", "fd_text"]
 
 
 def fd_text(r: dict) -> str:
-    """A quality measurement for the progress bar: ``12.34+-0.56``."""
+    """A quality measurement for the progress bar: ``12.34+-0.56`` (a Frechet distance), or ``31.2dB`` (a PSNR
+    alone)."""
+    if r.get("fd") is None:
+        return f"{r['psnr']:.1f}dB" if r.get("psnr") is not None else "-"
     se = r.get("fd_stderr")
     return f"{r['fd']:.2f}" + ("" if se is None else f"+-{se:.2f}")
 

@@ -40,6 +40,8 @@ class TaskContext:
     dist: Any  # ddpmkit.train.distributed.DistContext
     log: Callable[[str], None]
     quiet: bool = False  # no progress bars (rank > 0, or asked)
+    run_dir: Path | None = None  # the run directory (read only: the loop writes it, through write_files)
+    resume: bool = False  # whether the loop resumes the run in run_dir
 
 
 @dataclass
@@ -111,6 +113,16 @@ class Task(abc.ABC):
         """A new accumulator of the task's metrics columns (None: the loop's columns only)."""
         return None
 
+    def metrics_columns(self) -> list[str] | None:
+        """The task's own columns of metrics.csv, between the loop's and --eval-every's (None: the diffusion
+        task's)."""
+        return None
+
+    def write_files(self, run_dir: Path) -> None:
+        """Write the task's own files into the run directory, before its config.json (rank 0; a new run, or a
+        resumed one: only what is missing). A latent run's copy of its autoencoder goes here."""
+        return None
+
     @abc.abstractmethod
     def config_json(self) -> dict:
         """The run's config.json (the loop adds the ``machine`` section)."""
@@ -132,5 +144,5 @@ class Task(abc.ABC):
 
     def evaluate(self, ema: Callable[[], torch.nn.Module]) -> dict | None:
         """The --eval-every measurement of the EMA weights (``ema()``, as for :meth:`sample_grid`): a dict with
-        ``fd``, ``fd_stderr`` and ``seconds``, or None. Rank 0 only."""
+        ``fd``, ``fd_stderr`` and ``seconds`` (and any of the task's metrics columns), or None. Rank 0 only."""
         return None

@@ -45,9 +45,13 @@ class ChainRecorder:
       last step only).
 
     The last step is always recorded. :meth:`initial` adds the starting noise x_T as a first frame.
+
+    ``decode``, when given, turns what the sampler holds into images before they are kept: a latent run's decoder,
+    so that the GIF shows decoded x_t and decoded x0 predictions.
     """
 
-    def __init__(self, total_steps: int, num_samples: int = 8, num_frames: int = 40):
+    def __init__(self, total_steps: int, num_samples: int = 8, num_frames: int = 40, decode=None):
+        self.decode = decode
         self.total_steps = _check_int("total_steps", total_steps, 1)
         self.num_samples = _check_int("num_samples", num_samples, 1)
         self.num_frames = _check_int("num_frames", num_frames, 1)
@@ -66,7 +70,8 @@ class ChainRecorder:
     def _keep(self, x) -> np.ndarray | None:
         if x is None:
             return None
-        return _as_uint8_nhwc(x[: self.num_samples])  # slice first: only these leave the device
+        x = x[: self.num_samples]  # slice first: only these leave the device (and are decoded)
+        return _as_uint8_nhwc(x if self.decode is None else self.decode(x))
 
     def initial(self, x_T) -> None:
         """Record the starting noise x_T as the first frame (x0 prediction left empty)."""

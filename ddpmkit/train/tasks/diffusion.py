@@ -85,8 +85,20 @@ class DiffusionTask(Task):
         self.null_class = None if self.class_names is None else len(self.class_names)  # the last embedding row
         # Class labels travel with the images only when the network takes them.
         self.class_cond = cfg.class_cond
-        self.batcher = Batcher(data.images, cfg.batch_size, device=device, flip=cfg.flip, seed=cfg.seed,
-                               labels=data.labels if self.class_cond else None)
+        labels = data.labels if self.class_cond else None
+        # a latent run (--autoencoder) diffuses the images' latents, encoded once (and cached); else the images
+        self.latent, self.latent_info = None, None
+        self.shape = (cfg.channels, cfg.image_size, cfg.image_size)  # of what the U-Net denoises
+        if cfg.autoencoder:
+            from ..latent_data import prepare_latents
+
+            self.prepared = prepared = prepare_latents(cfg, data.images, ctx)
+            self.latent, self.latent_info, self.shape = prepared.space, prepared.info, prepared.shape
+            self.batcher = Batcher(prepared.latents, cfg.batch_size, device=device, flip=cfg.flip, seed=cfg.seed,
+                                   labels=labels, mirrored=prepared.mirrored)
+        else:
+            self.batcher = Batcher(data.images, cfg.batch_size, device=device, flip=cfg.flip, seed=cfg.seed,
+                                   labels=labels)
         del data
         self.schedule = NoiseSchedule.from_name(cfg.schedule, cfg.T).to(device)
         self.gen = torch.Generator(device=device)  # timesteps and noise of the training batches
@@ -97,7 +109,8 @@ class DiffusionTask(Task):
 
     # ------------------------------------------------------------------ the networks
     def build(self) -> dict[str, torch.nn.Module]:
-        return {"model": UNet(**self.cfg.model_config(self.null_class)).to(self.ctx.device)}
+        latent_shape = None if self.latent is None else self.shape
+        return {"model": UNet(**self.cfg.model_config(self.null_class, latent_shape)).to(self.ctx.device)}
 
     def optimizers(self, models) -> dict[str, OptimizerSpec]:
         return {"model": OptimizerSpec(models["model"].parameters())}
@@ -144,8 +157,14 @@ class DiffusionTask(Task):
         return TimestepBuckets(self.cfg.T, self.ctx.device)
 
     # ------------------------------------------------------------------ the run's files
+    def write_files(self, run_dir: Path) -> None:
+        if self.latent is not None:  # the run's own copy of its autoencoder (latent_run.py)
+            from ..latent_data import save_autoencoder_copy
+
+            save_autoencoder_copy(run_dir, self.prepared)
+
     def config_json(self) -> dict:
-        return self.cfg.to_json(self.class_names)
+        return self.cfg.to_json(self.class_names, self.latent_info)
 
     def state_dict(self) -> dict:
         state = {"gen": self.gen.get_state(), "batcher": self.batcher.state_dict(), "num_images": self.num_images}
@@ -166,7 +185,11 @@ class DiffusionTask(Task):
         # analytic needs Gamma_t of trained weights (`ddpmkit eval variance` estimates it after training), which a run
         # in training does not have: it draws with beta_tilde, the lower bound of that variance (Analytic-DPM thm. 2)
         variance = "small" if self.cfg.variance == "analytic" else self.cfg.variance
-        return Denoiser(model, self.schedule, self.cfg.objective, variance, clip_x0=True, null_cond=self.null_class)
+        # latents are not bounded by [-1, 1] as pixels are: no clipping of x0_hat there (LDM clips none); the
+        # decoder turns finished samples into images
+        latent = self.latent is not None
+        return Denoiser(model, self.schedule, self.cfg.objective, variance, clip_x0=not latent,
+                        null_cond=self.null_class, decoder=self.latent.decode if latent else None)
 
     def sample_grid(self, ema, path: Path) -> Path | None:
         from ...samplers import sample
@@ -184,8 +207,8 @@ class DiffusionTask(Task):
             n = per * K
             labels = torch.arange(K, device=self.ctx.device).repeat_interleave(per)
             denoiser = denoiser.with_cond(labels).guided(DEFAULT_GUIDANCE, self.null_class)
-        shape = (n, self.cfg.channels, self.cfg.image_size, self.cfg.image_size)
-        x = sample(denoiser, shape, sampler=self.cfg.sample_sampler, steps=self.cfg.sample_steps, noise=g)
+        x = sample(denoiser, (n, *self.shape), sampler=self.cfg.sample_sampler, steps=self.cfg.sample_steps, noise=g)
+        x = denoiser.to_pixels(x)
         if self.class_cond:
             return save_labelled_grid(x.cpu(), self.class_names, path)
         return save_grid(x.cpu(), path)
@@ -206,7 +229,7 @@ class DiffusionTask(Task):
         if self._probe is None:
             return None
         return self._probe.measure(
-            self.denoiser(ema()), cfg.eval_n, (cfg.channels, cfg.image_size, cfg.image_size),
+            self.denoiser(ema()), cfg.eval_n, self.shape,
             sampler=cfg.eval_sampler, steps=cfg.eval_steps, seed=cfg.seed,
             num_classes=None if self.class_names is None else len(self.class_names),
             guidance=DEFAULT_GUIDANCE if self.class_cond else None, null_class=self.null_class)
