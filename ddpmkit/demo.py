@@ -25,6 +25,10 @@ DEMO_MEMORIZATION_N = 200  # samples of the memorisation check
 # lowest Frechet distance (500 samples: 6.7 against 7.6 at w = 0 and 14.3 at the default 0.5) with the classifier
 # agreeing with the class asked for on 98.8% (bench/bench_demo_recipe.py, docs/demo.md).
 DEMO_GUIDANCE = 0.1
+# `demo --latent`: the digits at 32x32 through an f = 4 autoencoder (latents of 4x8x8, the side of the pixel demo's
+# digits), which trains for the first LATENT_AE_SECONDS of the budget (bench/bench_latent.py, docs/latent.md)
+LATENT_IMAGE_SIZE = 32
+LATENT_AE_SECONDS = 60.0
 MAX_FORWARD_PIXELS = 64_000_000  # the image of `plot forward --image` (8000x8000); it is drawn at 64x64
 
 
@@ -72,19 +76,48 @@ def forward_images(data: str = "digits", image: str | None = None, data_dir=None
     return from_uint8(ds.images[:n])
 
 
-def run_demo(out=None, train_seconds: float | None = None, quiet: bool = False, n: int = 64, log=print) -> dict:
+def train_demo_autoencoder(out: Path, seconds: float, quiet: bool, log) -> Path:
+    """The latent demo's first stage: ``ddpmkit autoencoder train``'s defaults (f = 4, digits at 32x32 to latents of
+    4x8x8) for ``seconds``, measured on held-out digits at the end."""
+    from .train.autoencoder_config import AutoencoderConfig
+    from .train.loop import TrainingLoop
+    from .train.tasks.autoencoder import AutoencoderTask
+
+    cfg = AutoencoderConfig(time_limit=seconds, steps=1_000_000, sample_every=1_000_000, eval_every=1_000_000)
+    loop = TrainingLoop(AutoencoderTask, cfg, out, quiet=quiet)
+    ae = loop.models["autoencoder"]
+    c, h, w = ae.latent_shape(cfg.image_size)
+    log(f"demo: training the autoencoder ({ae.num_parameters():,} parameters, digits at {cfg.image_size}x"
+        f"{cfg.image_size} to latents of {c}x{h}x{w}) for {seconds:.0f} s into {out}")
+    res = loop.run()
+    q = res.get("quality") or {}
+    log(f"demo: autoencoder trained {res['step']} steps; held-out PSNR {q.get('psnr', float('nan')):.1f} dB")
+    return out
+
+
+def run_demo(out=None, train_seconds: float | None = None, quiet: bool = False, n: int = 64, log=print,
+             latent: bool = False) -> dict:
+    """The demo; ``latent``: latent diffusion, an autoencoder trained first (its time within ``train_seconds``) into
+    ``OUT-autoencoder``, then the digits U-Net on its latents."""
     from .viz import plots
     from .generate import SampleOptions, generate
     from .train import Trainer, config_from_preset
 
     t_start = time.perf_counter()
-    out = Path(out) if out else free_dir(Path("runs") / "demo")
+    out = Path(out) if out else free_dir(Path("runs") / ("demo-latent" if latent else "demo"))
     seconds = DEFAULT_TRAIN_SECONDS if train_seconds is None else train_seconds
+    extra = {}
+    if latent:
+        ae_seconds = min(LATENT_AE_SECONDS, seconds / 2)
+        ae_dir = free_dir(out.parent / f"{out.name}-autoencoder")
+        train_demo_autoencoder(ae_dir, ae_seconds, quiet, log)
+        seconds -= ae_seconds
+        extra = dict(autoencoder=str(ae_dir), image_size=LATENT_IMAGE_SIZE)
     cfg = config_from_preset("digits", time_limit=seconds, steps=1_000_000, sample_every=1_000_000, class_cond=True,
-                             eval_every=DEMO_EVAL_EVERY)
+                             eval_every=DEMO_EVAL_EVERY, **extra)
     trainer = Trainer(cfg, out, quiet=quiet)
-    log(f"demo: training the digits preset ({trainer.model.num_parameters():,} parameters) for "
-        f"{seconds:.0f} s on {trainer.device} into {out}")
+    log(f"demo: training the digits preset ({trainer.model.num_parameters():,} parameters"
+        f"{', on latents' if latent else ''}) for {seconds:.0f} s on {trainer.device} into {out}")
     res = trainer.run()
     quality = res.get("quality")
     log(f"demo: trained {res['step']} steps, final loss {res['loss']:.4f}"
@@ -105,7 +138,8 @@ def run_demo(out=None, train_seconds: float | None = None, quiet: bool = False, 
         files[f"{label} grid"] = r["grid"]
         files[f"{label} GIF"] = r["gif"]
     files["schedules"] = plots.plot_schedule(out / "schedule.png")
-    files["forward diffusion"] = plots.plot_forward(forward_images("digits"), out / "forward.png")
+    if not latent:  # the forward process of pixels (a latent run's is of its latents)
+        files["forward diffusion"] = plots.plot_forward(forward_images("digits"), out / "forward.png")
     files["training loss and quality"] = plots.plot_loss(out / "metrics.csv", out / "loss.png")
     from .metrics.memorization import evaluate_memorization
 

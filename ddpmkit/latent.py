@@ -128,6 +128,16 @@ class LatentSpace:
         return {"scale": plain(self.scale), "shift": plain(self.shift), **extra}
 
 
+def _digest(tensors: dict) -> str:
+    """The SHA-256 of a cache file's tensors (names, shapes and bytes), stored in it and checked on reading."""
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        t = tensors[k].contiguous()
+        h.update(f"{k}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
 @torch.no_grad()
 def encode_images(autoencoder, images_uint8: torch.Tensor, *, device="cpu", flip: bool = False,
                   batch_size: int = ENCODE_BATCH) -> torch.Tensor:
@@ -158,19 +168,27 @@ def cached_latents(autoencoder, ae_hash: str, images_uint8: torch.Tensor, *, fli
     from .store.state import atomic_save_safetensors, load_safetensors
 
     images_hash = hashlib.sha256(images_uint8.contiguous().numpy().tobytes()).hexdigest()[:16]
+    n, latent_shape = images_uint8.shape[0], tuple(autoencoder.latent_shape(tuple(images_uint8.shape[2:])))
     shape = "x".join(map(str, images_uint8.shape))
     folder = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "latents"
     path = folder / f"{ae_hash}-{images_hash}-{shape}{'-flip' if flip else ''}.safetensors"
     if path.is_file():
         try:
             cached = load_safetensors(path)
-            if "means" in cached and cached["means"].shape[0] == images_uint8.shape[0] and (
-                    not flip or "mirrored" in cached):
+            from safetensors import safe_open
+
+            with safe_open(str(path), "pt") as f:
+                stored = (f.metadata() or {}).get("sha256")
+            if stored != _digest(cached):  # a flipped byte is encoded again, not trusted
+                raise ValueError("its checksum does not match its contents")
+            if ("means" in cached and tuple(cached["means"].shape) == (n, *latent_shape) and
+                    (not flip or "mirrored" in cached)):
                 if log:
                     log(f"latents of the {images_uint8.shape[0]:,} images read from the cache {path}")
                 return cached["means"], cached.get("mirrored")
         except Exception as e:  # a damaged cache file is encoded again, never trusted
-            print(f"warning: ignoring the latent cache {path} ({type(e).__name__}); encoding again", file=sys.stderr)
+            print(f"warning: ignoring the latent cache {path} ({type(e).__name__}: {e}); encoding again",
+                  file=sys.stderr)
     if log:
         log(f"encoding the {images_uint8.shape[0]:,} images into latents once (cached in {folder})")
     means = encode_images(autoencoder, images_uint8, device=device)
@@ -178,7 +196,8 @@ def cached_latents(autoencoder, ae_hash: str, images_uint8: torch.Tensor, *, fli
     tensors = {"means": means} if mirrored is None else {"means": means, "mirrored": mirrored}
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        atomic_save_safetensors(tensors, path, metadata={"autoencoder": ae_hash, "images": images_hash})
+        atomic_save_safetensors(tensors, path, metadata={"autoencoder": ae_hash, "images": images_hash,
+                                                         "sha256": _digest(tensors)})
     except OSError as e:  # a read-only cache slows the next run; it does not stop this one
         print(f"warning: could not cache the latents in {folder} ({e.strerror or e})", file=sys.stderr)
     return means, mirrored

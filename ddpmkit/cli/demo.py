@@ -17,6 +17,9 @@ def add_parser(sub) -> None:
     d.add_argument("--train-seconds", type=float, default=None,
                    help=f"wall-clock budget for training (default: {DEFAULT_TRAIN_SECONDS:g})")
     d.add_argument("--n", type=int, default=64, help="samples per sampler, n // 10 of each digit (default: 64)")
+    d.add_argument("--latent", action="store_true",
+                   help="latent diffusion: first train an autoencoder (digits at 32x32 to latents of 4x8x8, the first "
+                        "60 s of the budget, into OUT-autoencoder), then the digits U-Net on its latents")
     d.add_argument("--quiet", action="store_true", help="no progress bars")
     d.set_defaults(func=run)
 
@@ -25,5 +28,5 @@ def run(args) -> int:
     """Run the demo."""
     from ..demo import run_demo
 
-    run_demo(out=args.out, train_seconds=args.train_seconds, quiet=args.quiet, n=args.n)
+    run_demo(out=args.out, train_seconds=args.train_seconds, quiet=args.quiet, n=args.n, latent=args.latent)
     return 0

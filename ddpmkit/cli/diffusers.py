@@ -7,11 +7,14 @@ import argparse
 
 def add_parser(sub) -> None:
     """Register `import-diffusers` and `export-diffusers` and their flags."""
-    im = sub.add_parser("import-diffusers", help="turn a diffusers UNet2DModel (e.g. google/ddpm-cifar10-32) "
-                                                 "or AutoencoderKL into a ddpmkit run",
+    im = sub.add_parser("import-diffusers", help="turn a diffusers UNet2DModel (e.g. google/ddpm-cifar10-32), "
+                                                 "AutoencoderKL or latent pipeline into a ddpmkit run",
                         description="Read a diffusers UNet2DModel folder (config.json and safetensors or .bin "
                                     "weights, with scheduler_config.json beside it or in scheduler/) or a hub id, "
-                                    "and write a ddpmkit run directory whose model gives the same outputs. An "
+                                    "and write a ddpmkit run directory whose model gives the same outputs. A "
+                                    "pipeline folder with a UNet2DModel in unet/ and an AutoencoderKL in vqvae/ "
+                                    "(an LDMPipeline, as export-diffusers writes one) or vae/ becomes a latent "
+                                    "diffusion run, the autoencoder copied into it and its latent scale kept. An "
                                     "AutoencoderKL folder, or a pipeline folder with one in vae/ and no "
                                     "UNet2DModel in unet/ (e.g. Stable Diffusion's), becomes an autoencoder run "
                                     "for latent diffusion, its latent scaling factor kept.")
@@ -25,9 +28,13 @@ def add_parser(sub) -> None:
                         description="Write a run's model and schedule as a diffusers pipeline folder "
                                     "(model_index.json, unet/, scheduler/): a DDPMPipeline, or for a "
                                     "class-conditional run a ClassConditionalDDPMPipeline in the folder's own "
-                                    "pipeline.py, which takes class labels and a guidance weight. An autoencoder "
-                                    "run becomes an AutoencoderKL folder (config.json and its weights). It prints "
-                                    "the Python call that loads the folder.")
+                                    "pipeline.py, which takes class labels and a guidance weight. A latent "
+                                    "diffusion run also writes its autoencoder as an AutoencoderKL: an "
+                                    "LDMPipeline (vqvae/, a DDIMScheduler) when its latent map is one scale, else "
+                                    "(a per-channel scale or a shift, or class labels) the folder's own pipeline "
+                                    "with a vae/ and the exact map. An autoencoder run becomes an AutoencoderKL "
+                                    "folder (config.json and its weights). It prints the Python call that loads "
+                                    "the folder.")
     ex.add_argument("run_dir", metavar="RUN_DIR")
     ex.add_argument("--out", required=True, metavar="DIR", help="the new folder (must not exist or be empty)")
     ex.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
@@ -46,7 +53,8 @@ def run_import(args) -> int:
     if read_config(run).get("kind") == "autoencoder":
         print(f"train a latent diffusion model on it with: ddpmkit train --autoencoder {run} ...")
     else:
-        print(f"sample with: ddpmkit sample {run} --sampler ddim --steps 50")
+        steps = min(50, int(read_config(run).get("diffusion", {}).get("T", 50)))  # DDIM's 50, never above T
+        print(f"sample with: ddpmkit sample {run} --sampler ddim --steps {steps}")
     return 0
 
 

@@ -13,7 +13,11 @@ def add_parser(sub) -> None:
                         description="RePaint (Lugmayr et al. 2022): at each reverse step the known pixels are "
                                     "re-noised from the image and the unknown ones come from the model; every "
                                     "--jump steps the chain goes back up and down again, --resample times. "
-                                    "Writes each result as a PNG and one figure: original, masked, results.")
+                                    "Writes each result as a PNG and one figure: original, masked, results. "
+                                    "On a latent run the mask is reduced to the latent grid (a cell is known "
+                                    "when all its pixels are), the latents are inpainted, and the known pixels "
+                                    "are pasted back over the decoding: exact there, with the decoder's seam at "
+                                    "the mask's edge.")
     add_edit_inputs(ip)
     ip.add_argument("--mask", required=True, metavar="MASK",
                     help="a grayscale PNG, white where the image is known, or a shortcut naming the missing part: "
@@ -35,7 +39,9 @@ def add_parser(sub) -> None:
     ed = sub.add_parser("edit", help="turn an image into a plausible one of the run's kind (SDEdit)",
                         description="SDEdit (Meng et al. 2022): noise the image to t0 = strength x T, then run any "
                                     "sampler from t0. Strength 0 returns the image, 1 is plain sampling. Writes "
-                                    "each result as a PNG and one strip: the input, then each strength.",
+                                    "each result as a PNG and one strip: the input, then each strength. On a "
+                                    "latent run the image is encoded, its latents edited and decoded (strength 0 "
+                                    "then gives the autoencoder's reconstruction).",
                         epilog=samplers_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     add_edit_inputs(ed)
     ed.add_argument("--strength", default="0.5", metavar="S[,S...]",
@@ -78,6 +84,8 @@ def run_inpaint(args) -> int:
     cond = f"; conditioned on {res['conditioning']}" if res["conditioning"] else ""
     print(f"{res['n']} inpaintings in {res['seconds']:.1f} s (RePaint, {res['steps']} steps, jump "
           f"{args.jump}, resample {args.resample}: {res['model_calls']} network calls per image{cond})")
+    if res["note"]:
+        print(res["note"])
     print(f"images: {res['dir']}")
     print(f"figure: {res['figure']}")
     return 0
@@ -95,6 +103,8 @@ def run_edit(args) -> int:
     cond = f"; conditioned on {res['conditioning']}" if res["conditioning"] else ""
     print(f"{res['n']} edits in {res['seconds']:.1f} s (SDEdit with {res['plan'].sampler}; network calls per "
           f"image: {calls}{cond})")
+    if res["note"]:
+        print(res["note"])
     print(f"images: {res['dir']}")
     print(f"strip:  {res['figure']}")
     return 0

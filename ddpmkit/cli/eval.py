@@ -14,11 +14,14 @@ def add_parser(sub) -> None:
     e = sub.add_parser("eval", help="measure a run: bits/dim (nll), FID (fid), Gamma_t of the analytic variance "
                                     "(variance), copying of training images (memorization)",
                        description="`eval nll RUN_DIR`: the variational bound (DDPM eq. 5) in bits/dim, term by "
-                                   "term as in the official DDPM code. `eval fid RUN_DIR`: the Frechet distance of "
+                                   "term as in the official DDPM code; on a latent run, in bits per latent "
+                                   "dimension of the encoded, scaled latents with a continuous Gaussian L_0 (not "
+                                   "comparable with pixel bits/dim). `eval fid RUN_DIR`: the Frechet distance of "
                                    "samples to a reference set, with Inception features or, offline for the "
                                    "digits, the features of a small digits classifier. `eval variance RUN_DIR`: "
                                    "Gamma_t = E||eps_theta(x_t, t)||^2 / d for every t on --n training images "
-                                   "(default 256), stored in the run for --variance analytic (Analytic-DPM). "
+                                   "(default 256; a latent run's are encoded first), stored in the run for "
+                                   "--variance analytic (Analytic-DPM). "
                                    "`eval memorization RUN_DIR`: the distance of --n samples (default 500; "
                                    "--sampler, --steps, default DDIM 50) to their nearest training images, in "
                                    "pixels and features, against real images' own; writes eval/memorization.*",
@@ -98,15 +101,30 @@ def run(args) -> int:
     from ..files import atomic_write_text
 
     name = f"nll_terms{res['tag']}"  # -classnone, -class3, -w0.5: each conditioning keeps its own files
-    csv_path = write_terms_csv(out / f"{name}.csv", res["terms"])
-    png = plot_bpd_terms(res["terms"], out / f"{name}.png")
+    latent = res.get("space") == "latent"
     keys = ("bpd", "bpd_stderr", "n", "source", "split", "variance", "objective", "ema", "T", "conditioning",
             "guidance", "seed", "note")
+    unit, encoded, title = "bits/dim", "", None
+    if latent:  # the bound of the scaled latents: its own unit, named in every file and line (metrics/nll.py)
+        keys += ("space", "unit", "space_note", "decoder", "latent_shape", "unscaled")
+        unit = f"{res['unit']} (a bound on the density of the scaled latents, not comparable with pixel bits/dim)"
+        encoded = f" encoded into {'x'.join(map(str, res['latent_shape']))} latents"
+        terms = res["terms"]
+        title = (f"latent variational bound by timestep: {sum(terms):.3f} bits per latent dim in all\n"
+                 f"L_0 (continuous Gaussian) {terms[0]:.3f}, prior L_T {terms[-1]:.2g}")
+    csv_path = write_terms_csv(out / f"{name}.csv", res["terms"], column="bits_per_latent_dim" if latent else "bits")
+    png = plot_bpd_terms(res["terms"], out / f"{name}.png", title=title)
     notes = atomic_write_text(out / f"{name}.json", json.dumps({k: res.get(k) for k in keys}, indent=2) + "\n")
     cond = f", conditioned on {res['conditioning']}" if res["conditioning"] else ""
-    print(f"NLL bound: {res['bpd']:.4f} +- {res['bpd_stderr']:.4f} bits/dim on {res['n']} images of "
-          f"{res['source']} ({res['split']}){cond}, variance {res['variance']}, {'EMA' if res['ema'] else 'raw'} "
-          f"weights, {res['seconds']:.1f} s")
+    print(f"NLL bound: {res['bpd']:.4f} +- {res['bpd_stderr']:.4f} {unit} on {res['n']} images of "
+          f"{res['source']} ({res['split']}){encoded}{cond}, variance {res['variance']}, "
+          f"{'EMA' if res['ema'] else 'raw'} weights, {res['seconds']:.1f} s")
+    if latent:
+        u = res["unscaled"]
+        print(f"  not a likelihood of the images: the autoencoder's reconstruction term and the log-determinant of "
+              f"the scale are not in it, and it can be negative (a density, not a probability); on the unscaled "
+              f"posterior means: {u['nats']:.2f} nats per latent ({u['nats_per_dim']:.4f} per dim, "
+              f"log-determinant {u['log_det_nats']:+.2f} nats)")
     print(f"terms: {csv_path} (notes: {notes.name})")
     print(f"plot:  {png}")
     return 0
@@ -125,7 +143,8 @@ def _eval_variance(args) -> int:
     start = time.perf_counter()
     gamma, note = estimate_run_gamma(run, n=n, batch_size=batch_size, seed=args.seed, ema=args.ema, data=args.data)
     path = run.save_gamma(gamma, note)
-    print(f"Gamma_t over {note['n']} images of {note['source']} (checkpoint step {note['step']}, "
+    where = " (encoded into the run's latents)" if note.get("space") == "latent" else ""
+    print(f"Gamma_t over {note['n']} images of {note['source']}{where} (checkpoint step {note['step']}, "
           f"{'EMA' if args.ema else 'raw'} weights): min {float(gamma.min()):.4f}, max {float(gamma.max()):.4f}, "
           f"{time.perf_counter() - start:.1f} s")
     print(f"stored: {path} (use it with --variance analytic)")

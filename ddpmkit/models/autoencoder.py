@@ -387,8 +387,9 @@ def _preset(**overrides) -> dict:
 AUTOENCODER_PRESETS: dict[str, dict] = {
     # The Stable Diffusion 1.x/2.x VAE (LDM's KL-f8 with 4 latent channels): 83,653,863 parameters.
     "sd": _preset(image_size=512),
-    # A small f = 4 autoencoder for the 1-channel digits at 32x32: latents of 4 x 8 x 8.
-    "digits": _preset(in_channels=1, block_out_channels=(32, 64, 64), layers_per_block=1, latent_channels=4,
+    # A small f = 4 autoencoder for the 1-channel digits at 32x32: latents of 4 x 8 x 8 (`ddpmkit autoencoder train`'s
+    # defaults; in 120 s on one CPU thread it reaches a held-out PSNR of 37 dB, bench/bench_latent.py)
+    "digits": _preset(in_channels=1, block_out_channels=(16, 32, 64), layers_per_block=1, latent_channels=4,
                       norm_num_groups=8, image_size=32),
 }
 

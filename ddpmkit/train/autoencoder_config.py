@@ -14,11 +14,13 @@ from dataclasses import dataclass
 from .. import __version__
 from ..errors import ConfigError
 from ..limits import MAX_GRID, check_autoencoder_config, check_float, check_int
+from ..models.autoencoder import AUTOENCODER_PRESETS
 from .settings import DataSettings, LoopSettings, default_of, positive_int, setting, settings_from_json
 
-__all__ = ["AutoencoderConfig", "autoencoder_channels"]
+__all__ = ["AutoencoderConfig", "autoencoder_channels", "settings_table"]
 
 MAX_FACTOR = 64
+_NET = AUTOENCODER_PRESETS["digits"]  # the default network
 
 
 def autoencoder_channels(base: int, factor: int) -> list[int]:
@@ -34,20 +36,21 @@ class AutoencoderConfig(DataSettings, LoopSettings):
     """Every setting of an autoencoder training run; its ``config.json`` holds all of it."""
 
     # data (the rest in DataSettings)
-    image_size: int = default_of(DataSettings, "image_size", 32)
+    image_size: int = default_of(DataSettings, "image_size", _NET["image_size"])
     holdout: float = setting(0.1, "fraction of the images held out of training, for --eval-every and "
                                   "`autoencoder eval` (a fixed choice; CIFAR-10 uses its test split instead)",
                              locked=True)
     # the network (models/autoencoder.py)
-    factor: int = setting(4, "downsampling factor f: the latent grid is the image side / f (1, 2, 4, 8...)",
-                          locked=True)
-    latent_channels: int = setting(4, "channels of the latent", locked=True)
-    base_channels: int = setting(32, "width of the first level; level i has base * min(2^i, 4)", locked=True)
-    layers_per_block: int = setting(1, "ResNet blocks per level in the encoder (the decoder has one more)",
-                                    locked=True)
-    num_groups: int = setting(8, "GroupNorm groups", locked=True)
-    mid_attention: bool = setting(True, "self-attention in the middle blocks of the encoder and the decoder",
-                                  locked=True)
+    factor: int = setting(2 ** (len(_NET["block_out_channels"]) - 1),
+                          "downsampling factor f: the latent grid is the image side / f (1, 2, 4, 8...)", locked=True)
+    latent_channels: int = setting(_NET["latent_channels"], "channels of the latent", locked=True)
+    base_channels: int = setting(_NET["block_out_channels"][0],
+                                 "width of the first level; level i has base * min(2^i, 4)", locked=True)
+    layers_per_block: int = setting(_NET["layers_per_block"],
+                                    "ResNet blocks per level in the encoder (the decoder has one more)", locked=True)
+    num_groups: int = setting(_NET["norm_num_groups"], "GroupNorm groups", locked=True)
+    mid_attention: bool = setting(_NET["mid_attention"],
+                                  "self-attention in the middle blocks of the encoder and the decoder", locked=True)
     # the loss
     kl_weight: float = setting(1e-6, "weight of the KL term against the reconstruction loss, in LDM's units (KL "
                                      "summed over the latent, L1 summed over the pixels)")
@@ -67,11 +70,15 @@ class AutoencoderConfig(DataSettings, LoopSettings):
     eval_n: int = setting(500, "held-out images of each --eval-every measurement (PSNR, Frechet distance)")
     # the loop's defaults for this task
     steps: int = default_of(LoopSettings, "steps", 2000)
-    batch_size: int = default_of(LoopSettings, "batch_size", 32)
-    lr: float = default_of(LoopSettings, "lr", 1e-3)
+    batch_size: int = default_of(LoopSettings, "batch_size", 16)
+    lr: float = default_of(LoopSettings, "lr", 2e-3)
     warmup: int = default_of(LoopSettings, "warmup", 50)
     ema_decay: float = default_of(LoopSettings, "ema_decay", 0.99)
     log_every: int = default_of(LoopSettings, "log_every", 25)
+    sample_every: int = default_of(LoopSettings, "sample_every", 1000, help="save a picture of held-out originals "
+                                   "beside their reconstructions by the EMA weights every N steps (and at the end)")
+    eval_every: int = default_of(LoopSettings, "eval_every", 0, help="every N steps (and at the end) measure the "
+                                 "held-out PSNR and the Frechet distance of --eval-n reconstructions (0: never)")
 
     @property
     def gan(self) -> bool:
@@ -137,3 +144,17 @@ class AutoencoderConfig(DataSettings, LoopSettings):
             if self.image_size < min_size(self.disc_layers):
                 raise ConfigError(f"--disc-layers {self.disc_layers} needs images of at least "
                                   f"{min_size(self.disc_layers)} pixels on a side, got --image-size {self.image_size}")
+
+
+def settings_table() -> str:
+    """docs/latent.md's table of the autoencoder's training settings: one row per setting, with its default."""
+    from .settings import flag, settings, show_value
+
+    lines = ["| flag | meaning | default |", "| --- | --- | --- |"]
+    for f, kind in settings(AutoencoderConfig):
+        name = flag(f.name).replace("--", "--[no-]", 1) if kind is bool else flag(f.name)
+        name = f"`{name}{' ' + f.metadata['metavar'] if 'metavar' in f.metadata else ''}`"
+        name += " *" if f.metadata.get("locked") else ""
+        lines.append(f"| {name} | {f.metadata['help'].replace('|', '/')} | {show_value(f.default)} |")
+    lines += ["", "\\* fixed for the life of a run: `--resume` refuses a change."]
+    return "\n".join(lines) + "\n"

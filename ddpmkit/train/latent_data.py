@@ -55,15 +55,15 @@ def prepare_latents(cfg, images_uint8: torch.Tensor, ctx) -> PreparedLatents:
     set), with the task context ``ctx`` (device, ranks, log, run_dir, resume)."""
     run_dir = Path(ctx.run_dir) if ctx.run_dir is not None else None
     copy = None if run_dir is None else run_dir / AUTOENCODER_DIR
-    stored = None
-    if ctx.resume and copy is not None and (copy / CONFIG_NAME).is_file():
-        source = copy  # the autoencoder the run trained with, even if the run at --autoencoder trained on since
-        stored = read_config(run_dir).get("latent")
-    else:
-        source = cfg.autoencoder
+    # a resume keeps the scale and the autoencoder the run trained with: its own copy, even if the run at
+    # --autoencoder trained on since; without the copy, the run at --autoencoder, if it is still the same one
+    stored = read_config(run_dir).get("latent") if ctx.resume and run_dir is not None else None
+    source = copy if stored is not None and (copy / CONFIG_NAME).is_file() else cfg.autoencoder
     ae, ae_config, ae_hash = open_autoencoder(source)
     if stored is not None and stored.get("autoencoder_hash") not in (None, ae_hash):
-        raise CheckpointError(f"{copy} is not the autoencoder this run was trained with (its hash changed)")
+        missing = "" if source == copy else f", and the run's own copy {copy} is missing"
+        raise CheckpointError(f"{source} is not the autoencoder this run was trained with (its hash changed"
+                              f"{missing})")
     in_channels = ae.config["in_channels"]
     if in_channels != cfg.channels:
         raise ConfigError(f"the autoencoder {cfg.autoencoder} takes {in_channels}-channel images, and --channels is "

@@ -53,6 +53,12 @@ COLORS = {
     "lr": "#1b9e77",
     "throughput": "#e7298a",
     "fd": "#d95f02",  # the Frechet distance of --eval-every
+    # an autoencoder run's parts of the loss and its held-out PSNR
+    "rec": "#1b9e77",
+    "kl": "#7570b3",
+    "g_loss": "#e7298a",
+    "d_loss": "#66a61e",
+    "psnr": "#a6761d",
 }
 RAW_ALPHA = 0.3  # the unsmoothed curve, drawn light under its EMA
 BUCKET_CMAP = "viridis"  # timestep buckets: small t dark, large t light
@@ -285,7 +291,9 @@ def plot_loss(metrics_csv, path, smoothing: float | None = None) -> Path:
     Panels: the loss (raw, light, and its bias-corrected EMA, log y); the gradient norm; the learning
     rate; images per second. If the file has per-timestep-bucket columns ``loss_t0`` .. ``loss_t{K-1}``
     (bucket k = t in [k T/K, (k+1) T/K)), two more: each bucket's smoothed loss over steps (coloured
-    from small t, dark, to large t, light) and the latest smoothed loss per bucket as bars.
+    from small t, dark, to large t, light) and the latest smoothed loss per bucket as bars. An autoencoder
+    run's file (a ``rec`` column) gets instead the loss's parts (L1 reconstruction and KL, log y; the
+    adversarial losses, linear, on their own axis) and the held-out PSNR of --eval-every.
 
     ``smoothing`` is the EMA factor in [0, 1); default 1 - 1/w with a window w of about 1/80 of the rows.
     Raises :class:`PlotError` if the file is missing, empty, or lacks ``step``/``loss``.
@@ -301,9 +309,16 @@ def plot_loss(metrics_csv, path, smoothing: float | None = None) -> Path:
             raise PlotError(f"smoothing must lie in [0, 1), got {smoothing!r}")
     buckets = sorted(((int(m.group(1)), k) for k in data if (m := _BUCKET_RE.match(k))), key=lambda x: x[0])
     buckets = [(b, k) for b, k in buckets if _has(data, k)]
+    autoencoder = "rec" in data  # the autoencoder task's columns (train/tasks/autoencoder.py)
 
     with matplotlib.rc_context(STYLE):
-        if buckets:
+        if autoencoder:
+            fig = _new_figure((13.0, 6.4))
+            axes = fig.subplots(2, 3)
+            ax_loss, ax_parts, ax_psnr = axes[0]
+            ax_gn, ax_lr, ax_ips = axes[1]
+            buckets = []
+        elif buckets:
             fig = _new_figure((13.0, 7.0))
             axes = fig.subplots(2, 3)
             ax_loss, ax_bl, ax_gn = axes[0]
@@ -327,13 +342,17 @@ def plot_loss(metrics_csv, path, smoothing: float | None = None) -> Path:
                 ax_fd.errorbar(step[ok], fd, yerr=[np.minimum(se, 0.9 * fd), se], fmt="none", ecolor=COLORS["fd"],
                                elinewidth=1, capsize=2, alpha=0.6)
             ax_fd.set_yscale("log")
-            ax_fd.set_ylabel("Frechet distance of samples (log)", color=COLORS["fd"])
+            ax_fd.set_ylabel("FD of reconstructions (log)" if autoencoder else "Frechet distance of samples (log)",
+                             color=COLORS["fd"])
             ax_fd.grid(False)
             ax_fd.spines["right"].set_visible(True)
             ax_fd.legend(loc="lower left")
             last_se = data["fd_stderr"][ok][-1] if "fd_stderr" in data else math.nan
-            ax_loss.set_title(f"training loss; sample quality (last FD {fd[-1]:.3g}"
+            ax_loss.set_title(("loss; reconstructions" if autoencoder else "training loss; sample quality")
+                              + f" (last FD {fd[-1]:.3g}"
                               + (f" +- {last_se:.2g})" if math.isfinite(last_se) else ")"))
+        if autoencoder:
+            _autoencoder_panels(ax_parts, ax_psnr, step, data, beta)
         if _has(data, "grad_norm"):
             _curve(ax_gn, step, data["grad_norm"], COLORS["grad_norm"], beta, "grad norm", True)
         else:
@@ -398,6 +417,39 @@ def plot_loss(metrics_csv, path, smoothing: float | None = None) -> Path:
             title += f", final loss{' (EMA)' if smoothed else ''} {ema_smooth(fin, beta if smoothed else 0.0)[-1]:.4g}"
         fig.suptitle(title)
         return _save_figure(fig, path)
+
+
+def _autoencoder_panels(ax_parts, ax_psnr, step, data, beta) -> None:
+    """An autoencoder run's panels: the parts of its loss, and the held-out PSNR of --eval-every."""
+    for key, label in (("rec", "reconstruction (L1)"), ("kl", "KL (unweighted)")):
+        if _has(data, key):
+            _curve(ax_parts, step, data[key], COLORS[key], beta, label, True)
+    adversarial = [k for k in ("g_loss", "d_loss") if _has(data, k)]
+    if adversarial:  # the generator's loss can be negative: a linear axis of its own
+        ax_adv = ax_parts.twinx()
+        for key in adversarial:
+            ok = np.isfinite(data[key])
+            ax_adv.plot(step[ok], ema_smooth(data[key][ok], beta) if ok.sum() > 2 else data[key][ok],
+                        color=COLORS[key], lw=1.4, ls="--", label=f"{key} (adversarial)")
+        ax_adv.set_ylabel("adversarial losses", color="0.35")
+        ax_adv.grid(False)
+        ax_adv.spines["right"].set_visible(True)
+        ax_adv.legend(loc="lower left")
+    if ax_parts.has_data():
+        ax_parts.legend(loc="upper right")
+        _step_axis(ax_parts)
+    else:
+        _no_data(ax_parts, "rec, kl not logged")
+    ax_parts.set_title("the loss's parts" + ("" if adversarial else " (no discriminator)"))
+    if _has(data, "psnr"):
+        ok = np.isfinite(data["psnr"])
+        ax_psnr.plot(step[ok], data["psnr"][ok], color=COLORS["psnr"], marker="o", ms=3)
+        ax_psnr.set_ylabel("dB")
+        _step_axis(ax_psnr)
+        ax_psnr.set_title(f"held-out PSNR (last {data['psnr'][ok][-1]:.2f} dB)")
+    else:
+        _no_data(ax_psnr, "no PSNR: train with --eval-every N")
+        ax_psnr.set_title("held-out PSNR")
 
 
 def _fmt_duration(seconds: float) -> str:

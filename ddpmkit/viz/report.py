@@ -6,6 +6,10 @@ in this order: the samples and classes, the quality and loss curves, the evaluat
 edits; then the figures that are the same for every run (schedules, forward process); last, folded, the
 configuration, the settings that differ from the preset first and marked.
 
+An autoencoder run's page leads with its newest picture of held-out originals above their reconstructions, their
+PSNR and Frechet distance, and the command that trains a diffusion model on its latents; it has no noise schedule or
+forward process. A latent diffusion run's page is a diffusion run's, with its autoencoder and latents named.
+
 Every picture is embedded as a data URI, so the page opens from anywhere with no network and no other files.
 Missing pictures are made from the run's own files first.
 """
@@ -20,7 +24,8 @@ from pathlib import Path
 from ..files import atomic_write_text
 from ..store import read_config
 from . import plots
-from .summary import Fact, Summary, sample_grids, settings_rows, summarize, trainer_grids
+from .summary import (Fact, Summary, autoencoder_shape, reconstruction_figures, sample_grids, settings_rows,
+                      space, summarize, trainer_grids)
 
 __all__ = ["write_report", "SECTIONS"]
 
@@ -46,6 +51,7 @@ pre { background: #f5f5f5; padding: 5px 8px; margin: 0.2em 0 0.5em; white-space:
 #summary figure { flex: none; margin: 0; display: table; }
 #summary figcaption { display: table-caption; caption-side: bottom; }
 #summary figure img { height: min(640px, calc(100vh - 150px)); min-height: 260px; width: auto; object-fit: contain; }
+#summary figure img.wide { height: auto; min-height: 0; width: min(560px, 48vw); }
 #summary .facts { flex: 1; min-width: 0; }
 .cards { display: flex; flex-wrap: wrap; gap: 8px; }
 .card { border: 1px solid #e2e2e2; border-radius: 6px; padding: 6px 12px; flex: 1 1 150px; }
@@ -75,10 +81,21 @@ def _esc(x) -> str:
     return html.escape(str(x))
 
 
+def _is_wide(data: bytes) -> bool:
+    """Whether a PNG is much wider than tall (an autoencoder's originals above reconstructions), from its IHDR."""
+    if data[:8] != b"\x89PNG\r\n\x1a\n" or len(data) < 24:
+        return False
+    w, h = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    return h > 0 and w > 1.25 * h
+
+
 def _img(path: Path, caption: str, measure: str = "") -> str:
-    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    raw = path.read_bytes()
+    data = base64.b64encode(raw).decode("ascii")
     mime = _MIME.get(path.suffix.lower(), "application/octet-stream")
     attr = f' data-measure="{measure}"' if measure else ""
+    if measure and _is_wide(raw):  # the summary's picture: a wide one takes a width, not the screen's height
+        attr += ' class="wide"'
     return (f'<figure><img src="data:{mime};base64,{data}" alt="{_esc(caption)}"{attr}>'
             f"<figcaption>{_esc(caption)}</figcaption></figure>")
 
@@ -128,19 +145,32 @@ def _samples(run: Path, config: dict, shown: Path | None) -> str:
     return _section("samples", body)
 
 
-def _training(run: Path) -> str:
+def _reconstructions(run: Path, shown: Path | None) -> str:
+    """An autoencoder run's pictures of reconstructions that the summary does not show."""
+    figures = [p for p in reconstruction_figures(run) if p != shown]
+    return _section("samples", "<h2>Reconstructions</h2><p class=sub>held-out originals (top rows) above their "
+                               "reconstructions</p>" + "".join(_img(p, str(p.relative_to(run))) for p in figures)
+                    ) if figures else ""
+
+
+_CURVES = "sample quality (Frechet distance) and loss, loss by timestep, learning rate, throughput"
+_AUTOENCODER_CURVES = ("loss and the Frechet distance of the reconstructions, the loss's parts (L1 reconstruction, "
+                       "KL, adversarial), held-out PSNR, gradient norm, learning rate, throughput")
+
+
+def _training(run: Path, caption: str = _CURVES) -> str:
     if not (run / "metrics.csv").is_file():
         return ""
     try:
-        body = _img(plots.plot_loss(run / "metrics.csv", run / "loss.png"),
-                    "sample quality (Frechet distance) and loss, loss by timestep, learning rate, throughput")
+        body = _img(plots.plot_loss(run / "metrics.csv", run / "loss.png"), caption)
     except plots.PlotError as e:
         body = f"<p class=sub>no curves: {_esc(e)}</p>"
     return _section("training", "<h2>Training</h2>" + body)
 
 
-def _evaluation(run: Path, s: Summary) -> str:
+def _evaluation(run: Path, s: Summary, shown_elsewhere: tuple[Path, ...] = ()) -> str:
     pngs = sorted((run / "eval").glob("*.png")) if (run / "eval").is_dir() else []
+    pngs = [p for p in pngs if p not in shown_elsewhere]
     if not pngs and all(f.value in ("not recorded", "not measured", "not run") for f in s.quality):
         return ""
     rows = "".join(f"<tr><td>{_esc(f.label)}</td><td>{_esc(f.value)}</td><td class=note>{_esc(f.source)}</td></tr>"
@@ -182,13 +212,17 @@ def _configuration(config: dict) -> str:
     if not rows:
         return ""
     n_changed = sum(r.changed for r in rows)
-    preset = config.get("train", {}).get("preset", "?")
+    if config.get("kind") == "autoencoder":  # no presets: the defaults of `ddpmkit autoencoder train`
+        baseline, against = "default", "the defaults of ddpmkit autoencoder train"
+    else:
+        baseline = config.get("train", {}).get("preset", "?")
+        against = f"the {baseline} preset"
     body = "".join(f'<tr class="changed"><td>{_esc(r.name)}</td><td>{_esc(json.dumps(r.value))}</td>'
-                   f"<td class=note>{_esc(preset)}: {_esc(json.dumps(r.preset_value))}</td></tr>"
+                   f"<td class=note>{_esc(baseline)}: {_esc(json.dumps(r.preset_value))}</td></tr>"
                    if r.changed else f"<tr><td>{_esc(r.name)}</td><td>{_esc(json.dumps(r.value))}</td></tr>"
                    for r in rows)
     return _section("configuration", f"<details><summary>Configuration: {len(rows)} settings, {n_changed} differ "
-                                     f"from the {_esc(preset)} preset (marked, first)</summary><table>{body}</table>"
+                                     f"from {_esc(against)} (marked, first)</summary><table>{body}</table>"
                                      "</details>")
 
 
@@ -197,16 +231,41 @@ def write_report(run_dir, out=None) -> Path:
     """Write ``RUN_DIR/report.html`` (or ``out``) and return its path."""
     run = Path(run_dir)
     config = read_config(run)
+    if config.get("kind") == "autoencoder":
+        return _write_page(run, out, _autoencoder_page(run, config))
     diffusion = config.get("diffusion", {})
     T = int(diffusion.get("T", 1000))
     s = summarize(run, config)
     sections = [_summary(s), _samples(run, config, s.grid), _training(run), _evaluation(run, s), _chains(run),
                 _editing(run), _schedules(run, T), _forward(run), _configuration(config)]
-    title = f"ddpmkit run {run.resolve().name}"
     sub = (f"{config.get('train', {}).get('preset', 'no')} preset, {diffusion.get('schedule', '?')} schedule, "
            f"T = {T}, objective {diffusion.get('objective', 'eps')}, variance {diffusion.get('variance', '?')}")
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{_esc(title)}</title>"
-            f"<style>{_CSS}</style></head><body><h1>{_esc(title)}</h1><p class=sub>{_esc(sub)}</p>"
-            + "".join(sections) + _CHECK + "</body></html>\n")
+    if space(config) == "latent":
+        latent = config["latent"]
+        shape = latent.get("shape")
+        shape = f", {'x'.join(map(str, shape))} latents" if isinstance(shape, list) else ""
+        sub += f", in the latent space of the autoencoder {latent.get('autoencoder', '?')}{shape}"
+    return _write_page(run, out, (f"ddpmkit run {run.resolve().name}", sub, sections))
+
+
+def _autoencoder_page(run: Path, config: dict) -> tuple[str, str, list[str]]:
+    """An autoencoder run's title, subtitle and sections."""
+    s = summarize(run, config)
+    sections = [_summary(s), _reconstructions(run, s.grid), _training(run, _AUTOENCODER_CURVES),
+                _evaluation(run, s, tuple(reconstruction_figures(run))), _configuration(config)]
+    _, f, shape = autoencoder_shape(config.get("model"))
+    train = config.get("train") if isinstance(config.get("train"), dict) else {}
+    sub = f"LDM's KL autoencoder, f = {f}" + (f", {'x'.join(map(str, shape))} latents" if shape else "")
+    if "kl_weight" in train:
+        sub += f", KL weight {train['kl_weight']:g}"
+        sub += ", PatchGAN discriminator" if (train.get("disc_weight") or 0) > 0 else ", no discriminator"
+    return f"ddpmkit autoencoder run {run.resolve().name}", sub, sections
+
+
+def _write_page(run: Path, out, page: tuple[str, str, list[str]]) -> Path:
+    title, sub, sections = page
+    html_page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{_esc(title)}</title>"
+                 f"<style>{_CSS}</style></head><body><h1>{_esc(title)}</h1><p class=sub>{_esc(sub)}</p>"
+                 + "".join(sections) + _CHECK + "</body></html>\n")
     out = Path(out) if out else run / "report.html"
-    return atomic_write_text(out, page)
+    return atomic_write_text(out, html_page)
