@@ -26,7 +26,7 @@ import torch
 from .errors import CheckpointError, ConfigError
 from .images import from_uint8
 
-__all__ = ["LatentSpace", "AUTOENCODER_DIR", "open_autoencoder", "encode_images", "measure_scale",
+__all__ = ["LatentSpace", "AUTOENCODER_DIR", "encode_images", "measure_scale",
            "cached_latents", "state_hash"]
 
 AUTOENCODER_DIR = "autoencoder"  # a latent run's copy of its autoencoder: RUN/autoencoder, an autoencoder run
@@ -41,20 +41,6 @@ def state_hash(model_config: dict, state: dict) -> str:
         h.update(f"{k}:{t.dtype}:{tuple(t.shape)}".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()[:16]
-
-
-def open_autoencoder(path):
-    """(the autoencoder, its run's config.json, its hash) of an autoencoder run at ``path``, EMA weights, eval mode,
-    frozen; a one-line CheckpointError when ``path`` is no autoencoder run."""
-    from .run import Run
-
-    run = Run.open(path)
-    if run.kind != "autoencoder":
-        raise CheckpointError(f"{path} is a diffusion run, not an autoencoder: train one with `ddpmkit autoencoder "
-                              "train`, or import a diffusers AutoencoderKL with `ddpmkit import-diffusers`")
-    model = run.load_model(ema=True)
-    model.requires_grad_(False)
-    return model, run.config, state_hash(model.config, model.state_dict())
 
 
 def _channel_vector(value, channels: int, what: str) -> torch.Tensor:

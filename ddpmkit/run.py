@@ -23,7 +23,7 @@ from .store.rundir import CONFIG_NAME, read_config
 if TYPE_CHECKING:  # pragma: no cover
     from .diffusion import Denoiser
 
-__all__ = ["Run", "GAMMA_FILE", "ON_THE_FLY_GAMMA_N", "RUN_KINDS"]
+__all__ = ["Run", "GAMMA_FILE", "ON_THE_FLY_GAMMA_N", "RUN_KINDS", "open_autoencoder"]
 
 RUN_KINDS = ("diffusion", "autoencoder")  # config.json's "kind": what a run's model is
 
@@ -206,7 +206,7 @@ class Run:
         section = self.latent_section
         if section is None:
             raise CheckpointError(f"{self.dir} is not a latent diffusion run")
-        from .latent import AUTOENCODER_DIR, LatentSpace, open_autoencoder
+        from .latent import AUTOENCODER_DIR, LatentSpace
 
         path = self.dir / AUTOENCODER_DIR
         if not (path / CONFIG_NAME).is_file():
@@ -390,3 +390,17 @@ class Run:
             decoder = self.latent_space().to(device or "cpu").decode
         return Denoiser(net, schedule, objective=objective, variance=variance, clip_x0=clip_x0,
                         guidance=guidance, null_cond=self.null_class, gamma=gamma, decoder=decoder)
+
+
+def open_autoencoder(path):
+    """(the autoencoder, its run's config.json, its hash) of an autoencoder run at ``path``, EMA weights, eval mode,
+    frozen; a one-line CheckpointError when ``path`` is no autoencoder run."""
+    run = Run.open(path)
+    if run.kind != "autoencoder":
+        raise CheckpointError(f"{path} is a diffusion run, not an autoencoder: train one with `ddpmkit autoencoder "
+                              "train`, or import a diffusers AutoencoderKL with `ddpmkit import-diffusers`")
+    model = run.load_model(ema=True)
+    model.requires_grad_(False)
+    from .latent import state_hash
+
+    return model, run.config, state_hash(model.config, model.state_dict())

@@ -165,3 +165,35 @@ def test_killing_a_rank_takes_the_job_down_and_leaves_a_loadable_checkpoint(tmp_
     assert "FAILED" in err or "SIGKILL" in err
     ck = load_checkpoint(run)
     assert ck.step >= 2 and ck.step % 2 == 0
+
+
+def test_an_autoencoder_with_its_discriminator_trains_on_two_ranks_as_on_one(tmp_path):
+    """The autoencoder task on the same loop: 2 processes give the weights of 1, the discriminator's and the
+    adaptive weight's included (its gradient norms are those of the global batch: averaged over the ranks)."""
+    flags = ["--image-size", "16", "--base-channels", "8", "--num-groups", "4", "--batch-size", "8", "--steps", "3",
+             "--disc-weight", "0.5", "--disc-start", "1", "--disc-layers", "1", "--disc-channels", "8",
+             "--log-every", "1", "--sample-every", "1000", "--num-samples", "0", "--quiet"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(_free_port()), "-m", "ddpmkit", "autoencoder", "train", *flags, "--out", str(tmp_path / "two")]
+    r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert main(["autoencoder", "train", *flags, "--out", str(tmp_path / "one")]) == 0
+    one, two = load_checkpoint(tmp_path / "one"), load_checkpoint(tmp_path / "two")
+    assert one.step == two.step == 3
+    assert max_diff(one.model_state, two.model_state) < TOL
+    assert max_diff(one.ema_state, two.ema_state) < TOL
+    d1, d2 = one.train_state["models"]["discriminator"], two.train_state["models"]["discriminator"]
+    assert max_diff(d1, d2) < TOL
+    # not vacuous: the discriminator updated (from step 1) and the adaptive weight was applied and logged
+    import csv
+
+    def rows(name):
+        with open(tmp_path / name / "metrics.csv", newline="") as f:
+            return list(csv.DictReader(f))
+
+    r1, r2 = rows("one"), rows("two")
+    assert float(r1[-1]["d_weight"]) > 0 and float(r1[-1]["d_loss"]) > 0  # d_loss: logged when it updated
+    for a, b in zip(r1, r2):  # the loss and the adaptive weight of the global batch, on every rank
+        assert abs(float(a["loss"]) - float(b["loss"])) < 1e-4
+        assert (a["d_weight"] == b["d_weight"] == "") or float(a["d_weight"]) == pytest.approx(float(b["d_weight"]),
+                                                                                             rel=1e-4)

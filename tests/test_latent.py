@@ -15,6 +15,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import ddpmkit.latent as latent_mod
+import ddpmkit.run as run_mod
 import ddpmkit.train.latent_data as latent_data
 from ddpmkit.cli import main
 from ddpmkit.data import load_dataset
@@ -136,7 +137,7 @@ def identity_autoencoder(monkeypatch):
                 "identity-autoencoder")
 
     monkeypatch.setattr(latent_data, "open_autoencoder", opener)
-    monkeypatch.setattr(latent_mod, "open_autoencoder", opener)
+    monkeypatch.setattr(run_mod, "open_autoencoder", opener)
     return calls
 
 
@@ -306,7 +307,7 @@ def test_a_latent_run_resumes_bit_for_bit_with_its_own_autoencoder(tmp_path, ae_
 
     # the autoencoder run trains on: its hash changes, and a new latent run would see other latents
     assert main(["autoencoder", "train", "--resume", "--steps", "8", "--quiet", "--out", str(ae_copy)]) == 0
-    assert latent_mod.open_autoencoder(ae_copy)[2] != hash_then
+    assert run_mod.open_autoencoder(ae_copy)[2] != hash_then
     assert train(split, "--resume", "--steps", "4", "--quiet") == 0
     assert latent_section(split)["autoencoder_hash"] == hash_then
 

@@ -26,7 +26,8 @@ Inside a ResNet block ``temb_proj`` is ``time_emb_proj`` and ``skip`` is ``conv_
 ``norm`` is ``group_norm``, ``proj`` is ``to_out.0`` (``proj_attn`` in older files) and ``qkv`` is
 ``to_q``, ``to_k``, ``to_v`` (``query``, ``key``, ``value`` in older files) stacked in that order.
 
-The files (folders, hub ids, ``class_names.json``, the exported pipeline) are :mod:`.diffusers`'s.
+The files (folders, hub ids, ``class_names.json``) are :mod:`.diffusers_files`'s, the exported pipeline
+:mod:`.diffusers`'s.
 """
 
 from __future__ import annotations

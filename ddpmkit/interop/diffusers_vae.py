@@ -7,7 +7,7 @@ writes ``to_q``, ``to_k``, ``to_v`` and ``to_out.0``.
 
 The config's latent statistics (``scaling_factor``, ``shift_factor``, ``latents_mean``, ``latents_std``) are not
 the network's: they describe its latent space and are kept apart, as an autoencoder run's ``latent`` section.
-The files (folders, runs) are :mod:`.diffusers`'s.
+The files (folders, runs) are :mod:`.diffusers_latent`'s.
 """
 
 from __future__ import annotations

@@ -69,7 +69,7 @@ def generator_loss(logits_fake: torch.Tensor) -> torch.Tensor:
 
 
 def adaptive_weight(rec_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor,
-                    max_weight: float = 1e4) -> torch.Tensor:
+                    max_weight: float = 1e4, reduce=None) -> torch.Tensor:
     """The weight of the adversarial loss that balances its gradient at the decoder's last layer against the
     reconstruction's: ||d rec / d last|| / (||d g / d last|| + 1e-4), clamped to [0, max_weight], detached
     (LDM eq. 6; contperceptual.py ``calculate_adaptive_weight``). LDM multiplies it by ``disc_weight`` (0.5).
@@ -77,6 +77,10 @@ def adaptive_weight(rec_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: to
     Both losses must be scalars of one graph through ``last_layer`` (the decoder's output conv weight); the graph is
     kept for the backward pass that follows. 0 when either loss does not depend on ``last_layer`` (a discriminator
     not yet switched on, a frozen decoder).
+
+    ``reduce``, when given, maps each of the two gradients before its norm is taken: the mean over the processes of
+    a distributed run, so that the weight is that of the global batch's gradients (on one process, the batch's),
+    the same on every rank and for any number of them.
     """
     if not last_layer.requires_grad:
         raise ValueError("last_layer does not require a gradient: the adaptive weight needs the decoder's weight")
@@ -89,6 +93,8 @@ def adaptive_weight(rec_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: to
     rec_grad = torch.autograd.grad(rec_loss, last_layer, retain_graph=True, allow_unused=True)[0]
     if rec_grad is None:
         return zero
+    if reduce is not None:
+        rec_grad, g_grad = reduce(rec_grad), reduce(g_grad)
     weight = rec_grad.norm() / (g_grad.norm() + 1e-4)  # LDM eq. 6, with LDM's delta = 1e-4
     return weight.clamp(0.0, float(max_weight)).detach()
 

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import math
 
+from numbers import Integral
+
 import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..limits import MAX_CHANNELS, check_int
 
 __all__ = ["PatchDiscriminator", "min_size", "output_size", "receptive_field"]
 
@@ -64,9 +65,9 @@ class PatchDiscriminator(nn.Module):
 
     def __init__(self, in_channels: int = 3, channels: int = 64, layers: int = 3):
         super().__init__()
-        in_channels = check_int("PatchDiscriminator in_channels", in_channels, 1, MAX_CHANNELS)
-        channels = check_int("PatchDiscriminator channels", channels, 1, 8192)
-        layers = check_int("PatchDiscriminator layers", layers, 1, _MAX_LAYERS)
+        in_channels = _int("in_channels", in_channels, 64)  # the limits of ddpmkit.limits (which imports models/)
+        channels = _int("channels", channels, 8192)
+        layers = _int("layers", layers, _MAX_LAYERS)
         self.config = {"in_channels": in_channels, "channels": channels, "layers": layers}
 
         mods: list[nn.Module] = [nn.Conv2d(in_channels, channels, _KERNEL, stride=2, padding=_PAD),
@@ -132,3 +133,9 @@ class PatchDiscriminator(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def _int(name: str, v, most: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, Integral) or not 1 <= v <= most:
+        raise ConfigError(f"PatchDiscriminator {name} must be an integer in [1, {most}], got {v!r}")
+    return int(v)

@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from functools import partial
 
 from .. import __version__
 from ..diffusion import OBJECTIVES, VARIANCES, NoiseSchedule
 from ..errors import ConfigError
 from ..limits import MAX_GRID, MAX_T, check_float, check_int, check_model_config
 from ..models.unet import UNET_PRESETS
-from .settings import (DataSettings, LoopSettings, default_of, flag, locked_settings, positive_int, setting,
-                       settings_from_json, show_value)
+from .settings import (DataSettings, LoopSettings, changed_arguments, changed_names, default_of, flag,
+                       locked_settings, positive_int, setting, settings_from_json, show_value)
 from .settings import settings as settings_of
 
 __all__ = ["TrainConfig", "PRESETS", "config_from_preset", "flag", "settings", "preset_value", "show_value",
@@ -253,19 +254,13 @@ def preset_value(preset: str, name: str):
 
 def changed_settings(cfg: TrainConfig) -> list[str]:
     """The settings of ``cfg`` whose value differs from its preset's, in field order."""
-    return [f.name for f, _ in settings() if getattr(cfg, f.name) != preset_value(cfg.preset, f.name)]
+    return changed_names(cfg, partial(preset_value, cfg.preset))
 
 
 def train_arguments(cfg: TrainConfig) -> list[str]:
-    """The ``ddpmkit train`` arguments that give ``cfg`` again: ``--preset P`` and one flag per changed setting."""
-    args = ["--preset", cfg.preset]
-    for name in changed_settings(cfg):
-        v = getattr(cfg, name)
-        if isinstance(v, bool):
-            args.append(flag(name) if v else flag(name).replace("--", "--no-", 1))
-        else:  # repr: a float's shortest exact form (2e-05, not show_value's rounded %g)
-            args += [flag(name), repr(v) if isinstance(v, float) else show_value(v)]
-    return args
+    """The ``ddpmkit train`` arguments that give ``cfg`` again: ``--preset P`` and one flag per changed setting
+    (:func:`.settings.changed_arguments`)."""
+    return ["--preset", cfg.preset] + changed_arguments(cfg, partial(preset_value, cfg.preset))
 
 
 def describe_default(name: str) -> str:

@@ -15,7 +15,8 @@ import torch
 
 from .. import __version__
 from ..errors import CheckpointError, ConfigError
-from ..latent import AUTOENCODER_DIR, LatentSpace, cached_latents, measure_scale, open_autoencoder
+from ..latent import AUTOENCODER_DIR, LatentSpace, cached_latents, measure_scale
+from ..run import open_autoencoder
 from ..store import prepare_run_dir, save_checkpoint, write_config
 from ..store.rundir import CONFIG_NAME, read_config
 

@@ -2,7 +2,8 @@
 loop's (:class:`LoopSettings`). A task's own settings class inherits both and adds its own fields
 (:class:`ddpmkit.train.config.TrainConfig` for the diffusion model, :class:`ddpmkit.train.autoencoder_config.
 AutoencoderConfig` for the autoencoder); the command-line flags, config.json, the docs' tables and the resume check
-are derived from the fields of whichever class (:func:`settings`, :func:`flag`, :func:`locked_settings`).
+are derived from the fields of whichever class (:func:`settings`, :func:`flag`, :func:`locked_settings`), and so is
+the command that gives a run's settings again (:func:`changed_arguments`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from ..errors import CheckpointError, ConfigError
 from ..limits import MAX_BATCH, MAX_CHANNELS, MAX_IMAGE_SIZE, check_float, check_int
 
 __all__ = ["setting", "default_of", "DataSettings", "LoopSettings", "flag", "settings", "show_value",
-           "locked_settings", "positive_int", "settings_from_json"]
+           "locked_settings", "positive_int", "settings_from_json", "changed_names", "changed_arguments",
+           "class_default"]
 
 
 def setting(default, help: str, *, locked: bool = False, unet: str | None = None, metavar: str | None = None):
@@ -186,3 +188,27 @@ def show_value(v) -> str:
     if isinstance(v, float):
         return f"{v:g}"
     return str(v)
+
+
+def class_default(cls):
+    """The default of each setting of ``cls``: ``class_default(cls)(name)``, for a class without presets."""
+    return lambda name: cls.__dataclass_fields__[name].default
+
+
+def changed_names(cfg, default) -> list[str]:
+    """The settings of ``cfg`` whose value differs from ``default(name)``, in the order of :func:`settings`."""
+    return [f.name for f, _ in settings(type(cfg)) if getattr(cfg, f.name) != default(f.name)]
+
+
+def changed_arguments(cfg, default) -> list[str]:
+    """The command-line arguments that give ``cfg`` again from the settings ``default(name)``: one flag per
+    setting that differs (:func:`changed_names`), a boolean as ``--x`` or ``--no-x``, a float by its repr (its
+    shortest exact form: 2e-05, not :func:`show_value`'s rounded %g), a tuple comma-joined."""
+    args = []
+    for name in changed_names(cfg, default):
+        v = getattr(cfg, name)
+        if isinstance(v, bool):
+            args.append(flag(name) if v else flag(name).replace("--", "--no-", 1))
+        else:
+            args += [flag(name), repr(v) if isinstance(v, float) else show_value(v)]
+    return args

@@ -24,8 +24,9 @@ from pathlib import Path
 from ..files import atomic_write_text
 from ..store import read_config
 from . import plots
-from .summary import (Fact, Summary, autoencoder_shape, reconstruction_figures, sample_grids, settings_rows,
-                      space, summarize, trainer_grids)
+from .summary import sample_grids, settings_rows, space, summarize
+from .summary_autoencoder import autoencoder_shape, reconstruction_figures
+from .summary_common import Fact, Summary, trainer_grids
 
 __all__ = ["write_report", "SECTIONS"]
 

@@ -128,12 +128,21 @@ class AutoencoderTask(Task):
         scalars = {"rec": rec.detach().mean(), "kl": kl.detach().mean()}
         if cfg.gan and step >= cfg.disc_start:
             g = generator_loss(nets["discriminator"](recon))
-            # LDM's adaptive weight, with the reconstruction loss as LDM's nll_loss (it has no KL term)
-            w = adaptive_weight(rec.mean(), g, self.autoencoder.last_layer) * cfg.disc_weight
+            # LDM's adaptive weight, with the reconstruction loss as LDM's nll_loss (it has no KL term); of the global
+            # batch's gradients, so that it is the same on any number of processes
+            w = cfg.disc_weight * adaptive_weight(rec.mean(), g, self.autoencoder.last_layer,
+                                                  reduce=self._mean_over_ranks)
             total = total + w * g
             scalars.update(g_loss=g.detach(), d_weight=w.detach() if torch.is_tensor(w) else torch.tensor(w))
             self._recon[part.start] = recon.detach()
         return LossOut(total, per_sample.detach(), None, scalars)
+
+    def _mean_over_ranks(self, grad: torch.Tensor) -> torch.Tensor:
+        """The mean of a gradient over the processes (itself on one process)."""
+        dctx = self.ctx.dist
+        if not dctx.enabled:
+            return grad
+        return dctx.all_reduce_(grad.detach().clone()) / dctx.world_size
 
     def updated(self, name, per_sample, info) -> None:
         if name == "discriminator" and self._meter is not None:
