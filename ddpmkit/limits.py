@@ -89,14 +89,20 @@ def check_model_config(model_config: dict, where: str, error=ConfigError) -> int
             raise error(f"{where}: {key} must be a list of at most {most} integers, got {_show(v)}")
         for x in v:
             check_int(f"{where}: each of {key}", x, 1, 64 if key == "channel_mults" else MAX_IMAGE_SIZE, error)
+    return _counted(lambda: count_parameters(model_config), where, "U-Net",
+                    "base_channels, channel_mults or num_res_blocks", error)
+
+
+def _counted(count, where: str, what: str, lower: str, error) -> int:
+    """``count()``, a network's number of parameters from a build on the meta device, refused in one line when the
+    build fails or the count passes MAX_PARAMETERS (``lower``: the settings to lower)."""
     try:
-        n = count_parameters(model_config)
+        n = count()
     except (ConfigError, TypeError, ValueError, KeyError) as e:
-        raise error(f"{where} does not describe a valid U-Net: {e}") from None
+        raise error(f"{where} does not describe a valid {what}: {e}") from None
     if n > MAX_PARAMETERS:
-        raise error(f"{where}: the U-Net would have {n:,} parameters ({4 * n / 1e9:,.0f} GB of float32 weights), "
-                    f"more than the {MAX_PARAMETERS:,} allowed: lower base_channels, channel_mults or "
-                    "num_res_blocks")
+        raise error(f"{where}: the {what} would have {n:,} parameters ({4 * n / 1e9:,.0f} GB of float32 weights), "
+                    f"more than the {MAX_PARAMETERS:,} allowed: lower {lower}")
     return n
 
 
@@ -124,16 +130,11 @@ def check_autoencoder_config(model_config: dict, where: str, error=ConfigError) 
 
     from .models.autoencoder import AutoencoderKL
 
-    try:
+    def count() -> int:
         with torch.device("meta"):
-            n = AutoencoderKL.from_config(dict(model_config)).num_parameters()
-    except (ConfigError, TypeError, ValueError, KeyError) as e:
-        raise error(f"{where} does not describe a valid autoencoder: {e}") from None
-    if n > MAX_PARAMETERS:
-        raise error(f"{where}: the autoencoder would have {n:,} parameters ({4 * n / 1e9:,.0f} GB of float32 "
-                    f"weights), more than the {MAX_PARAMETERS:,} allowed: lower block_out_channels or "
-                    "layers_per_block")
-    return n
+            return AutoencoderKL.from_config(dict(model_config)).num_parameters()
+
+    return _counted(count, where, "autoencoder", "block_out_channels or layers_per_block", error)
 
 
 def _show(v) -> str:

@@ -43,3 +43,19 @@ def tiny_run(root, name: str = "run", **overrides) -> Path:
     run = Path(root) / name
     Trainer(tiny_cfg(**overrides), run, quiet=True).run()
     return run
+
+
+def randomized(model_class, cfg: dict, seed: int = 0):
+    """A diffusers model of ``model_class`` built from ``cfg`` with every parameter random, GroupNorm scales and
+    biases included (diffusers initialises those to 1 and 0, which would hide a swapped or missing one)."""
+    import torch
+
+    torch.manual_seed(seed)
+    m = model_class(**cfg)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if "norm" in name:
+                p.add_(0.2 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(0.05 * torch.randn_like(p))
+    return m.eval()

@@ -11,6 +11,7 @@ import torch
 diffusers = pytest.importorskip("diffusers")
 from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
+from conftest import randomized  # noqa: E402
 
 from ddpmkit.run import Run  # noqa: E402
 from ddpmkit.store import read_config  # noqa: E402
@@ -55,16 +56,7 @@ TOL = 1e-4
 
 
 def _randomized(cfg: dict, seed: int = 0) -> UNet2DModel:
-    """A diffusers UNet2DModel with every parameter random, GroupNorm scales and biases included."""
-    torch.manual_seed(seed)
-    m = UNet2DModel(**cfg)
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if "norm" in name:
-                p.add_(0.2 * torch.randn_like(p))
-            elif name.endswith("bias"):
-                p.copy_(0.05 * torch.randn_like(p))
-    return m.eval()
+    return randomized(UNet2DModel, cfg, seed)
 
 
 def _compare(theirs: UNet2DModel, ours: UNet, size: int, batch: int = 2, seed: int = 1) -> float:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import randomized
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import AutoencoderKL as DiffusersVAE  # noqa: E402
@@ -35,16 +36,7 @@ TOL = 1e-4
 
 
 def _randomized(cfg: dict, seed: int = 0) -> DiffusersVAE:
-    """A diffusers AutoencoderKL with every parameter random, GroupNorm scales and biases included."""
-    torch.manual_seed(seed)
-    m = DiffusersVAE(**cfg)
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if "norm" in name:
-                p.add_(0.2 * torch.randn_like(p))
-            elif name.endswith("bias"):
-                p.copy_(0.05 * torch.randn_like(p))
-    return m.eval()
+    return randomized(DiffusersVAE, cfg, seed)
 
 
 def _compare(theirs: DiffusersVAE, ours: AutoencoderKL, size: int, seed: int = 1) -> float:

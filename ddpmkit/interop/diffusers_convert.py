@@ -374,12 +374,18 @@ def state_from_diffusers(dstate: Mapping[str, torch.Tensor], cfg: Mapping) -> di
                 out[f"{ours}.qkv.{p}"] = torch.cat([_linear(x) if p == "weight" else x for x in parts], dim=0)
                 w = take(f"{theirs}.{proj}.{p}")
                 out[f"{ours}.proj.{p}"] = _linear(w) if p == "weight" else w
-    left = sorted(set(src) - used)
-    if left:
-        more = f" and {len(left) - 5} more" if len(left) > 5 else ""
-        raise CheckpointError(f"the diffusers weights have {len(left)} tensor(s) that the config does not "
-                              f"describe: {', '.join(left[:5])}{more}")
+    refuse_names(set(src) - used, "have", "that the config does not describe")
     return out
+
+
+def refuse_names(names, verb: str, why: str) -> None:
+    """One CheckpointError line naming (the first five of) ``names``, when there are any: the tensors the diffusers
+    weights ``verb`` (have, lack) ``why``."""
+    names = sorted(names)
+    if names:
+        more = f" and {len(names) - 5} more" if len(names) > 5 else ""
+        raise CheckpointError(f"the diffusers weights {verb} {len(names)} tensor(s) {why}: "
+                              f"{', '.join(names[:5])}{more}")
 
 
 def state_to_diffusers(state: Mapping[str, torch.Tensor], cfg: Mapping) -> dict[str, torch.Tensor]:

@@ -20,6 +20,7 @@ import torch
 from ..errors import CheckpointError, ConfigError
 from ..limits import check_autoencoder_config
 from ..models.autoencoder import AutoencoderKL
+from .diffusers_convert import refuse_names
 
 __all__ = ["autoencoder_config_from_diffusers", "diffusers_config_from_autoencoder", "state_from_diffusers_vae",
            "state_to_diffusers_vae", "LATENT_KEYS"]
@@ -183,16 +184,8 @@ def state_from_diffusers_vae(dstate: Mapping[str, torch.Tensor], model_cfg: Mapp
                 and t.shape[2:] == (1, 1)):
             t = t.reshape(t.shape[0], t.shape[1])  # a 1x1 conv's weight as a Linear's
         out[name] = t
-    if left:
-        left.sort()
-        more = f" and {len(left) - 5} more" if len(left) > 5 else ""
-        raise CheckpointError(f"the diffusers weights have {len(left)} tensor(s) that the config does not describe: "
-                              f"{', '.join(left[:5])}{more}")
-    missing = sorted(set(expected) - set(out))
-    if missing:
-        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-        raise CheckpointError(f"the diffusers weights lack {len(missing)} tensor(s) that the config describes: "
-                              f"{', '.join(missing[:5])}{more}")
+    refuse_names(left, "have", "that the config does not describe")
+    refuse_names(set(expected) - set(out), "lack", "that the config describes")
     return out
 
 
