@@ -144,3 +144,30 @@ def test_demo_writes_the_quality_curve_and_the_memorisation_check(tmp_path):
                  "samples_ddim/grid.png", "samples_dpmpp-2m-sde/grid.png", "ddim.gif", "dpmpp-2m-sde.gif"):
         assert (out / name).is_file(), name
     assert "memorization" in (out / "report.html").read_text()
+
+
+@pytest.mark.slow
+def test_the_latent_demo_trains_an_autoencoder_then_the_unet_on_its_latents(tmp_path):
+    """`ddpmkit demo --latent`: the autoencoder run beside the demo's, the latent run holding its copy, every file of
+    the pixel demo (but the pixels' forward figure) with 32x32 decoded digits, and a report naming the latent space."""
+    from PIL import Image
+
+    from ddpmkit.demo import run_demo
+    from ddpmkit.run import Run
+
+    lines = []
+    res = run_demo(out=tmp_path / "demo", train_seconds=6, quiet=True, n=10, log=lines.append, latent=True)
+    out = res["out"]
+    ae = tmp_path / "demo-autoencoder"
+    assert Run.open(ae).kind == "autoencoder" and (ae / "metrics.csv").is_file()
+    run = Run.open(out)
+    assert run.is_latent and run.pixel_shape == (1, 32, 32) and run.image_shape == (4, 8, 8)
+    assert (out / "autoencoder" / "config.json").is_file()
+    for name in ("loss.png", "report.html", "eval/memorization.png", "samples_ddim/grid.png",
+                 "samples_dpmpp-2m-sde/grid.png", "ddim.gif", "dpmpp-2m-sde.gif"):
+        assert (out / name).is_file(), name
+    assert not (out / "forward.png").exists()
+    with Image.open(next((out / "samples_ddim").glob("sample_*.png"))) as im:
+        assert im.size == (32, 32)
+    assert any("held-out PSNR" in line for line in lines)
+    assert "latent" in (out / "report.html").read_text()
