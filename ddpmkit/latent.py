@@ -92,12 +92,15 @@ class LatentSpace:
         view = (1, -1, 1, 1)
         return self.scale.to(z.device).view(view), self.shift.to(z.device).view(view)
 
+    def scaled(self, means: torch.Tensor) -> torch.Tensor:
+        """Diffusion latents of the autoencoder's posterior means: ``(mean - shift) * scale``."""
+        scale, shift = self._affine(means)
+        return (means - shift) * scale
+
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Diffusion latents of images x in [-1, 1]: the posterior's mean, shifted and scaled."""
-        mean = self.autoencoder.encode(x.to(self.device)).mean.float()
-        scale, shift = self._affine(mean)
-        return (mean - shift) * scale
+        return self.scaled(self.autoencoder.encode(x.to(self.device)).mean.float())
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:

@@ -42,6 +42,7 @@ class Run:
         self.config = config
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self._loaded: tuple[Checkpoint, frozenset, bool] | None = None  # read once: (checkpoint, parts, verified)
+        self._latent_space = None  # a latent run's LatentSpace, loaded once (latent_space)
 
     @classmethod
     def open(cls, path) -> Run:
@@ -200,9 +201,8 @@ class Run:
     def latent_space(self):
         """A latent run's :class:`~ddpmkit.latent.LatentSpace`: its copy of the autoencoder (``RUN/autoencoder``),
         checked against the hash it trained with, and its scale; loaded once, on the CPU."""
-        cached = getattr(self, "_latent_space", None)
-        if cached is not None:
-            return cached
+        if self._latent_space is not None:
+            return self._latent_space
         section = self.latent_section
         if section is None:
             raise CheckpointError(f"{self.dir} is not a latent diffusion run")

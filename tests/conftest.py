@@ -59,3 +59,12 @@ def randomized(model_class, cfg: dict, seed: int = 0):
             elif name.endswith("bias"):
                 p.copy_(0.05 * torch.randn_like(p))
     return m.eval()
+
+
+def gaussian_eps(sched, mu: float, s: float):
+    """The exact noise predictor of N(mu, s^2 I) data under ``sched`` (float64): E[eps | x_t] in closed form."""
+    def net(x, t):
+        a = sched.alpha_bar_at(t).view(-1, 1, 1, 1)
+        return (1 - a).sqrt() * (x.double() - a.sqrt() * mu) / (a * s * s + 1 - a)
+
+    return net

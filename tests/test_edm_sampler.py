@@ -11,6 +11,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import gaussian_eps
 
 from ddpmkit.cli import main
 from ddpmkit.diffusion import Denoiser, NoiseSchedule
@@ -28,11 +29,7 @@ def sched():
 
 def oracle(sched, mu=MU, s=S_DATA):
     """The exact noise predictor of N(mu, s^2) data."""
-    def net(x, t):
-        a = sched.alpha_bar_at(t).view(-1, 1, 1, 1)
-        return (1 - a).sqrt() * (x.double() - a.sqrt() * mu) / (a * s * s + 1 - a)
-
-    return net
+    return gaussian_eps(sched, mu, s)
 
 
 def grid_sigmas(sched, tau):

@@ -15,6 +15,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import gaussian_eps
 
 from ddpmkit.diffusion import Denoiser, NoiseSchedule
 from ddpmkit.models.unet import UNet
@@ -30,11 +31,8 @@ def sched():
 
 
 def oracle(sched, mu=MU, s=S_DATA):
-    def net(x, t):
-        a = sched.alpha_bar_at(t).view(-1, 1, 1, 1)
-        return (1 - a).sqrt() * (x.double() - a.sqrt() * mu) / (a * s * s + 1 - a)
-
-    return net
+    """The exact noise predictor of N(mu, s^2) data."""
+    return gaussian_eps(sched, mu, s)
 
 
 def exact_ode_result(sched, x_T, tau, mu=MU, s=S_DATA):

@@ -116,10 +116,8 @@ def run_eval(args) -> int:
         print("Frechet distance: no feature network for these images (digits use the digits classifier; others "
               "need Inception's weights, see `ddpmkit eval fid --download`)")
     with output_dir(Path(args.out) if args.out else run.dir / "eval") as out:
-        from ..images import from_uint8
-
         shown = held[:16]
-        fig = save_reconstruction_figure(from_uint8(shown), reconstruct(model, shown, device=device).cpu(),
+        fig = save_reconstruction_figure(shown, reconstruct(model, shown, device=device).cpu(),
                                          out / "reconstructions.png", n=len(shown))
         facts = {"psnr_db": r.psnr, "psnr_std": r.psnr_std, "n": r.n, "data": source, "fd": r.fd,
                  "fd_stderr": r.fd_stderr, "features": r.features, "ema": bool(args.ema)}

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from ._ode import Levels
+from .heun import step_to_next
 from .registry import Option, register
 
 # The churn window [s_tmin, s_tmax] holds sigma = 1 in all of EDM's tuned settings (table 5: S_tmin 0.01 to 0.05,
@@ -62,12 +63,7 @@ def heun_sde(denoiser, x_T, timesteps, *, noise, callback=None, s_churn: float =
         else:
             s_hat, y, x_in = s_i, x / lv.alpha[i], x
             pred = denoiser(x_in, lv.t(i, x))
-        ds = lv.edm_sigma[i + 1] - s_hat
-        y_next = y + ds * pred.eps  # EDM alg. 2, line 8: the Euler step from sigma_hat
-        if i < len(lv) - 1:
-            eps_next = denoiser(lv.alpha[i + 1] * y_next, lv.t(i + 1, x)).eps
-            y_next = y + ds * (0.5 * pred.eps + 0.5 * eps_next)  # EDM alg. 2, line 11: the trapezoidal correction
-        x = lv.alpha[i + 1] * y_next
+        x = step_to_next(denoiser, lv, i, y, s_hat, pred)  # EDM alg. 2, lines 8-11: heun's step from sigma_hat
         if callback is not None:
             callback(i, lv.ts[i].item(), x, pred.x0)
     return x

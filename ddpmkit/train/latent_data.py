@@ -18,18 +18,18 @@ from ..errors import CheckpointError, ConfigError
 from ..latent import AUTOENCODER_DIR, LatentSpace, cached_latents, measure_scale
 from ..run import open_autoencoder
 from ..store import prepare_run_dir, save_checkpoint, write_config
-from ..store.rundir import CONFIG_NAME, read_config
+from ..store.rundir import CONFIG_NAME
 
 __all__ = ["PreparedLatents", "prepare_latents", "save_autoencoder_copy", "latent_scale_of"]
 
 
 @dataclass
 class PreparedLatents:
+    """A latent run's space; :func:`prepare_latents` returns the training set's latents beside it."""
+
     space: LatentSpace  # the frozen autoencoder and the scale
     info: dict  # config.json's "latent" section
     shape: tuple[int, int, int]  # (C, h, w) of a latent
-    latents: torch.Tensor  # float32 [N, C, h, w], scaled, on the CPU
-    mirrored: torch.Tensor | None  # the mirror images' latents (with --flip), scaled
     autoencoder_config: dict  # the autoencoder run's config.json
 
 
@@ -51,14 +51,16 @@ def latent_scale_of(latent_section: dict | None, means: torch.Tensor):
     return float(factor), float(section.get("shift_factor") or 0.0), "autoencoder"
 
 
-def prepare_latents(cfg, images_uint8: torch.Tensor, ctx) -> PreparedLatents:
-    """The latents of ``images_uint8`` (uint8 [N, C, H, W]) for the run of settings ``cfg`` (``cfg.autoencoder``
-    set), with the task context ``ctx`` (device, ranks, log, run_dir, resume)."""
+def prepare_latents(cfg, images_uint8: torch.Tensor, ctx) -> tuple[PreparedLatents, torch.Tensor,
+                                                                     torch.Tensor | None]:
+    """The latent space of the run of settings ``cfg`` (``cfg.autoencoder`` set), with the task context ``ctx``
+    (device, ranks, log, run_dir, stored_config), and the scaled latents of ``images_uint8`` (uint8 [N, C, H, W]) and
+    of their mirror images (with --flip; else None), float32 on the CPU."""
     run_dir = Path(ctx.run_dir) if ctx.run_dir is not None else None
     copy = None if run_dir is None else run_dir / AUTOENCODER_DIR
     # a resume keeps the scale and the autoencoder the run trained with: its own copy, even if the run at
     # --autoencoder trained on since; without the copy, the run at --autoencoder, if it is still the same one
-    stored = read_config(run_dir).get("latent") if ctx.resume and run_dir is not None else None
+    stored = ctx.stored_config.get("latent") if ctx.stored_config is not None and run_dir is not None else None
     source = copy if stored is not None and (copy / CONFIG_NAME).is_file() else cfg.autoencoder
     ae, ae_config, ae_hash = open_autoencoder(source)
     if stored is not None and stored.get("autoencoder_hash") not in (None, ae_hash):
@@ -78,10 +80,8 @@ def prepare_latents(cfg, images_uint8: torch.Tensor, ctx) -> PreparedLatents:
     else:
         scale, shift, where = latent_scale_of(ae_config.get("latent"), means)
     space = LatentSpace.of(ae, scale, shift)
-    view = (1, -1, 1, 1)
-    latents = (means - space.shift.view(view)) * space.scale.view(view)
-    if mirrored is not None:
-        mirrored = (mirrored - space.shift.view(view)) * space.scale.view(view)
+    latents = space.scaled(means)
+    mirrored = None if mirrored is None else space.scaled(mirrored)
     std = float(latents.double().std())
     info = space.section(shape=list(shape), image_shape=[cfg.channels, cfg.image_size, cfg.image_size],
                          autoencoder=str(cfg.autoencoder), autoencoder_hash=ae_hash, scale_source=where,
@@ -89,7 +89,7 @@ def prepare_latents(cfg, images_uint8: torch.Tensor, ctx) -> PreparedLatents:
     scale_text = f"{space.scale[0]:.5g}" if len(set(space.scale.tolist())) == 1 else "per channel"
     ctx.log(f"latent space of {cfg.autoencoder}: {shape[0]}x{shape[1]}x{shape[2]} latents (f = {ae.factor}), "
             f"scale {scale_text} ({where}); the scaled latents' std is {std:.3f}")
-    return PreparedLatents(space, info, shape, latents, mirrored, ae_config)
+    return PreparedLatents(space, info, shape, ae_config), latents, mirrored
 
 
 def save_autoencoder_copy(run_dir, prepared: PreparedLatents) -> Path:

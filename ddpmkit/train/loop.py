@@ -112,7 +112,7 @@ class TrainingLoop:
             self.device = torch.device("cuda", dctx.local_rank)
         self.autocast_dtype = autocast_dtype(cfg.precision, self.device)
         self.task = task(cfg, TaskContext(self.device, dctx, self.log, self.quiet, run_dir=run_dir,
-                                          resume=ckpt is not None))
+                                          stored_config=None if ckpt is None else ckpt.config))
         self.num_images = self.task.num_images
 
         # The same seed on every rank: identical initial weights. Dropout is reseeded per rank and step (train_step).

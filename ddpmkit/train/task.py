@@ -41,7 +41,7 @@ class TaskContext:
     log: Callable[[str], None]
     quiet: bool = False  # no progress bars (rank > 0, or asked)
     run_dir: Path | None = None  # the run directory (read only: the loop writes it, through write_files)
-    resume: bool = False  # whether the loop resumes the run in run_dir
+    stored_config: dict | None = None  # a resumed run's config.json, as the loop read it (None: a new run)
 
 
 @dataclass

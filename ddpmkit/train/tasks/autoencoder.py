@@ -133,7 +133,7 @@ class AutoencoderTask(Task):
             w = cfg.disc_weight * adaptive_weight(rec.mean(), g, self.autoencoder.last_layer,
                                                   reduce=self._mean_over_ranks)
             total = total + w * g
-            scalars.update(g_loss=g.detach(), d_weight=w.detach() if torch.is_tensor(w) else torch.tensor(w))
+            scalars.update(g_loss=g.detach(), d_weight=w)  # adaptive_weight is detached
             self._recon[part.start] = recon.detach()
         return LossOut(total, per_sample.detach(), None, scalars)
 
@@ -173,11 +173,9 @@ class AutoencoderTask(Task):
 
         if self.cfg.num_samples <= 0 or self.held is None:
             return None
-        originals = self.held[:self.cfg.num_samples]
+        originals = self.held[:self.cfg.num_samples]  # uint8, as save_reconstruction_figure takes them
         recon = reconstruct(ema(), originals, device=self.ctx.device)
-        from ...images import from_uint8
-
-        return save_reconstruction_figure(from_uint8(originals), recon.cpu(), path, n=len(originals))
+        return save_reconstruction_figure(originals, recon.cpu(), path, n=len(originals))
 
     def evaluate(self, ema) -> dict | None:
         """--eval-every: the held-out PSNR and the Frechet distance of the reconstructions to the originals."""
@@ -192,7 +190,5 @@ class AutoencoderTask(Task):
             self._features = feature_network(self.cfg.data, log=self.ctx.log)
         r = evaluate_reconstruction(ema(), self.held[:self.cfg.eval_n], features=self._features,
                                     device=self.ctx.device)
-        out = {"psnr": r.psnr, "fd": r.fd, "fd_stderr": r.fd_stderr, "seconds": time.perf_counter() - t0}
-        if r.fd is None:  # no feature network: the bar shows the PSNR alone
-            out.pop("fd"), out.pop("fd_stderr")
-        return out
+        # without a feature network fd is None: the bar shows the PSNR alone (progress.fd_text)
+        return {"psnr": r.psnr, "fd": r.fd, "fd_stderr": r.fd_stderr, "seconds": time.perf_counter() - t0}

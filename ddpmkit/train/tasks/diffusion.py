@@ -87,15 +87,16 @@ class DiffusionTask(Task):
         self.class_cond = cfg.class_cond
         labels = data.labels if self.class_cond else None
         # a latent run (--autoencoder) diffuses the images' latents, encoded once (and cached); else the images
-        self.latent, self.latent_info = None, None
+        self.latent = None  # a latent run's PreparedLatents (its space, config.json section, latent shape)
         self.shape = (cfg.channels, cfg.image_size, cfg.image_size)  # of what the U-Net denoises
         if cfg.autoencoder:
             from ..latent_data import prepare_latents
 
-            self.prepared = prepared = prepare_latents(cfg, data.images, ctx)
-            self.latent, self.latent_info, self.shape = prepared.space, prepared.info, prepared.shape
-            self.batcher = Batcher(prepared.latents, cfg.batch_size, device=device, flip=cfg.flip, seed=cfg.seed,
-                                   labels=labels, mirrored=prepared.mirrored)
+            self.latent, latents, mirrored = prepare_latents(cfg, data.images, ctx)
+            self.shape = self.latent.shape
+            self.batcher = Batcher(latents, cfg.batch_size, device=device, flip=cfg.flip, seed=cfg.seed,
+                                   labels=labels, mirrored=mirrored)
+            del latents, mirrored
         else:
             self.batcher = Batcher(data.images, cfg.batch_size, device=device, flip=cfg.flip, seed=cfg.seed,
                                    labels=labels)
@@ -158,13 +159,13 @@ class DiffusionTask(Task):
 
     # ------------------------------------------------------------------ the run's files
     def write_files(self, run_dir: Path) -> None:
-        if self.latent is not None:  # the run's own copy of its autoencoder (latent_run.py)
+        if self.latent is not None:  # the run's own copy of its autoencoder (latent_data.py)
             from ..latent_data import save_autoencoder_copy
 
-            save_autoencoder_copy(run_dir, self.prepared)
+            save_autoencoder_copy(run_dir, self.latent)
 
     def config_json(self) -> dict:
-        return self.cfg.to_json(self.class_names, self.latent_info)
+        return self.cfg.to_json(self.class_names, None if self.latent is None else self.latent.info)
 
     def state_dict(self) -> dict:
         state = {"gen": self.gen.get_state(), "batcher": self.batcher.state_dict(), "num_images": self.num_images}
@@ -189,7 +190,7 @@ class DiffusionTask(Task):
         # decoder turns finished samples into images
         latent = self.latent is not None
         return Denoiser(model, self.schedule, self.cfg.objective, variance, clip_x0=not latent,
-                        null_cond=self.null_class, decoder=self.latent.decode if latent else None)
+                        null_cond=self.null_class, decoder=self.latent.space.decode if latent else None)
 
     def sample_grid(self, ema, path: Path) -> Path | None:
         from ...samplers import sample
