@@ -27,13 +27,11 @@ class MetricsLog:
     # the loop's columns; then the task's own (the diffusion task's: the loss in ten timestep buckets); then
     # --eval-every's Frechet distance and its standard error, on its steps' rows
     LOOP_COLUMNS = ["step", "loss", "lr", "grad_norm", "img_per_s", "wall_s"]
-    DIFFUSION_COLUMNS = [f"loss_t{i}" for i in range(NUM_BUCKETS)]
     QUALITY_COLUMNS = ["fd", "fd_stderr"]
-    COLUMNS = LOOP_COLUMNS + DIFFUSION_COLUMNS + QUALITY_COLUMNS  # a diffusion run's
 
-    def __init__(self, path: Path, resume_step: int | None = None, task_columns: list[str] | None = None):
+    def __init__(self, path: Path, resume_step: int | None = None, task_columns=()):
         self.path = path
-        columns = self.COLUMNS if task_columns is None else self.LOOP_COLUMNS + task_columns + self.QUALITY_COLUMNS
+        columns = self.LOOP_COLUMNS + list(task_columns) + self.QUALITY_COLUMNS
         if resume_step is not None and path.exists():
             with open(path, newline="") as f:
                 rows = list(csv.reader(f))

@@ -113,10 +113,9 @@ class Task(abc.ABC):
         """A new accumulator of the task's metrics columns (None: the loop's columns only)."""
         return None
 
-    def metrics_columns(self) -> list[str] | None:
-        """The task's own columns of metrics.csv, between the loop's and --eval-every's (None: the diffusion
-        task's)."""
-        return None
+    def metrics_columns(self) -> list[str]:
+        """The task's own columns of metrics.csv (its :meth:`meter`'s), between the loop's and --eval-every's."""
+        return []
 
     def write_files(self, run_dir: Path) -> None:
         """Write the task's own files into the run directory, before its config.json (rank 0; a new run, or a

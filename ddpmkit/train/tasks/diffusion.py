@@ -157,6 +157,9 @@ class DiffusionTask(Task):
     def meter(self) -> Meter:
         return TimestepBuckets(self.cfg.T, self.ctx.device)
 
+    def metrics_columns(self) -> list[str]:
+        return [f"loss_t{i}" for i in range(NUM_BUCKETS)]  # TimestepBuckets.row's
+
     # ------------------------------------------------------------------ the run's files
     def write_files(self, run_dir: Path) -> None:
         if self.latent is not None:  # the run's own copy of its autoencoder (latent_data.py)
