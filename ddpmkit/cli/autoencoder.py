@@ -27,9 +27,9 @@ def add_parser(sub) -> None:
     from .train import add_settings_flags
 
     def describe_default(name):
-        from ..train.settings import show_value
+        from ..train.settings import class_default, show_value
 
-        return f"default: {show_value(AutoencoderConfig.__dataclass_fields__[name].default)}"
+        return f"default: {show_value(class_default(AutoencoderConfig)(name))}"
 
     add_settings_flags(t, AutoencoderConfig, describe_default)
     t.add_argument("--out", default="runs/autoencoder", metavar="DIR",

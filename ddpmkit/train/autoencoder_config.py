@@ -148,13 +148,7 @@ class AutoencoderConfig(DataSettings, LoopSettings):
 
 def settings_table() -> str:
     """docs/latent.md's table of the autoencoder's training settings: one row per setting, with its default."""
-    from .settings import flag, settings, show_value
+    from .settings import class_default
+    from .settings import settings_table as table_of
 
-    lines = ["| flag | meaning | default |", "| --- | --- | --- |"]
-    for f, kind in settings(AutoencoderConfig):
-        name = flag(f.name).replace("--", "--[no-]", 1) if kind is bool else flag(f.name)
-        name = f"`{name}{' ' + f.metadata['metavar'] if 'metavar' in f.metadata else ''}`"
-        name += " *" if f.metadata.get("locked") else ""
-        lines.append(f"| {name} | {f.metadata['help'].replace('|', '/')} | {show_value(f.default)} |")
-    lines += ["", "\\* fixed for the life of a run: `--resume` refuses a change."]
-    return "\n".join(lines) + "\n"
+    return table_of(AutoencoderConfig, {"default": class_default(AutoencoderConfig)})

@@ -24,6 +24,7 @@ from ..models.unet import UNET_PRESETS
 from .settings import (DataSettings, LoopSettings, changed_arguments, changed_names, default_of, flag,
                        locked_settings, positive_int, setting, settings_from_json, show_value)
 from .settings import settings as settings_of
+from .settings import settings_table as table_of
 
 __all__ = ["TrainConfig", "PRESETS", "config_from_preset", "flag", "settings", "preset_value", "show_value",
            "settings_table", "resume_locked", "changed_settings", "train_arguments"]
@@ -273,14 +274,4 @@ def describe_default(name: str) -> str:
 
 def settings_table() -> str:
     """docs/training.md's table of the training settings: one row per setting, a column per preset."""
-    presets = list(PRESETS)
-    lines = ["| flag | meaning | " + " | ".join(f"`{p}`" for p in presets) + " |",
-             "| --- | --- |" + " --- |" * len(presets)]
-    for f, kind in settings():
-        name = flag(f.name).replace("--", "--[no-]", 1) if kind is bool else flag(f.name)
-        name = f"`{name}{' ' + f.metadata['metavar'] if 'metavar' in f.metadata else ''}`"
-        name += " *" if f.metadata.get("locked") else ""
-        values = [show_value(preset_value(p, f.name)) for p in presets]
-        lines.append(f"| {name} | {f.metadata['help'].replace('|', '/')} | " + " | ".join(values) + " |")
-    lines += ["", "\\* fixed for the life of a run: `--resume` refuses a change."]
-    return "\n".join(lines) + "\n"
+    return table_of(TrainConfig, {f"`{p}`": partial(preset_value, p) for p in PRESETS})

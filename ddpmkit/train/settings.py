@@ -18,7 +18,7 @@ from ..limits import MAX_BATCH, MAX_CHANNELS, MAX_IMAGE_SIZE, check_float, check
 
 __all__ = ["setting", "default_of", "DataSettings", "LoopSettings", "flag", "settings", "show_value",
            "locked_settings", "positive_int", "settings_from_json", "changed_names", "changed_arguments",
-           "class_default"]
+           "class_default", "settings_table"]
 
 
 def setting(default, help: str, *, locked: bool = False, unet: str | None = None, metavar: str | None = None):
@@ -212,3 +212,17 @@ def changed_arguments(cfg, default) -> list[str]:
         else:
             args += [flag(name), repr(v) if isinstance(v, float) else show_value(v)]
     return args
+
+
+def settings_table(cls, columns: dict) -> str:
+    """A docs table of the settings of ``cls``: one row per setting (its flag, marked * when a resume may not change
+    it, and its help), then one column per entry of ``columns``: header -> the value of a setting by name."""
+    lines = ["| flag | meaning | " + " | ".join(columns) + " |", "| --- | --- |" + " --- |" * len(columns)]
+    for f, kind in settings(cls):
+        name = flag(f.name).replace("--", "--[no-]", 1) if kind is bool else flag(f.name)
+        name = f"`{name}{' ' + f.metadata['metavar'] if 'metavar' in f.metadata else ''}`"
+        name += " *" if f.metadata.get("locked") else ""
+        values = [show_value(value_of(f.name)) for value_of in columns.values()]
+        lines.append(f"| {name} | {f.metadata['help'].replace('|', '/')} | " + " | ".join(values) + " |")
+    lines += ["", "\\* fixed for the life of a run: `--resume` refuses a change."]
+    return "\n".join(lines) + "\n"
