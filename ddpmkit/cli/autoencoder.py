@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from .common import CLIError, Parser
@@ -67,23 +66,18 @@ def run_train(args) -> int:
     from ..train.loop import TrainingLoop
     from ..train.resume import resolve_settings
     from ..train.tasks.autoencoder import AutoencoderTask
-    from .train import finish
+    from .train import run_loop
 
     fields = {f.name for f in dataclasses.fields(AutoencoderConfig)}
     overrides = {k: getattr(args, k) for k in fields if getattr(args, k, None) is not None}
     out = Path(args.out)
     cfg, stored = resolve_settings(AutoencoderConfig, overrides, out, args.resume)
     loop = TrainingLoop(AutoencoderTask, cfg, out, resume=args.resume, quiet=args.quiet, stored_config=stored)
-    if loop.dist.is_main and loop.step >= cfg.steps:
-        print(f"{out} is at step {loop.step}, at or past --steps {cfg.steps}: nothing to train (give a larger "
-              f"--steps to go on)", file=sys.stderr)
-    elif loop.dist.is_main:
-        ae = loop.models["autoencoder"]
-        c, h, w = ae.latent_shape(cfg.image_size)
-        print(f"training the autoencoder {out} on {loop.device} ({ae.num_parameters():,} parameters, f = "
-              f"{ae.factor}, latents {c}x{h}x{w}, {loop.num_images:,} images), from step {loop.step} to "
-              f"{cfg.steps}", file=sys.stderr)
-    return finish(loop, loop.run(), out, "autoencoder train")
+    ae = loop.models["autoencoder"]
+    c, h, w = ae.latent_shape(cfg.image_size)
+    return run_loop(loop, cfg, out, "autoencoder train",
+                    f"the autoencoder {out} on {loop.device} ({ae.num_parameters():,} parameters, f = {ae.factor}, "
+                    f"latents {c}x{h}x{w}, {loop.num_images:,} images)")
 
 
 def run_eval(args) -> int:

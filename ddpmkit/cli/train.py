@@ -55,14 +55,20 @@ def run(args) -> int:
     out = Path(args.out) if args.out else Path("runs") / args.preset
     cfg, stored = resolve_run(args.preset, overrides, out, args.resume)  # a resume: the run's settings, read once
     trainer = Trainer(cfg, out, resume=args.resume, quiet=args.quiet, stored_config=stored)
-    main_rank = trainer.dist.is_main
-    if main_rank and trainer.step >= cfg.steps:  # a resume asked for no more steps than the run has
-        print(f"{out} is at step {trainer.step}, at or past --steps {cfg.steps}: nothing to train (give a larger "
+    what = (f"{out} on {trainer.device} ({trainer.model.num_parameters():,} parameters, {trainer.num_images:,} "
+            "images)")
+    return run_loop(trainer, cfg, out, "train", what)
+
+
+def run_loop(loop, cfg, out: Path, command: str, what: str) -> int:
+    """Say what trains (rank 0: ``training WHAT, from step A to B``, or that a resumed run has its steps already),
+    run the loop, and :func:`finish`."""
+    if loop.dist.is_main and loop.step >= cfg.steps:  # a resume asked for no more steps than the run has
+        print(f"{out} is at step {loop.step}, at or past --steps {cfg.steps}: nothing to train (give a larger "
               f"--steps to go on)", file=sys.stderr)
-    elif main_rank:
-        print(f"training {out} on {trainer.device} ({trainer.model.num_parameters():,} parameters, "
-              f"{trainer.num_images:,} images), from step {trainer.step} to {cfg.steps}", file=sys.stderr)
-    return finish(trainer, trainer.run(), out, "train")
+    elif loop.dist.is_main:
+        print(f"training {what}, from step {loop.step} to {cfg.steps}", file=sys.stderr)
+    return finish(loop, loop.run(), out, command)
 
 
 def finish(loop, res: dict, out: Path, command: str) -> int:
