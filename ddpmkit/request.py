@@ -74,10 +74,16 @@ def one_class_label(spec, class_names, null_class) -> int | None:
     return labels[0]
 
 
-def guidance_weight(guidance, class_names, null_class) -> float | None:
+def guidance_weight(guidance, class_names, null_class, distilled: float | None = None) -> float | None:
     """The classifier-free guidance weight w of a run with ``class_names`` (None: unconditional) and ``null_class``:
     ``guidance`` checked (a number >= 0, a null class to guide with), ``DEFAULT_GUIDANCE`` when None and the run has
-    a null class, else 0; None for an unconditional run, which refuses a weight. SettingError (one line)."""
+    a null class, else 0; None for an unconditional run, which refuses a weight. A student distilled at guidance
+    ``distilled`` draws at that weight and refuses another. SettingError (one line)."""
+    if distilled is not None and class_names is not None:
+        if guidance is not None and not (isinstance(guidance, (int, float)) and abs(guidance - distilled) < 1e-9):
+            raise SettingError("guidance", f" {guidance!r}: this student was distilled at guidance w = "
+                                           f"{distilled:g}, and draws at that weight only")
+        return float(distilled)
     if class_names is None:
         if guidance is not None:
             raise SettingError("guidance", ": this run is unconditional (trained without --class-cond), so "
@@ -105,16 +111,18 @@ class Conditioning:
     guidance: float | None
 
     @staticmethod
-    def of(opt: "SampleOptions", class_names, null_class, n: int, *, grouped: bool) -> "Conditioning":
+    def of(opt: "SampleOptions", class_names, null_class, n: int, *, grouped: bool,
+           distilled: float | None = None) -> "Conditioning":
         """The conditioning of ``n`` samples of a run with ``class_names`` (None: unconditional) and ``null_class``.
 
         With classes asked for (``opt.classes``), ``grouped`` gives each class ``n / len(classes)`` consecutive
         samples (``n`` must be a multiple), else the classes take turns; a class-conditional run asked for none
         draws every class in turn. The guidance weight is ``opt.guidance``, by default ``DEFAULT_GUIDANCE`` where
-        the run has a null class; an unconditional run refuses a weight.
+        the run has a null class (a distilled student's own weight: ``distilled``); an unconditional run refuses a
+        weight.
         """
         classes = parse_classes(opt.classes, class_names)
-        w = guidance_weight(opt.guidance, class_names, null_class)
+        w = guidance_weight(opt.guidance, class_names, null_class, distilled)
         if class_names is None:
             return Conditioning(None, None, None)
         pool = classes if classes is not None else list(range(len(class_names)))
@@ -131,7 +139,7 @@ class SampleOptions:
     all T for ddpm); ``options`` holds the sampler's own settings (``{"eta": 0.5}`` for ddim); ``variance``
     defaults to the run's (``small`` unless its config says otherwise)."""
 
-    sampler: str = "ddim"
+    sampler: str | None = None  # None: the run's own (a distilled student's), else default_sampler
     steps: int | None = None
     spacing: str | None = None
     options: dict = field(default_factory=dict)
@@ -145,10 +153,15 @@ class SampleOptions:
     gif_frames: int = 40
     classes: list | None = None  # labels to draw (see parse_classes); None: every class in turn, or unconditional
     guidance: float | None = None  # classifier-free guidance weight w; None: DEFAULT_GUIDANCE
+    default_sampler: str = "ddim"  # the sampler when neither ``sampler`` nor the run names one
 
-    def plan(self, schedule) -> SamplingPlan:
+    def plan(self, schedule, run_defaults: dict | None = None) -> SamplingPlan:
         """The sampler, its timesteps and options for a run over ``schedule`` (a NoiseSchedule, or its T where the
-        spacing needs no more), every setting checked (SettingError, one line)."""
+        spacing needs no more), every setting checked (SettingError, one line).
+
+        ``run_defaults`` (``Run.sampling_defaults``): the sampler, steps and spacing a run draws with when none is
+        named, a distilled student's. Its steps and spacing apply while the sampler is its own.
+        """
         from .diffusion import VARIANCES
 
         for name in ("n", "batch_size"):
@@ -158,7 +171,13 @@ class SampleOptions:
         if self.variance is not None and self.variance not in VARIANCES:
             raise SettingError("variance", f"unknown variance {self.variance!r}: choose {' or '.join(VARIANCES)}",
                                lead=False)
-        return resolve(self.sampler, schedule, self.steps, self.spacing, **self.options)
+        own = run_defaults or {}
+        sampler = self.sampler or own.get("sampler") or self.default_sampler
+        steps, spacing = self.steps, self.spacing
+        if own and sampler == own.get("sampler"):
+            steps = own.get("steps") if steps is None else steps
+            spacing = own.get("spacing") if spacing is None else spacing
+        return resolve(sampler, schedule, steps, spacing, **self.options)
 
 
 @dataclass(frozen=True)
@@ -181,10 +200,11 @@ class Request:
         in all with the classes taking turns (FID).
         """
         run = run if isinstance(run, Run) else Run.open(run)
-        plan = opt.plan(run.schedule)
+        plan = opt.plan(run.schedule, run.sampling_defaults())
         classes = parse_classes(opt.classes, run.class_names)
         n = opt.n * (len(classes) if classes and per_class else 1)
-        cond = Conditioning.of(opt, run.class_names, run.null_class, n, grouped=per_class)
+        cond = Conditioning.of(opt, run.class_names, run.null_class, n, grouped=per_class,
+                               distilled=run.distilled_guidance)
         return cls(run, opt, plan, cond, n, opt.variance or run.variance)
 
     @property

@@ -257,6 +257,37 @@ class Run:
         """The label of the null class ("no class", for classifier-free guidance); None when the model has none."""
         return self._classes[1]
 
+    # ------------------------------------------------------------------ a distilled student
+    @property
+    def distilled(self) -> dict | None:
+        """A distilled student's ``distill`` section (``ddpmkit distill``), None for any other run."""
+        section = self.config.get("distill")
+        if section is None:
+            return None
+        if type(section) is not dict or not isinstance(section.get("sampler"), str):
+            raise CheckpointError(f"{self.config_path}: the 'distill' section has no sampler")
+        return section
+
+    def sampling_defaults(self) -> dict:
+        """The sampler, steps and spacing this run draws with when a request names none: a distilled student's
+        own (DDIM over its trailing grid, at the steps of its last round), {} for any other run."""
+        d = self.distilled
+        if d is None:
+            return {}
+        steps = d.get("reached_steps", d.get("steps"))
+        if type(steps) is not int or not 1 <= steps <= self.schedule.T:
+            raise CheckpointError(f"{self.config_path}: distill.reached_steps must be an integer in [1, T], got "
+                                  f"{steps!r}")
+        return {"sampler": d["sampler"], "steps": steps, "spacing": d.get("spacing")}
+
+    @property
+    def distilled_guidance(self) -> float | None:
+        """The classifier-free guidance weight a distilled student's network draws at by itself (its teacher's
+        weight when it was distilled); None for an unguided student or any other run."""
+        d = self.distilled
+        w = None if d is None else d.get("guidance")
+        return None if w is None else float(w)
+
     # ------------------------------------------------------------------ weights
     def checkpoint(self, *, verify: bool = True, map_location="cpu",
                    parts: tuple[str, ...] = ("model", "ema", "optimizer", "train")) -> Checkpoint:
@@ -384,6 +415,12 @@ class Run:
             raise CheckpointError(f"{self.dir} has no null class, so it cannot be guided: "
                                   + ("it is unconditional" if not self.class_cond else
                                      "its model was not trained with ddpmkit's label dropout"))
+        w_student = self.distilled_guidance
+        if w_student is not None:  # the student's network is the guided teacher already: it is not guided again
+            if guidance is not None and abs(float(guidance) - w_student) > 1e-9:
+                raise ConfigError(f"{self.dir} is a student distilled at guidance w = {w_student:g}: it draws at "
+                                  f"that weight only (distil its teacher again with --guidance {guidance:g})")
+            guidance = None
         decoder = None
         if self.is_latent:  # latents are not bounded by [-1, 1]: no clipping; samples are decoded into images
             clip_x0 = False

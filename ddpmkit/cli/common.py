@@ -69,8 +69,10 @@ def add_sampler_flags(p, variance: bool = True, default_sampler: str = "ddim") -
     from ..samplers import SAMPLERS, SPACINGS, sampler_names
 
     names = sampler_names()
-    p.add_argument("--sampler", default=default_sampler, metavar="NAME",
-                   help=f"one of {', '.join(names)} (default: {default_sampler}; each is described below)")
+    p.add_argument("--sampler", default=None, metavar="NAME",
+                   help=f"one of {', '.join(names)} (default: {default_sampler}, or a distilled run's own; each is "
+                        "described below)")
+    p.set_defaults(default_sampler=default_sampler)
     defaults = ", ".join(f"{n} {'all T' if SAMPLERS[n].default_steps is None else SAMPLERS[n].default_steps}"
                          for n in names)
     p.add_argument("--steps", type=int, default=None, help=f"timesteps to visit, 1..T (default: {defaults})")
@@ -126,13 +128,15 @@ def sample_options(args, **extra):
     from ..samplers import SAMPLERS
 
     given = {k[len("sampler_"):]: v for k, v in vars(args).items() if k.startswith("sampler_") and v is not None}
-    info = SAMPLERS.get(args.sampler)
-    if info is not None:
+    default = getattr(args, "default_sampler", "ddim")
+    info = SAMPLERS.get(args.sampler or default)
+    if info is not None and args.sampler is not None:  # the run's own sampler is known once the run is open
         takes = {o.name for o in info.options}
         for name in given:
             if name not in takes:
                 raise CLIError(f"--{name.replace('_', '-')} does not apply to the {args.sampler} sampler")
     check_counts(batch_size=extra.get("batch_size"))
-    return SampleOptions(sampler=args.sampler, steps=args.steps, spacing=args.spacing, options=given,
+    return SampleOptions(sampler=args.sampler, default_sampler=default, steps=args.steps, spacing=args.spacing,
+                         options=given,
                          variance=args.variance, clip_x0=args.clip, classes=getattr(args, "classes", None),
                          guidance=getattr(args, "guidance", None), **extra)

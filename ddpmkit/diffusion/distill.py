@@ -20,8 +20,8 @@ import torch
 from .schedule import NoiseSchedule
 
 __all__ = ["END", "alpha_sigma", "edm_sigma", "ddim_step", "progressive_target", "truncated_snr_weight",
-           "student_grid", "teacher_grid", "progressive_triples", "consistency_scalings", "consistency_function",
-           "heun_step", "consistency_target"]
+           "student_grid", "teacher_grid", "progressive_triples", "progressive_loss", "consistency_scalings",
+           "consistency_function", "heun_step", "consistency_target"]
 
 END = -1  # the timestep of the clean image: alpha = 1, sigma = 0 (alpha_bar_prev of t = 0)
 
@@ -150,6 +150,25 @@ def progressive_triples(T: int, steps: int) -> tuple[np.ndarray, np.ndarray, np.
     alg. 2 draws i ~ U{1..N}) and passes the three to :func:`progressive_target`."""
     tau, tau2 = student_grid(T, steps), teacher_grid(T, steps)
     return tau, tau2[0::2].copy(), np.append(END, tau[:-1]).astype(np.int64)
+
+
+def progressive_loss(student_x0: TeacherX0, teacher_x0: TeacherX0, x0: torch.Tensor, noise: torch.Tensor,
+                     i: torch.Tensor, steps: int, schedule: NoiseSchedule) -> tuple[torch.Tensor, torch.Tensor]:
+    """One batch of progressive distillation for a student of N = ``steps`` (Salimans & Ho 2022, algorithm 2): per
+    sample, its student step ``i`` [B] (in 0..N-1) gives (t, t_mid, t_next) (:func:`progressive_triples`), the clean
+    image ``x0`` is noised to z_t with ``noise`` (DDPM eq. 4), and the student's x0 estimate at (z_t, t) is compared
+    with the x-target of two teacher DDIM steps (:func:`progressive_target`) in the x-space loss with the truncated-SNR
+    weight max(SNR_t, 1) (the paper's section 4). Returns (the per-sample losses [B], float32, with the student's
+    gradient; the timesteps t [B])."""
+    tau, mid, nxt = (torch.as_tensor(a, device=x0.device) for a in progressive_triples(schedule.T, steps))
+    i = i.to(x0.device)
+    t, t_mid, t_next = tau[i], mid[i], nxt[i]
+    alpha, sigma = alpha_sigma(schedule, t)
+    z_t = (_col(alpha, x0.double()) * x0.double() + _col(sigma, x0.double()) * noise.double()).to(x0.dtype)
+    target = progressive_target(teacher_x0, z_t, t, t_mid, t_next, schedule)
+    x_hat = student_x0(z_t, t)
+    w = truncated_snr_weight(alpha, sigma).float()  # Salimans & Ho 2022, sec. 4: max(SNR_t, 1) ||x_tilde - x_hat||^2
+    return (x_hat.float() - target.float()).pow(2).flatten(1).mean(dim=1) * w, t
 
 
 # ---------------------------------------------------------------------------------------- consistency distillation

@@ -63,7 +63,7 @@ def _conditioning(run: Run, classes, guidance, own: torch.Tensor | None, N: int)
     from ..request import guidance_weight, one_class_label
 
     def weight() -> float | None:  # as `sample`: a number >= 0, DEFAULT_GUIDANCE by default; refused when unconditional
-        return guidance_weight(guidance, run.class_names, run.null_class)
+        return guidance_weight(guidance, run.class_names, run.null_class, run.distilled_guidance)
 
     label = one_class_label(classes, run.class_names, run.null_class)  # refuses a class of an unconditional run
     if not run.class_cond:
@@ -209,7 +209,7 @@ def edit_run(run_path, *, image: str, strengths, sample_options, out=None, devic
     strengths = parse_strengths(strengths) if isinstance(strengths, str) else [check_strength(s) for s in strengths]
     opt = sample_options
     try:
-        plan = opt.plan(run.schedule)
+        plan = opt.plan(run.schedule, run.sampling_defaults())
     except SettingError:
         raise  # names its setting; the command line shows the flag
     except ConfigError as e:

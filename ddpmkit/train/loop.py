@@ -244,12 +244,13 @@ class TrainingLoop:
     def train_step(self) -> StepResult:
         """One optimizer step of every optimizer due (the main one's result); ``step`` advances by one."""
         cfg, dctx = self.cfg, self.dist
-        lr = lr_at(cfg, self.step, self._time_progress())
         # Dropout masks come from a stream derived from (seed, rank, step), reseeded at every step: each rank
         # draws its own masks (a shared seed would make them identical across ranks), a 1-process run stays
         # reproducible, and a resume, on any number of processes, needs no per-rank state from the checkpoint.
         seed_dropout(cfg.seed, dctx.rank, self.step)
         batch = self.task.batch(self.step)
+        # the run's schedule, times the task's own factor (after batch(): a distillation's round may begin there)
+        lr = lr_at(cfg, self.step, self._time_progress()) * self.task.lr_factor(self.step)
         for n in self.trainable:
             self.models[n].train()
         result, faults = None, []

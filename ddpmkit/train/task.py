@@ -14,9 +14,9 @@ interface without copying the loop:
   "discriminator": OptimizerSpec(disc params, start_step=disc_start)}``; :meth:`Task.loss` returns the
   reconstruction + KL + adaptive-weight GAN loss for ``"autoencoder"`` and the hinge loss on detached
   reconstructions for ``"discriminator"``, with their parts (``rec``, ``kl``, ``g``, ``d_weight``) as scalars;
-* a distilled student: networks ``{"student", "teacher"}``, one optimizer over the student's parameters (the
-  frozen teacher has none and is saved in no checkpoint: :meth:`Task.build` loads it), the loss of the student
-  against the teacher's targets.
+* a distilled student (:class:`ddpmkit.train.tasks.distill.DistillTask`): networks ``{"model", "teacher"}``, one
+  optimizer over the student's parameters; the frozen teacher has none, and its weights travel in the task's
+  training state, since each round's teacher is the last round's student.
 """
 
 from __future__ import annotations
@@ -104,6 +104,11 @@ class Task(abc.ABC):
     def loss(self, name: str, batch: Any, part: slice, nets: dict[str, Callable]) -> LossOut:
         """The loss of optimizer ``name`` on micro-batch ``part`` of ``batch``. ``nets`` are the networks as the
         loop runs them forward (wrapped by DDP and torch.compile), by name."""
+
+    def lr_factor(self, step: int) -> float:
+        """A factor on the run's learning rate at ``step``, called after :meth:`batch` (1: the run's schedule alone;
+        a distillation decays it over each of its rounds)."""
+        return 1.0
 
     def updated(self, name: str, per_sample: torch.Tensor, info: torch.Tensor | None) -> None:
         """Optimizer ``name`` applied its step; ``per_sample`` and ``info`` hold the whole global batch."""

@@ -1,0 +1,169 @@
+"""The settings of a distillation run (`ddpmkit distill`): the teacher's own settings, and how its student learns.
+
+A :class:`DistillConfig` is a :class:`~ddpmkit.train.config.TrainConfig` (the student is a network of the teacher's
+architecture, on the teacher's data, schedule and classes: those settings come from the teacher's config.json and
+are fixed) with the fields of distillation added. Progressive distillation (Salimans & Ho 2022) halves the
+student's steps once per round, from ``teacher_steps`` down to ``student_steps``; each round trains for
+``round_steps`` optimizer steps (or its share of ``time_limit``), so the loop's ``steps`` is derived, not set.
+
+The student's step count is the command's ``--steps`` (the flag users know from sampling): the loop's own ``steps``
+(optimizer steps) is not a flag of `ddpmkit distill`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+from ..errors import ConfigError
+from .config import TrainConfig
+from .settings import default_of, setting, settings_from_json
+
+__all__ = ["DistillConfig", "METHODS", "DISTILL_FLAGS", "distill_flag", "distill_fields"]
+
+METHODS = ("progressive",)
+
+# The settings of `ddpmkit distill` whose flag is not --<name>: the student's steps are --steps (the optimizer steps,
+# LoopSettings.steps, follow from the rounds and have no flag there).
+DISTILL_FLAGS = {"student_steps": "--steps"}
+
+
+def distill_flag(name: str) -> str:
+    """The `ddpmkit distill` flag of a setting."""
+    return DISTILL_FLAGS.get(name, "--" + name.replace("_", "-"))
+
+
+@dataclass
+class DistillConfig(TrainConfig):
+    """A distillation run: the teacher's :class:`TrainConfig` (objective: the student's) and how the student learns.
+
+    The loop's defaults are replaced by fine-tuning ones: a smaller learning rate, no warm-up, no EMA (each round's
+    student is the next round's teacher as it stands), and the learning rate decays to 0 over each round
+    (:meth:`lr_factor`) instead of over the run.
+    """
+
+    teacher: str = setting("", "the trained run to distil (its EMA weights)", locked=True, metavar="RUN")
+    method: str = setting("progressive", "progressive (Salimans & Ho 2022: each round halves the steps)",
+                          locked=True)
+    student_steps: int = setting(4, "sampling steps of the final student (a power-of-2 fraction of "
+                                    "--teacher-steps)", locked=True)
+    teacher_steps: int = setting(64, "DDIM steps of the teacher that the first round distils in half",
+                                 locked=True)
+    round_steps: int = setting(400, "optimizer steps per round (with --time-limit, a round also ends at its even "
+                                    "share of the time)", locked=True)
+    guidance: float | None = setting(None, "class-conditional teacher: the classifier-free guidance weight the "
+                                           "student learns to draw at (default: sampling's default weight); the "
+                                           "student then draws guided in one network call per step", locked=True,
+                                     metavar="W")
+    objective: str = default_of(TrainConfig, "objective", "v", "what the student predicts: v (default) or x0; an "
+                                                               "eps-predicting student cannot take large steps")
+    lr: float = default_of(TrainConfig, "lr", 5e-4)
+    warmup: int = default_of(TrainConfig, "warmup", 0)
+    lr_decay: str = default_of(TrainConfig, "lr_decay", "none")
+    ema_decay: float = default_of(TrainConfig, "ema_decay", 0.0)
+    checkpoint_every: int = default_of(TrainConfig, "checkpoint_every", 200)
+    sample_every: int = default_of(TrainConfig, "sample_every", 10**9)
+
+    def __post_init__(self):
+        self.steps = self.rounds * self.round_steps if self._rounds_ok() else 1
+
+    # ------------------------------------------------------------------ rounds
+    def _rounds_ok(self) -> bool:
+        ints = all(isinstance(v, int) and not isinstance(v, bool) and v >= 1
+                   for v in (self.student_steps, self.teacher_steps, self.round_steps))
+        return ints and self.teacher_steps % self.student_steps == 0 and _power_of_two(
+            self.teacher_steps // self.student_steps) and self.teacher_steps > self.student_steps
+
+    @property
+    def rounds(self) -> int:
+        """Rounds of halving from ``teacher_steps`` to ``student_steps``."""
+        return int(round(math.log2(self.teacher_steps // self.student_steps)))
+
+    def round_of(self, r: int) -> tuple[int, int]:
+        """(teacher steps, student steps) of round ``r`` (0-indexed)."""
+        n = self.teacher_steps >> r
+        return n, n // 2
+
+    def validate(self) -> None:
+        super().validate()
+        for name in ("student_steps", "teacher_steps", "round_steps"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"{distill_flag(name)} must be a positive integer, got {v!r}")
+        if self.method not in METHODS:
+            raise ConfigError(f"unknown --method {self.method!r}: choose {' or '.join(METHODS)}")
+        if self.objective not in ("v", "x0"):
+            raise ConfigError(f"a student predicts v or x0 (--objective), got {self.objective!r}: an eps-predicting "
+                              "network cannot take one large step, its x0 estimate at high noise divides by "
+                              "alpha_t, near 0")
+        if not self._rounds_ok():
+            raise ConfigError(f"--teacher-steps {self.teacher_steps} must be --steps {self.student_steps} times a "
+                              "power of 2 greater than 1 (each round halves the steps)")
+        if self.teacher_steps > self.T:
+            raise ConfigError(f"--teacher-steps {self.teacher_steps} exceeds the teacher's T = {self.T} timesteps")
+        if self.guidance is not None:
+            if not self.class_cond:
+                raise ConfigError("--guidance: the teacher is unconditional, so there is nothing to guide")
+            if not (isinstance(self.guidance, (int, float)) and math.isfinite(self.guidance)
+                    and self.guidance >= 0):
+                raise ConfigError(f"--guidance must be a number >= 0, got {self.guidance!r}")
+        if not self.teacher:
+            raise ConfigError("name the teacher run to distil")
+
+    # ------------------------------------------------------------------ files
+    def to_json(self, class_names=None, latent: dict | None = None) -> dict:
+        """The student's config.json: a diffusion run of the student's objective, with a ``distill`` section that
+        says how it draws (:meth:`distill_section`)."""
+        out = super().to_json(class_names, latent)
+        out["distill"] = self.distill_section()
+        return out
+
+    def distill_section(self, reached: int | None = None) -> dict:
+        """What ``Run`` reads of a distilled run: the sampler its student was trained for (deterministic DDIM on the
+        ``trailing`` timesteps), its steps (``reached``: those of the last finished round), the guidance it draws
+        at, and where it came from."""
+        return {"method": self.method, "sampler": "ddim", "spacing": "trailing", "steps": self.student_steps,
+                "reached_steps": self.teacher_steps if reached is None else int(reached),
+                "teacher": self.teacher, "teacher_steps": self.teacher_steps, "guidance": self.guidance}
+
+    @classmethod
+    def from_json(cls, cfg: dict) -> "DistillConfig":
+        return settings_from_json(cls, cfg)
+
+    @classmethod
+    def from_teacher(cls, teacher_cfg: TrainConfig, teacher: str, **overrides) -> "DistillConfig":
+        """A new distillation of the run at ``teacher`` (its settings ``teacher_cfg``): the teacher's settings, the
+        distillation defaults, ``overrides`` (None values ignored) on top."""
+        own = {f.name for f in dataclasses.fields(cls)} - {f.name for f in dataclasses.fields(TrainConfig)}
+        replaced = {f.name for f in dataclasses.fields(cls)
+                    if f.name in TrainConfig.__dataclass_fields__
+                    and f.default is not TrainConfig.__dataclass_fields__[f.name].default}
+        values = {k: v for k, v in dataclasses.asdict(teacher_cfg).items() if k not in replaced}
+        bad = sorted(set(overrides) - own - replaced - set(LOOP_OVERRIDABLE))
+        if bad:
+            raise ConfigError(f"not a setting of a distillation: {', '.join(bad)}")
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        values["teacher"] = str(teacher)
+        values.pop("steps", None)
+        for f in dataclasses.fields(cls):
+            if isinstance(f.default, tuple) and f.name in values:
+                values[f.name] = tuple(values[f.name])
+        return cls(**values)
+
+
+# the loop settings `ddpmkit distill` takes as flags (LoopSettings' but `steps`, which the rounds give)
+LOOP_OVERRIDABLE = ("time_limit", "batch_size", "grad_accum", "lr", "warmup", "grad_clip", "adam_beta1",
+                    "adam_beta2", "weight_decay", "ema_decay", "ema_warmup", "seed", "log_every",
+                    "checkpoint_every", "sample_every", "keep", "skip_nonfinite", "device", "precision", "compile")
+
+
+def distill_fields() -> list[str]:
+    """The settings that are flags of `ddpmkit distill`, in the order its help lists them: the distillation's own,
+    then the loop's."""
+    own = [f.name for f in dataclasses.fields(DistillConfig) if f.name not in TrainConfig.__dataclass_fields__]
+    return own + ["objective", *LOOP_OVERRIDABLE]
+
+
+def _power_of_two(n: int) -> bool:
+    return n >= 1 and n & (n - 1) == 0

@@ -1,0 +1,211 @@
+"""A distilled student as a training task: progressive distillation (Salimans & Ho 2022, algorithm 2).
+
+The student is a copy of the teacher's network. Round r distils a teacher of N_r DDIM steps into a student of
+N_r / 2: at a student timestep, the student's x0 estimate is pulled towards the x-target x_tilde with which one DDIM
+step lands exactly where two of the teacher's land (:func:`ddpmkit.diffusion.distill.progressive_target`), in the
+x-space loss with the truncated-SNR weight max(SNR, 1) (the paper's section 4). At the end of a round the student,
+as it stands, becomes the teacher of the next. The timesteps are the ``trailing`` grid of N steps, which nests from
+round to round (:func:`~ddpmkit.diffusion.distill.student_grid`).
+
+A class-conditional teacher is distilled guided, as Meng et al. 2023 do for a fixed weight: round 0's teacher is the
+classifier-free-guided one at ``guidance`` w (two network calls), and the student learns that guided prediction in
+one call; the null class, drawn with the run's label dropout, learns the unguided unconditional model.
+
+Everything the loop needs for an exact resume is state: the data order and the generator (as for the diffusion
+task), the round, where it began, and the teacher's weights.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ...diffusion import Denoiser
+from ...diffusion.distill import progressive_loss
+from ...errors import ConfigError
+from ..task import LossOut, TaskContext
+from .diffusion import DiffusionTask
+
+__all__ = ["DistillTask"]
+
+
+class DistillTask(DiffusionTask):
+    """Progressive distillation of the teacher run ``cfg.teacher`` (a :class:`~ddpmkit.train.distill_config.
+    DistillConfig`)."""
+
+    def __init__(self, cfg, ctx: TaskContext):
+        super().__init__(cfg, ctx)  # the teacher's data (or latents), batcher, schedule and generator
+        self.round, self.round_start = 0, 0
+        self.teacher_objective = None  # round 0's teacher's; later rounds' teachers are students (cfg.objective)
+        self._teacher_state = None
+        self._session_t0 = None  # with --time-limit: when this session's first step began, and its rounds' shares
+        self._round_t0 = None
+        self._round_seconds = None
+        if ctx.stored_config is None:  # a new run: the teacher's weights (EMA) from its run
+            from ...run import Run
+
+            run = Run.open(cfg.teacher)
+            if run.kind != "diffusion":
+                raise ConfigError(f"{cfg.teacher} is an autoencoder run: distil a diffusion run")
+            net = run.load_model(ema=True)
+            self._teacher_state = {k: v.to(ctx.device) for k, v in net.state_dict().items()}
+            self.teacher_objective = run.objective
+
+    # ------------------------------------------------------------------ the networks
+    def build(self) -> dict[str, torch.nn.Module]:
+        student = super().build()["model"]
+        teacher = super().build()["model"]
+        if self._teacher_state is not None:  # a new run: the student starts as the teacher (a resume loads both)
+            student.load_state_dict(self._teacher_state)
+            teacher.load_state_dict(self._teacher_state)
+            self._teacher_state = None
+        teacher.requires_grad_(False)
+        teacher.eval()
+        self.student, self.teacher = student, teacher
+        return {"model": student, "teacher": teacher}
+
+    # ------------------------------------------------------------------ rounds
+    @property
+    def steps_now(self) -> tuple[int, int]:
+        """(teacher steps, student steps) of the current round."""
+        return self.cfg.round_of(self.round)
+
+    def _round_over(self, step: int) -> bool:
+        cfg = self.cfg
+        if step - self.round_start >= cfg.round_steps:
+            return True
+        if self._round_seconds is None:
+            return False
+        over = time.perf_counter() - self._round_t0 >= self._round_seconds
+        if self.ctx.dist.enabled:  # every rank ends the round at the same step
+            over = bool(self.ctx.dist.max_int(int(over), self.ctx.device))
+        return over
+
+    def _next_round(self, step: int) -> None:
+        """The student as it stands becomes the teacher; the student goes on from its own weights."""
+        self.round += 1
+        self.round_start = step
+        self.teacher.load_state_dict(self.student.state_dict())
+        self._round_t0 = time.perf_counter()
+        self.ctx.log(f"distill: round {self.round + 1} of {self.cfg.rounds} begins at step {step}: "
+                     f"{self.steps_now[0]} teacher steps -> {self.steps_now[1]}")
+
+    def lr_factor(self, step: int) -> float:
+        """Linear decay to 0 over each round (by its steps, or by its time with --time-limit, whichever is further)."""
+        done = (step - self.round_start) / self.cfg.round_steps
+        if self._round_seconds is not None:
+            done = max(done, (time.perf_counter() - self._round_t0) / self._round_seconds)
+        return max(0.0, 1.0 - done)
+
+    # ------------------------------------------------------------------ one step
+    def batch(self, step: int):
+        """(x0, y, student step index i, noise) of this rank's share of the global batch of ``step``; a round that
+        is over hands over to the next first."""
+        cfg, dctx, device = self.cfg, self.ctx.dist, self.ctx.device
+        if self._session_t0 is None:
+            self._session_t0 = self._round_t0 = time.perf_counter()
+            if cfg.time_limit is not None:  # the session's time shared evenly by the rounds it has left
+                self._round_seconds = cfg.time_limit / (cfg.rounds - self.round)
+        while self.round < cfg.rounds - 1 and self._round_over(step):
+            self._next_round(step)
+        batch = self.batcher.next_batch(self.class_cond, rank=dctx.rank, world_size=dctx.world_size)
+        x0, y = batch if self.class_cond else (batch, None)
+        B, per = cfg.batch_size, x0.shape[0]
+        lo = dctx.rank * per
+        if y is not None and cfg.p_uncond > 0:  # the null class keeps learning the unconditional model
+            from .diffusion import uncond_mask
+
+            drop = uncond_mask(cfg.seed, step, B, cfg.p_uncond)[lo:lo + per].to(device)
+            y = torch.where(drop, torch.full_like(y, self.null_class), y)
+        n_student = self.steps_now[1]
+        # Salimans & Ho 2022, alg. 2: a student step i ~ U{1..N} per sample (here 0..N-1, see progressive_triples)
+        i_all = torch.randint(0, n_student, (B,), generator=self.gen, device=self.gen.device).to(device)
+        noise_all = torch.randn((B,) + tuple(x0.shape[1:]), generator=self.gen, device=self.gen.device,
+                                dtype=x0.dtype).to(device)
+        return x0, y, i_all[lo:lo + per], noise_all[lo:lo + per]
+
+    def _teacher(self, nets, y) -> Denoiser:
+        """Round 0: the original teacher (guided at w for a class-conditional one); later: the last student."""
+        clip = self.latent is None  # pixels: x0_hat clipped to [-1, 1], as sampling does; latents: never
+        if self.round == 0:
+            den = Denoiser(nets["teacher"], self.schedule, self.teacher_objective, clip_x0=clip,
+                           null_cond=self.null_class, cond=y)
+            if y is not None and self.cfg.guidance:
+                den = den.guided(self.cfg.guidance)
+            return den
+        return Denoiser(nets["teacher"], self.schedule, self.cfg.objective, clip_x0=clip, cond=y)
+
+    def loss(self, name, batch, part: slice, nets) -> LossOut:
+        x0, y, i, noise = batch
+        y = None if y is None else y[part]
+        teacher = self._teacher(nets, y)
+        student = Denoiser(nets["model"], self.schedule, self.cfg.objective, clip_x0=False, cond=y)
+        losses, t = progressive_loss(lambda z, s: student(z, s).x0, lambda z, s: teacher(z, s).x0, x0[part],
+                                     noise[part], i[part], self.steps_now[1], self.schedule)
+        return LossOut(losses.mean(), losses.detach(), t)
+
+    def updated(self, name, per_sample, info) -> None:
+        return None
+
+    # ------------------------------------------------------------------ the run's files
+    def config_json(self) -> dict:
+        out = super().config_json()
+        out["distill"] = self.cfg.distill_section(self.steps_now[1])
+        return out
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state["distill"] = {"round": self.round, "round_start": self.round_start,
+                            "teacher_objective": self.teacher_objective,
+                            "teacher": {k: v.detach().clone() for k, v in self.teacher.state_dict().items()}}
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        d = state["distill"]
+        self.round, self.round_start = int(d["round"]), int(d["round_start"])
+        self.teacher_objective = str(d["teacher_objective"])
+        self.teacher.load_state_dict(d["teacher"])
+
+    # ------------------------------------------------------------------ pictures and quality
+    def student_plan(self, steps: int | None = None):
+        """DDIM over the student's ``trailing`` grid of ``steps`` (default: the current round's student)."""
+        from ...samplers.options import resolve
+
+        return resolve("ddim", self.schedule, steps or self.steps_now[1], "trailing")
+
+    def denoiser(self, model: torch.nn.Module) -> Denoiser:
+        """The student's Denoiser: its objective, x0 clipped for pixels, and no guidance (its network is guided)."""
+        latent = self.latent is not None
+        return Denoiser(model, self.schedule, self.cfg.objective, "small", clip_x0=not latent,
+                        null_cond=self.null_class, decoder=self.latent.space.decode if latent else None)
+
+    def sample_grid(self, ema, path):
+        from ...samplers import sample
+        from ...viz.grids import save_grid, save_labelled_grid
+
+        if self.cfg.num_samples <= 0:
+            return None
+        g = torch.Generator(device="cpu").manual_seed(self.cfg.seed + 2)
+        n, den = self.cfg.num_samples, self.denoiser(ema())
+        if self.class_cond:
+            K = len(self.class_names)
+            per = max(1, n // K)
+            n = per * K
+            den = den.with_cond(torch.arange(K, device=self.ctx.device).repeat_interleave(per))
+        x = den.to_pixels(sample(den, (n, *self.shape), sampler=self.student_plan(), noise=g))
+        return save_labelled_grid(x.cpu(), self.class_names, path) if self.class_cond else save_grid(x.cpu(), path)
+
+    def evaluate(self, ema) -> dict | None:
+        """--eval-every: the Frechet distance of the current student's samples (DDIM on its own grid)."""
+        from ...metrics.quality import QualityProbe
+
+        cfg = self.cfg
+        if self._probe is False:
+            self._probe = QualityProbe.for_data(cfg.data, None, log=self.ctx.log) if cfg.data == "digits" else None
+        if self._probe is None:
+            return None
+        return self._probe.measure(self.denoiser(ema()), cfg.eval_n, self.shape, sampler=self.student_plan(),
+                                   steps=None, seed=cfg.seed,
+                                   num_classes=None if self.class_names is None else len(self.class_names))
