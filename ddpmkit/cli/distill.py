@@ -112,7 +112,7 @@ def run(args) -> int:
         _record_reached(loop, out)
     code = finish(loop, res, out, "distill")
     if loop.dist.is_main and res["stop"] != "signal":
-        reached = task.steps_now[1]
+        reached = task.reached_steps(loop.step)
         if reached != cfg.student_steps:
             print(f"note: the distillation stopped in round {task.round + 1} of {cfg.rounds}: the student draws in "
                   f"{reached} steps so far; resume with: ddpmkit distill --out {out} --resume", file=sys.stderr)
@@ -126,5 +126,5 @@ def _record_reached(loop, out: Path) -> None:
     from ..store.rundir import read_config, write_config
 
     config = read_config(out)
-    config["distill"]["reached_steps"] = int(loop.task.steps_now[1])
+    config["distill"]["reached_steps"] = int(loop.task.reached_steps(loop.step))
     write_config(out, config)

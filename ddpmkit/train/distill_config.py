@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from ..errors import ConfigError
 from .config import TrainConfig
-from .settings import default_of, setting, settings_from_json
+from .settings import LoopSettings, default_of, setting, settings_from_json
 
 __all__ = ["DistillConfig", "METHODS", "DISTILL_FLAGS", "distill_flag", "distill_fields"]
 
@@ -121,8 +121,8 @@ class DistillConfig(TrainConfig):
 
     def distill_section(self, reached: int | None = None) -> dict:
         """What ``Run`` reads of a distilled run: the sampler its student was trained for (deterministic DDIM on the
-        ``trailing`` timesteps), its steps (``reached``: those of the last finished round), the guidance it draws
-        at, and where it came from."""
+        ``trailing`` timesteps), its steps (``reached``: the student's of the round it is in, once that round has
+        trained; the teacher's before any step), the guidance it draws at, and where it came from."""
         return {"method": self.method, "sampler": "ddim", "spacing": "trailing", "steps": self.student_steps,
                 "reached_steps": self.teacher_steps if reached is None else int(reached),
                 "teacher": self.teacher, "teacher_steps": self.teacher_steps, "guidance": self.guidance}
@@ -136,11 +136,11 @@ class DistillConfig(TrainConfig):
         """A new distillation of the run at ``teacher`` (its settings ``teacher_cfg``): the teacher's settings, the
         distillation defaults, ``overrides`` (None values ignored) on top."""
         own = {f.name for f in dataclasses.fields(cls)} - {f.name for f in dataclasses.fields(TrainConfig)}
-        replaced = {f.name for f in dataclasses.fields(cls)
-                    if f.name in TrainConfig.__dataclass_fields__
-                    and f.default is not TrainConfig.__dataclass_fields__[f.name].default}
-        values = {k: v for k, v in dataclasses.asdict(teacher_cfg).items() if k not in replaced}
-        bad = sorted(set(overrides) - own - replaced - set(LOOP_OVERRIDABLE))
+        # the teacher's data, model and diffusion settings; the loop's are the distillation's own (a teacher trained
+        # with --time-limit 210 does not give its student 210 s), and so is the student's objective
+        inherited = set(TrainConfig.__dataclass_fields__) - set(LoopSettings.__dataclass_fields__) - {"objective"}
+        values = {k: v for k, v in dataclasses.asdict(teacher_cfg).items() if k in inherited}
+        bad = sorted(set(overrides) - own - {"objective"} - set(LOOP_OVERRIDABLE))
         if bad:
             raise ConfigError(f"not a setting of a distillation: {', '.join(bad)}")
         values.update({k: v for k, v in overrides.items() if v is not None})

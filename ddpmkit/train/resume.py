@@ -64,7 +64,7 @@ def check_kind(cls, stored_json: dict, run_dir) -> None:
     """ConfigError when the run's config.json is of another kind than settings class ``cls`` trains (an autoencoder
     run resumed by ``ddpmkit train``, or the reverse)."""
     kind = stored_json.get("kind", "diffusion") if isinstance(stored_json, dict) else None
-    want = "diffusion" if cls is TrainConfig else "autoencoder"
+    want = "diffusion" if issubclass(cls, TrainConfig) else "autoencoder"  # a distillation's student is one too
     if kind in ("diffusion", "autoencoder") and kind != want:
         command = "ddpmkit train" if kind == "diffusion" else "ddpmkit autoencoder train"
         raise ConfigError(f"{run_dir} is {'an' if kind == 'autoencoder' else 'a'} {kind} run: resume it with "

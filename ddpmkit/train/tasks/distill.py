@@ -71,6 +71,12 @@ class DistillTask(DiffusionTask):
         """(teacher steps, student steps) of the current round."""
         return self.cfg.round_of(self.round)
 
+    def reached_steps(self, step: int) -> int:
+        """The steps the student draws in at ``step``: its round's once that round has trained, else its teacher's
+        (at step 0 the student is the teacher)."""
+        teacher, student = self.steps_now
+        return student if step > self.round_start else teacher
+
     def _round_over(self, step: int) -> bool:
         cfg = self.cfg
         if step - self.round_start >= cfg.round_steps:
@@ -151,7 +157,7 @@ class DistillTask(DiffusionTask):
     # ------------------------------------------------------------------ the run's files
     def config_json(self) -> dict:
         out = super().config_json()
-        out["distill"] = self.cfg.distill_section(self.steps_now[1])
+        out["distill"] = self.cfg.distill_section(self.reached_steps(self.round_start))
         return out
 
     def state_dict(self) -> dict:
