@@ -281,6 +281,19 @@ class Run:
         return {"sampler": d["sampler"], "steps": steps, "spacing": d.get("spacing")}
 
     @property
+    def consistency_sigma_data(self) -> float | None:
+        """A consistency-distilled student's sigma_data: its network's output is read as a consistency function
+        (``Denoiser(consistency=...)``); None for any other run."""
+        d = self.distilled
+        c = None if d is None else d.get("consistency")
+        if c is None:
+            return None
+        sd = c.get("sigma_data") if type(c) is dict else None
+        if isinstance(sd, bool) or not isinstance(sd, (int, float)) or not sd > 0:
+            raise CheckpointError(f"{self.config_path}: distill.consistency.sigma_data must be a positive number")
+        return float(sd)
+
+    @property
     def distilled_guidance(self) -> float | None:
         """The classifier-free guidance weight a distilled student's network draws at by itself (its teacher's
         weight when it was distilled); None for an unguided student or any other run."""
@@ -426,7 +439,8 @@ class Run:
             clip_x0 = False
             decoder = self.latent_space().to(device or "cpu").decode
         return Denoiser(net, schedule, objective=objective, variance=variance, clip_x0=clip_x0,
-                        guidance=guidance, null_cond=self.null_class, gamma=gamma, decoder=decoder)
+                        guidance=guidance, null_cond=self.null_class, gamma=gamma, decoder=decoder,
+                        consistency=self.consistency_sigma_data)
 
 
 def open_autoencoder(path):

@@ -15,7 +15,9 @@ def add_parser(sub) -> None:
         "distill", help="distil a trained run into a few-step student",
         description="Progressive distillation (Salimans & Ho 2022): a copy of the run's network learns to take one "
                     "DDIM step where its teacher takes two; each round halves the steps, from --teacher-steps down "
-                    "to --steps, and each round's student teaches the next. The student is a run: `ddpmkit sample "
+                    "to --steps, and each round's student teaches the next. Consistency distillation (--method "
+                    "consistency, Song et al. 2023): the copy learns to map any noise level to the end of the "
+                    "teacher's ODE, and draws in --steps steps. The student is a run: `ddpmkit sample "
                     "DIR` draws with its own sampler and steps, and every other command takes it. A class-"
                     "conditional teacher is distilled with classifier-free guidance at --guidance, so that the "
                     "student draws guided in one network call per step.")
@@ -117,7 +119,8 @@ def run(args) -> int:
             print(f"note: the distillation stopped in round {task.round + 1} of {cfg.rounds}: the student draws in "
                   f"{reached} steps so far; resume with: ddpmkit distill --out {out} --resume", file=sys.stderr)
         else:
-            print(f"sample it with: ddpmkit sample {out}  (DDIM, {reached} steps, trailing timesteps)")
+            print(f"sample it with: ddpmkit sample {out}  ({cfg.distill_section()['sampler']}, {reached} "
+                  f"step{'s' if reached > 1 else ''}, trailing timesteps)")
     return code
 
 

@@ -12,7 +12,9 @@ reverse step p(x_{t-1} | x_t)? :class:`Denoiser` answers it once:
   :mod:`.variance`. A 2C-channel network's second half is ignored under any other variance;
 - ``cond`` is passed to the network as a third argument when it is not None;
 - ``guidance`` w (with ``null_cond``, the condition that means "none") is classifier-free guidance, Ho & Salimans
-  2022 eq. 6: eps = (1 + w) eps(x, c) - w eps(x, null), both evaluated in one doubled batch (see ``guided``).
+  2022 eq. 6: eps = (1 + w) eps(x, c) - w eps(x, null), both evaluated in one doubled batch (see ``guided``);
+- ``consistency`` (sigma_data) reads a consistency-distilled network: x0_hat is the consistency function
+  c_skip x + (1 - c_skip) x0_net, which is x_t itself at t = 0 (:func:`.distill.consistency_x0`).
 
 A Denoiser can be respaced onto a sub-sequence of timesteps (:meth:`Denoiser.respaced`): its schedule is then the
 shorter process of Improved DDPM section 4, and its index i calls the network at the original timestep tau_i.
@@ -64,7 +66,8 @@ class Denoiser:
     def __init__(self, net: Callable, schedule: NoiseSchedule, objective: str = "eps", variance: str = "small",
                  clip_x0: bool = True, *, cond=None, timestep_map: torch.Tensor | None = None,
                  guidance: float | None = None, null_cond=None, guidance_space: str = "eps",
-                 gamma: torch.Tensor | None = None, clip_sigma: bool = True, decoder: Callable | None = None):
+                 gamma: torch.Tensor | None = None, clip_sigma: bool = True, decoder: Callable | None = None,
+                 consistency: float | None = None):
         check_objective(objective)
         if variance not in VARIANCES:
             raise ValueError(f"unknown variance {variance!r}: choose one of {', '.join(VARIANCES)}")
@@ -90,6 +93,9 @@ class Denoiser:
         self.clip_sigma = bool(clip_sigma)
         # what turns a finished sample into an image: a latent run's decoder (ddpmkit.latent); None: the identity
         self.decoder = decoder
+        # a consistency model's sigma_data: x0_hat is then the consistency function f = c_skip x + (1 - c_skip) x0_net
+        # (ddpmkit.diffusion.distill.consistency_x0), exactly x_t itself at t = 0; None: the network's x0_hat
+        self.consistency = None if consistency is None else float(consistency)
         self._gamma_steps = None  # analytic: Gamma at each step of this schedule (float64, CPU); see _fixed_log_var
         self._log_var = self._fixed_log_var()
 
@@ -155,12 +161,13 @@ class Denoiser:
         if t.is_floating_point():
             return self._at_real_t(x_t, t, cond)
         out, v = split_output(self.net_output(x_t, t, cond), x_t)
-        x0 = predict_x0(self.schedule, x_t, t, out, self.objective)
+        x0 = self._consistent(predict_x0(self.schedule, x_t, t, out, self.objective), x_t, t)
         if self.clip_x0:
             x0 = x0.clamp(-1.0, 1.0)
         # the noise consistent with x_t and the (clipped) x0_hat; the output itself for eps, unclipped
         # DDPM eq. 4 solved for eps (predict_eps)
-        eps = out if (self.objective == "eps" and not self.clip_x0) else predict_eps(self.schedule, x_t, t, x0)
+        as_is = self.objective == "eps" and not self.clip_x0 and self.consistency is None
+        eps = out if as_is else predict_eps(self.schedule, x_t, t, x0)
         if self.variance == "learned":
             if v is None:
                 raise ValueError("the learned variance needs a network with twice the image channels (--learn-sigma)")
@@ -174,12 +181,24 @@ class Denoiser:
             raise ValueError("a respaced Denoiser takes integer timesteps only")
         out = split_output(self.net_output(x_t, t, cond), x_t)[0]  # no variance between grid points: see __call__
         ab = self.schedule.alpha_bar_at(t).view(-1, *([1] * (x_t.ndim - 1)))
-        x0 = x0_from_output(x_t, out, ab, self.objective)
+        x0 = self._consistent(x0_from_output(x_t, out, ab, self.objective), x_t, t)
         if self.clip_x0:
             x0 = x0.clamp(-1.0, 1.0)
-        eps = out.double() if (self.objective == "eps" and not self.clip_x0) else eps_from_x0(x_t, x0, ab)
+        as_is = self.objective == "eps" and not self.clip_x0 and self.consistency is None
+        eps = out.double() if as_is else eps_from_x0(x_t, x0, ab)
         log_var = torch.full_like(ab, float("nan"))
         return Prediction(x0.to(x_t.dtype), eps.to(x_t.dtype), log_var.to(x_t.dtype))
+
+    def _consistent(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """A consistency model's f from the network's x0_hat (Song et al. 2023, eq. 3); x0_hat itself otherwise."""
+        if self.consistency is None:
+            return x0
+        from .distill import consistency_x0
+
+        if self.timestep_map is not None:  # its boundary is the full schedule's t = 0, which a respacing may skip
+            raise ValueError("a consistency model is read on its own schedule, not a respaced one: sample it with "
+                             "the consistency or ddim sampler")
+        return consistency_x0(x0, x_t, t, self.schedule, self.consistency)
 
     def _guided_output(self, x_t: torch.Tensor, t: torch.Tensor, t_net: torch.Tensor, cond) -> torch.Tensor:
         """The network's output under classifier-free guidance: the conditional and the null evaluation in one
@@ -278,7 +297,7 @@ class Denoiser:
         kw = dict(net=self.net, schedule=self.schedule, objective=self.objective, variance=self.variance,
                   clip_x0=self.clip_x0, cond=self.cond, timestep_map=self.timestep_map, guidance=self.guidance,
                   null_cond=self.null_cond, guidance_space=self.guidance_space, gamma=self.gamma,
-                  clip_sigma=self.clip_sigma, decoder=self.decoder)
+                  clip_sigma=self.clip_sigma, decoder=self.decoder, consistency=self.consistency)
         kw.update(changes)
         return Denoiser(**kw)
 

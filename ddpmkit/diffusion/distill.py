@@ -21,7 +21,7 @@ from .schedule import NoiseSchedule
 
 __all__ = ["END", "alpha_sigma", "edm_sigma", "ddim_step", "progressive_target", "truncated_snr_weight",
            "student_grid", "teacher_grid", "progressive_triples", "progressive_loss", "consistency_scalings",
-           "consistency_function", "heun_step", "consistency_target"]
+           "consistency_function", "consistency_x0", "heun_step", "consistency_target"]
 
 END = -1  # the timestep of the clean image: alpha = 1, sigma = 0 (alpha_bar_prev of t = 0)
 
@@ -199,6 +199,28 @@ def consistency_function(x: torch.Tensor, sigma, F: torch.Tensor, sigma_data: fl
     one level per sample [B] (Song et al. 2023, eq. 3 with appendix C's scalings)."""
     c_skip, c_out = consistency_scalings(sigma, sigma_data, sigma_min)
     return _col(c_skip, x) * x + _col(c_out, x) * F  # Song et al. 2023, eq. 3
+
+
+def consistency_x0(x0_hat: torch.Tensor, z: torch.Tensor, t, schedule: NoiseSchedule,
+                   sigma_data: float = 0.5) -> torch.Tensor:
+    """The consistency function of an x0-predicting network: f(x, sigma) = c_skip(sigma) x + (1 - c_skip(sigma))
+    x0_hat, in EDM's variable x = z / alpha at the levels of timesteps ``t`` (a number or [B], integer or real).
+
+    c_skip is Song et al. 2023's (appendix C) with sigma_min the least level of the schedule, sigma at t = 0, so that
+    f(x, sigma_min) = x whatever the network says (the boundary condition, their eq. 3). Their c_out,
+    (sigma - sigma_min) sigma_data / sqrt(sigma_data^2 + sigma^2), is made for a free network F; here the network is
+    the teacher's denoiser (x0_hat), so c_out = 1 - c_skip, which also vanishes at sigma_min and makes f the denoiser
+    itself where the noise is large: a student initialised from its teacher starts at the teacher's one-step
+    estimate. Returns f in x0_hat's dtype.
+    """
+    B = z.shape[0]
+    t = _batch_t(t, B, z.device)
+    alpha, sigma_t = alpha_sigma(schedule, t)
+    sigma_min = float(edm_sigma(schedule, 0))
+    c_skip = consistency_scalings(sigma_t / alpha, sigma_data, sigma_min)[0]
+    x = z.double() / _col(alpha, z.double())
+    f = _col(c_skip, x) * x + _col(1.0 - c_skip, x) * x0_hat.double()  # Song et al. 2023, eq. 3
+    return f.to(x0_hat.dtype)
 
 
 def heun_step(teacher_x0: TeacherX0, z: torch.Tensor, t, s, schedule: NoiseSchedule) -> torch.Tensor:

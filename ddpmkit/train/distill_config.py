@@ -17,12 +17,13 @@ import math
 from dataclasses import dataclass
 
 from ..errors import ConfigError
+from ..limits import check_float, check_int
 from .config import TrainConfig
 from .settings import LoopSettings, default_of, setting, settings_from_json
 
 __all__ = ["DistillConfig", "METHODS", "DISTILL_FLAGS", "distill_flag", "distill_fields"]
 
-METHODS = ("progressive",)
+METHODS = ("progressive", "consistency")
 
 # The settings of `ddpmkit distill` whose flag is not --<name>: the student's steps are --steps (the optimizer steps,
 # LoopSettings.steps, follow from the rounds and have no flag there).
@@ -44,14 +45,19 @@ class DistillConfig(TrainConfig):
     """
 
     teacher: str = setting("", "the trained run to distil (its EMA weights)", locked=True, metavar="RUN")
-    method: str = setting("progressive", "progressive (Salimans & Ho 2022: each round halves the steps)",
-                          locked=True)
+    method: str = setting("progressive", "progressive (Salimans & Ho 2022: each round halves the steps) or "
+                                         "consistency (Song et al. 2023: one round that learns the ODE's end from "
+                                         "any level; drawn in --steps steps by the consistency sampler)", locked=True)
     student_steps: int = setting(4, "sampling steps of the final student (a power-of-2 fraction of "
                                     "--teacher-steps)", locked=True)
     teacher_steps: int = setting(64, "DDIM steps of the teacher that the first round distils in half",
                                  locked=True)
     round_steps: int = setting(400, "optimizer steps per round (with --time-limit, a round also ends at its even "
-                                    "share of the time)", locked=True)
+                                    "share of the time); consistency distillation has one round", locked=True)
+    cd_levels: int = setting(18, "consistency: the N noise levels between which the teacher takes one Heun step "
+                                 "(EDM's spacing; Song et al. 2023 use N = 18 on CIFAR-10)", locked=True)
+    target_ema: float = setting(0.95, "consistency: the EMA decay mu of the target network", locked=True)
+    sigma_data: float = setting(0.5, "consistency: sigma_data of the boundary condition's c_skip", locked=True)
     guidance: float | None = setting(None, "class-conditional teacher: the classifier-free guidance weight the "
                                            "student learns to draw at (default: sampling's default weight); the "
                                            "student then draws guided in one network call per step", locked=True,
@@ -72,12 +78,16 @@ class DistillConfig(TrainConfig):
     def _rounds_ok(self) -> bool:
         ints = all(isinstance(v, int) and not isinstance(v, bool) and v >= 1
                    for v in (self.student_steps, self.teacher_steps, self.round_steps))
+        if self.method == "consistency":
+            return ints
         return ints and self.teacher_steps % self.student_steps == 0 and _power_of_two(
             self.teacher_steps // self.student_steps) and self.teacher_steps > self.student_steps
 
     @property
     def rounds(self) -> int:
-        """Rounds of halving from ``teacher_steps`` to ``student_steps``."""
+        """Rounds of halving from ``teacher_steps`` to ``student_steps``; consistency distillation has one."""
+        if self.method == "consistency":
+            return 1
         return int(round(math.log2(self.teacher_steps // self.student_steps)))
 
     def round_of(self, r: int) -> tuple[int, int]:
@@ -97,10 +107,17 @@ class DistillConfig(TrainConfig):
             raise ConfigError(f"a student predicts v or x0 (--objective), got {self.objective!r}: an eps-predicting "
                               "network cannot take one large step, its x0 estimate at high noise divides by "
                               "alpha_t, near 0")
-        if not self._rounds_ok():
+        if self.method == "consistency":
+            if self.student_steps > self.T:
+                raise ConfigError(f"--steps {self.student_steps} exceeds the teacher's T = {self.T} timesteps")
+            check_int("--cd-levels", self.cd_levels, 1, self.T)
+            check_float("--target-ema", self.target_ema, 0, 1, hi_open=True)
+            if check_float("--sigma-data", self.sigma_data, 0, 1e3) <= 0:
+                raise ConfigError(f"--sigma-data must be positive, got {self.sigma_data}")
+        elif not self._rounds_ok():
             raise ConfigError(f"--teacher-steps {self.teacher_steps} must be --steps {self.student_steps} times a "
                               "power of 2 greater than 1 (each round halves the steps)")
-        if self.teacher_steps > self.T:
+        if self.method == "progressive" and self.teacher_steps > self.T:
             raise ConfigError(f"--teacher-steps {self.teacher_steps} exceeds the teacher's T = {self.T} timesteps")
         if self.guidance is not None:
             if not self.class_cond:
@@ -123,9 +140,13 @@ class DistillConfig(TrainConfig):
         """What ``Run`` reads of a distilled run: the sampler its student was trained for (deterministic DDIM on the
         ``trailing`` timesteps), its steps (``reached``: the student's of the round it is in, once that round has
         trained; the teacher's before any step), the guidance it draws at, and where it came from."""
-        return {"method": self.method, "sampler": "ddim", "spacing": "trailing", "steps": self.student_steps,
-                "reached_steps": self.teacher_steps if reached is None else int(reached),
-                "teacher": self.teacher, "teacher_steps": self.teacher_steps, "guidance": self.guidance}
+        out = {"method": self.method, "sampler": "ddim", "spacing": "trailing", "steps": self.student_steps,
+               "reached_steps": self.teacher_steps if reached is None else int(reached),
+               "teacher": self.teacher, "teacher_steps": self.teacher_steps, "guidance": self.guidance}
+        if self.method == "consistency":  # read by Run.denoiser: the network's output is a consistency function
+            out.update(sampler="consistency", reached_steps=self.student_steps, teacher_steps=None,
+                       consistency={"sigma_data": self.sigma_data, "levels": self.cd_levels})
+        return out
 
     @classmethod
     def from_json(cls, cfg: dict) -> "DistillConfig":

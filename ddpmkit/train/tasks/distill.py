@@ -1,4 +1,5 @@
-"""A distilled student as a training task: progressive distillation (Salimans & Ho 2022, algorithm 2).
+"""A distilled student as a training task: progressive distillation (Salimans & Ho 2022, algorithm 2) and
+consistency distillation (Song et al. 2023, algorithm 2).
 
 The student is a copy of the teacher's network. Round r distils a teacher of N_r DDIM steps into a student of
 N_r / 2: at a student timestep, the student's x0 estimate is pulled towards the x-target x_tilde with which one DDIM
@@ -7,12 +8,18 @@ x-space loss with the truncated-SNR weight max(SNR, 1) (the paper's section 4). 
 as it stands, becomes the teacher of the next. The timesteps are the ``trailing`` grid of N steps, which nests from
 round to round (:func:`~ddpmkit.diffusion.distill.student_grid`).
 
+Consistency distillation is one round: at a pair of adjacent noise levels (EDM's spacing, ``cd_levels`` of them) the
+student's consistency function f at the noisier one is pulled towards the target network's f where one Heun step
+of the teacher's probability-flow ODE lands (:func:`~ddpmkit.diffusion.distill.consistency_target`); the target is
+an EMA (``target_ema``) of the student, and f meets the boundary condition by construction
+(:func:`~ddpmkit.diffusion.distill.consistency_x0`). The consistency sampler draws from it in one or a few steps.
+
 A class-conditional teacher is distilled guided, as Meng et al. 2023 do for a fixed weight: round 0's teacher is the
 classifier-free-guided one at ``guidance`` w (two network calls), and the student learns that guided prediction in
 one call; the null class, drawn with the run's label dropout, learns the unguided unconditional model.
 
 Everything the loop needs for an exact resume is state: the data order and the generator (as for the diffusion
-task), the round, where it began, and the teacher's weights.
+task), the round, where it began, the teacher's weights, and consistency's target network.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ import time
 import torch
 
 from ...diffusion import Denoiser
-from ...diffusion.distill import progressive_loss
+from ...diffusion.distill import alpha_sigma, consistency_target, progressive_loss
 from ...errors import ConfigError
 from ..task import LossOut, TaskContext
 from .diffusion import DiffusionTask
@@ -42,6 +49,13 @@ class DistillTask(DiffusionTask):
         self._session_t0 = None  # with --time-limit: when this session's first step began, and its rounds' shares
         self._round_t0 = None
         self._round_seconds = None
+        self._target_due = False  # consistency: the target's EMA update for the step just applied is pending
+        if cfg.method == "consistency":
+            from ...samplers.timesteps import timesteps
+
+            # Song et al. 2023: N + 1 levels from sigma_min (t = 0) to the largest, EDM's spacing (real-valued t)
+            self.levels = torch.from_numpy(timesteps(self.schedule, cfg.cd_levels + 1, "karras",
+                                                     integer=False).astype("float64")).to(ctx.device)
         if ctx.stored_config is None:  # a new run: the teacher's weights (EMA) from its run
             from ...run import Run
 
@@ -54,16 +68,21 @@ class DistillTask(DiffusionTask):
 
     # ------------------------------------------------------------------ the networks
     def build(self) -> dict[str, torch.nn.Module]:
-        student = super().build()["model"]
-        teacher = super().build()["model"]
-        if self._teacher_state is not None:  # a new run: the student starts as the teacher (a resume loads both)
-            student.load_state_dict(self._teacher_state)
-            teacher.load_state_dict(self._teacher_state)
+        names = ["model", "teacher"] + (["target"] if self.consistency else [])
+        nets = {n: super(DistillTask, self).build()["model"] for n in names}
+        if self._teacher_state is not None:  # a new run: all start as the teacher (a resume loads them)
+            for net in nets.values():
+                net.load_state_dict(self._teacher_state)
             self._teacher_state = None
-        teacher.requires_grad_(False)
-        teacher.eval()
-        self.student, self.teacher = student, teacher
-        return {"model": student, "teacher": teacher}
+        for n in names[1:]:  # frozen: the teacher, and consistency's target (an EMA of the student)
+            nets[n].requires_grad_(False)
+            nets[n].eval()
+        self.student, self.teacher, self.target = nets["model"], nets["teacher"], nets.get("target")
+        return nets
+
+    @property
+    def consistency(self) -> bool:
+        return self.cfg.method == "consistency"
 
     # ------------------------------------------------------------------ rounds
     @property
@@ -73,7 +92,9 @@ class DistillTask(DiffusionTask):
 
     def reached_steps(self, step: int) -> int:
         """The steps the student draws in at ``step``: its round's once that round has trained, else its teacher's
-        (at step 0 the student is the teacher)."""
+        (at step 0 the student is the teacher); a consistency student's are those it was asked for."""
+        if self.consistency:
+            return self.cfg.student_steps
         teacher, student = self.steps_now
         return student if step > self.round_start else teacher
 
@@ -124,9 +145,12 @@ class DistillTask(DiffusionTask):
 
             drop = uncond_mask(cfg.seed, step, B, cfg.p_uncond)[lo:lo + per].to(device)
             y = torch.where(drop, torch.full_like(y, self.null_class), y)
-        n_student = self.steps_now[1]
-        # Salimans & Ho 2022, alg. 2: a student step i ~ U{1..N} per sample (here 0..N-1, see progressive_triples)
-        i_all = torch.randint(0, n_student, (B,), generator=self.gen, device=self.gen.device).to(device)
+        if self._target_due:  # the EMA of the student after the last applied step (updated() came before it)
+            self._update_target()
+        # Salimans & Ho 2022, alg. 2: a student step i ~ U{1..N} per sample (here 0..N-1, see progressive_triples);
+        # Song et al. 2023, alg. 2: a level n ~ U{1..N-1} (here 0..N-1, the pair of levels n, n + 1)
+        n = self.cfg.cd_levels if self.consistency else self.steps_now[1]
+        i_all = torch.randint(0, n, (B,), generator=self.gen, device=self.gen.device).to(device)
         noise_all = torch.randn((B,) + tuple(x0.shape[1:]), generator=self.gen, device=self.gen.device,
                                 dtype=x0.dtype).to(device)
         return x0, y, i_all[lo:lo + per], noise_all[lo:lo + per]
@@ -142,9 +166,40 @@ class DistillTask(DiffusionTask):
             return den
         return Denoiser(nets["teacher"], self.schedule, self.cfg.objective, clip_x0=clip, cond=y)
 
+    def _consistency_loss(self, nets, x0, y, n, noise) -> LossOut:
+        """Song et al. 2023, alg. 2 with the squared L2 distance: f_theta(z_{n+1}, t_{n+1}) against the target's
+        f(z_hat_n, t_n), z_hat_n one teacher Heun step from z_{n+1}."""
+        cfg = self.cfg
+        t_hi, t_lo = self.levels[n + 1], self.levels[n]
+        alpha, sigma = alpha_sigma(self.schedule, t_hi)
+        shape = (-1,) + (1,) * (x0.ndim - 1)
+        z = (alpha.view(shape) * x0.double() + sigma.view(shape) * noise.double()).to(x0.dtype)  # DDPM eq. 4
+        teacher = self._teacher(nets, y)
+        target = Denoiser(nets["target"], self.schedule, cfg.objective, clip_x0=False, cond=y,
+                          consistency=cfg.sigma_data)
+        student = Denoiser(nets["model"], self.schedule, cfg.objective, clip_x0=False, cond=y,
+                           consistency=cfg.sigma_data)
+        goal = consistency_target(lambda zz, s: teacher(zz, s).x0, lambda zz, s: target(zz, s).x0, z, t_hi, t_lo,
+                                  self.schedule)
+        f = student(z, t_hi).x0
+        losses = (f.float() - goal.float()).pow(2).flatten(1).mean(dim=1)
+        return LossOut(losses.mean(), losses.detach(), t_hi.round().long())
+
+    def _update_target(self) -> None:
+        """theta^- <- mu theta^- + (1 - mu) theta (Song et al. 2023, alg. 2)."""
+        mu = self.cfg.target_ema
+        with torch.no_grad():
+            for p_t, p_s in zip(self.target.parameters(), self.student.parameters()):
+                p_t.mul_(mu).add_(p_s.detach(), alpha=1.0 - mu)
+            for b_t, b_s in zip(self.target.buffers(), self.student.buffers()):
+                b_t.copy_(b_s)
+        self._target_due = False
+
     def loss(self, name, batch, part: slice, nets) -> LossOut:
         x0, y, i, noise = batch
         y = None if y is None else y[part]
+        if self.consistency:
+            return self._consistency_loss(nets, x0[part], y, i[part], noise[part])
         teacher = self._teacher(nets, y)
         student = Denoiser(nets["model"], self.schedule, self.cfg.objective, clip_x0=False, cond=y)
         losses, t = progressive_loss(lambda z, s: student(z, s).x0, lambda z, s: teacher(z, s).x0, x0[part],
@@ -152,7 +207,8 @@ class DistillTask(DiffusionTask):
         return LossOut(losses.mean(), losses.detach(), t)
 
     def updated(self, name, per_sample, info) -> None:
-        return None
+        # the loop calls this just before the optimizer's step: the target follows at the next batch()
+        self._target_due = self.consistency
 
     # ------------------------------------------------------------------ the run's files
     def config_json(self) -> dict:
@@ -165,6 +221,9 @@ class DistillTask(DiffusionTask):
         state["distill"] = {"round": self.round, "round_start": self.round_start,
                             "teacher_objective": self.teacher_objective,
                             "teacher": {k: v.detach().clone() for k, v in self.teacher.state_dict().items()}}
+        if self.consistency:
+            state["distill"]["target"] = {k: v.detach().clone() for k, v in self.target.state_dict().items()}
+            state["distill"]["target_due"] = self._target_due
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -173,19 +232,27 @@ class DistillTask(DiffusionTask):
         self.round, self.round_start = int(d["round"]), int(d["round_start"])
         self.teacher_objective = str(d["teacher_objective"])
         self.teacher.load_state_dict(d["teacher"])
+        if self.consistency:
+            self.target.load_state_dict(d["target"])
+            self._target_due = bool(d["target_due"])
 
     # ------------------------------------------------------------------ pictures and quality
     def student_plan(self, steps: int | None = None):
-        """DDIM over the student's ``trailing`` grid of ``steps`` (default: the current round's student)."""
+        """The student's sampler over its ``trailing`` grid of ``steps`` (default: the current round's student):
+        DDIM, or the consistency sampler."""
         from ...samplers.options import resolve
 
+        if self.consistency:
+            return resolve("consistency", self.schedule, steps or self.cfg.student_steps, "trailing")
         return resolve("ddim", self.schedule, steps or self.steps_now[1], "trailing")
+
 
     def denoiser(self, model: torch.nn.Module) -> Denoiser:
         """The student's Denoiser: its objective, x0 clipped for pixels, and no guidance (its network is guided)."""
         latent = self.latent is not None
         return Denoiser(model, self.schedule, self.cfg.objective, "small", clip_x0=not latent,
-                        null_cond=self.null_class, decoder=self.latent.space.decode if latent else None)
+                        null_cond=self.null_class, decoder=self.latent.space.decode if latent else None,
+                        consistency=self.cfg.sigma_data if self.consistency else None)
 
     def sample_grid(self, ema, path):
         from ...samplers import sample
