@@ -156,13 +156,13 @@ def _eval_memorization(args) -> int:
     from ..metrics.memorization import evaluate_memorization
     from ..samplers import SAMPLERS, sampler_names
 
-    sampler = args.sampler or "ddim"
-    if sampler not in SAMPLERS:
-        raise CLIError(f"unknown --sampler {sampler!r}: choose one of {', '.join(sampler_names())}")
-    res = evaluate_memorization(args.opened, n=500 if args.n is None else args.n, sampler=sampler,
+    if args.sampler is not None and args.sampler not in SAMPLERS:
+        raise CLIError(f"unknown --sampler {args.sampler!r}: choose one of {', '.join(sampler_names())}")
+    res = evaluate_memorization(args.opened, n=500 if args.n is None else args.n, sampler=args.sampler,
                                 steps=args.steps, seed=args.seed, out=args.out, ema=args.ema,
                                 guidance=getattr(args, "guidance", None), log=lambda m: print(m, file=sys.stderr))
-    print(f"memorisation check: {res['n']} samples ({sampler}) against the {res['n_train']} training images, "
+    print(f"memorisation check: {res['n']} samples ({res['sampler']}, {res['steps']} steps) against the "
+          f"{res['n_train']} training images, "
           f"{res['seconds']:.1f} s")
     for key, name in (("pixels", "pixels"), ("features", res.get("features", {}).get("name"))):
         r = res.get(key)

@@ -141,7 +141,18 @@ def export_diffusers(run_dir, out_dir, *, ema: bool = True, log=print) -> Path:
     run = Run.open(run_dir)
     if run.kind == "autoencoder":
         return export_vae(run, run_dir, Path(out_dir), ema=ema, log=log)
-    return _export_unet(run, run_dir, Path(out_dir), ema=ema, log=log)
+    if run.consistency_sigma_data is not None:
+        raise ConfigError(f"{run.dir} is a consistency-distilled student: its network is read through ddpmkit's "
+                          "consistency function, which no diffusers scheduler applies; export its teacher "
+                          f"({run.distilled.get('teacher')}) instead, or a progressive student")
+    out = _export_unet(run, run_dir, Path(out_dir), ema=ema, log=log)
+    if run.distilled is not None:
+        steps = run.sampling_defaults()["steps"]
+        w = run.distilled_guidance
+        log(f"note: {run_dir} is a distilled student: its scheduler is a DDIMScheduler on trailing timesteps; draw "
+            f"it with num_inference_steps={steps}" + (f" and guidance=0 (its network is guided already, at w = {w:g})"
+                                                      if w is not None else ""))
+    return out
 
 
 def _export_unet(run: Run, run_dir, out: Path, *, ema: bool, log=print) -> Path:
@@ -152,6 +163,8 @@ def _export_unet(run: Run, run_dir, out: Path, *, ema: bool, log=print) -> Path:
     diffusion = run.diffusion_config
     dcfg = diffusers_config_from_unet(model.config)
     scfg = scheduler_from_diffusion(diffusion)
+    if run.distilled is not None:  # a progressive student takes DDIM steps on the trailing grid it was trained for
+        scfg = dict(_ddim_scheduler(scfg), timestep_spacing="trailing")
     state = state_to_diffusers(model.state_dict(), model.config)
     vae = None
     if space is not None:
@@ -208,7 +221,8 @@ def _export_unet(run: Run, run_dir, out: Path, *, ema: bool, log=print) -> Path:
 
     n = model.config["num_class_embeds"] - (run.null_class is not None)  # the labels of real classes
     labels = [0, n - 1] if n > 1 else [0]
-    w = DEFAULT_GUIDANCE if run.null_class is not None else 0.0  # without a null class it cannot be guided
+    # without a null class it cannot be guided; a distilled student draws guided by itself
+    w = DEFAULT_GUIDANCE if run.null_class is not None and run.distilled is None else 0.0
     log(f"exported {run_dir} to {out}: a class-conditional {PIPELINE_CLASS} ({out / PIPELINE_FILE}, labels "
         f"0..{n - 1}, guidance weight w as ddpmkit's, diffusers' guidance_scale = 1 + w{decoded}); in Python: "
         f"{load}; images = pipe(class_labels={labels}, guidance={w:g}).images")

@@ -120,17 +120,18 @@ def _features(data: str, log):
     return "Inception", lambda u8: ext(u8.expand(-1, 3, -1, -1) if u8.shape[1] == 1 else u8)
 
 
-def evaluate_memorization(run_dir, *, n: int = 500, sampler: str = "ddim", steps: int | None = 50, seed: int = 0,
-                          out=None, ema: bool = True, pairs: int = 8, guidance: float | None = None,
+def evaluate_memorization(run_dir, *, n: int = 500, sampler: str | None = None, steps: int | None = None,
+                          seed: int = 0, out=None, ema: bool = True, pairs: int = 8, guidance: float | None = None,
                           log=print) -> dict:
     """Draw ``n`` samples from a run (a Run or its path; a class-conditional one: every class in turn, guided with
     ``guidance``, default ``DEFAULT_GUIDANCE``), measure their distances to the training set against real images' own,
-    write ``OUT/memorization.json`` and ``OUT/memorization.png`` (OUT: ``RUN/eval``); returns the result."""
+    write ``OUT/memorization.json`` and ``OUT/memorization.png`` (OUT: ``RUN/eval``); returns the result.
+    ``sampler`` and ``steps`` default to the run's own (a distilled student's), else DDIM with 50 steps."""
     from ..data import load_dataset
     from ..images import to_uint8
     from ..limits import MAX_GRID, check_int
     from ..run import Run
-    from ..request import DEFAULT_GUIDANCE
+    from ..request import DEFAULT_GUIDANCE, SampleOptions, guidance_weight
     from .quality import draw_samples
 
     check_int("--n", n, 2, MAX_GRID)
@@ -146,13 +147,16 @@ def evaluate_memorization(run_dir, *, n: int = 500, sampler: str = "ddim", steps
     train = data.images
     den = run.denoiser(ema=ema)
     K = len(run.class_names) if run.class_cond and run.class_names else None
-    x, _ = draw_samples(den, n, run.image_shape, sampler=sampler, steps=steps, seed=seed, num_classes=K,
-                        guidance=(DEFAULT_GUIDANCE if guidance is None else guidance)
-                        if K and run.null_class is not None else None,
+    plan = SampleOptions(sampler=sampler, steps=steps).plan(run.schedule, run.sampling_defaults())
+    w = (DEFAULT_GUIDANCE if guidance is None else guidance) if K and run.null_class is not None else None
+    if run.distilled_guidance is not None:  # a distilled student's network is guided already, at its own weight
+        guidance_weight(guidance, run.class_names, run.null_class, run.distilled_guidance)  # refuses another
+        w = None
+    x, _ = draw_samples(den, n, run.image_shape, sampler=plan, steps=None, seed=seed, num_classes=K, guidance=w,
                         null_class=run.null_class)
     samples = to_uint8(x.cpu())
-    result = {"run": str(run.dir), "n": n, "sampler": sampler, "steps": steps, "seed": seed, "guidance": guidance,
-              "n_train": int(train.shape[0])}
+    result = {"run": str(run.dir), "n": n, "sampler": plan.sampler, "steps": plan.steps, "seed": seed,
+              "guidance": guidance, "n_train": int(train.shape[0])}
     d_pix, j_pix = nearest_distances(samples, train)
     result["pixels"] = compare_distances(d_pix, loo_nearest_distances(train))
     feats = _features(cfg.get("data", "digits"), log)
