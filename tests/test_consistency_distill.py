@@ -521,6 +521,9 @@ def test_target_is_the_ema_and_resume_is_bit_exact(teacher, tmp_path):
     mu = 0.95
     for k in params:
         assert torch.equal(cks[0].train_state["distill"]["target"][k], original[k]), k
+    # after one step the student has moved and the target (due for its update) has not
+    assert cks[0].train_state["distill"]["target_due"] is True
+    assert any(not torch.equal(cks[0].model_state[k], original[k]) for k in params)
     for prev, ck in zip(cks[:-1], cks[1:]):
         tgt, tgt_prev, stu_prev = (ck.train_state["distill"]["target"], prev.train_state["distill"]["target"],
                                    prev.model_state)

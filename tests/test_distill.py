@@ -319,3 +319,28 @@ def test_resuming_a_run_that_is_not_a_distillation_is_refused(teacher, capsys):
     assert main(["distill", "--out", str(teacher), "--resume", "--quiet"]) == 2
     one_error_line(capsys, "not a distillation run", "ddpmkit train")
     assert sorted(p.name for p in teacher.rglob("*")) == before
+
+
+# ------------------------------------------------------------------------------------------ export
+def test_export_draws_the_student_in_diffusers(student, tmp_path, capsys):
+    """export-diffusers writes a progressive student's DDIMScheduler on its trailing timesteps: diffusers' pipeline
+    at the student's steps, unguided (its network is guided already), draws what `ddpmkit sample` draws."""
+    diffusers = pytest.importorskip("diffusers")
+    from ddpmkit.samplers import sample
+
+    out = tmp_path / "export"
+    assert main(["export-diffusers", str(student), "--out", str(out)]) == 0
+    logged = capsys.readouterr().out
+    assert "num_inference_steps=1" in logged and "guidance=0" in logged, logged
+    sched = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
+    assert sched["_class_name"] == "DDIMScheduler" and sched["timestep_spacing"] == "trailing"
+    assert sched["prediction_type"] == "v_prediction"
+    run = Run.open(student)
+    labels = torch.tensor([3, 7])
+    x_T = torch.randn(2, *run.image_shape, generator=torch.Generator().manual_seed(0))
+    ours = sample(run.denoiser().with_cond(labels), x_T.clone(), sampler="ddim", steps=1, spacing="trailing")
+    pipe = diffusers.DiffusionPipeline.from_pretrained(str(out), trust_remote_code=True)
+    pipe.set_progress_bar_config(disable=True)
+    theirs = pipe(class_labels=labels.tolist(), guidance=0.0, num_inference_steps=1, latents=x_T.clone(),
+                  output_type="pt").images
+    assert (ours.clamp(-1, 1) * 0.5 + 0.5 - theirs).abs().max().item() < 1e-5

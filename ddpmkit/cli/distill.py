@@ -105,8 +105,10 @@ def run(args) -> int:
             print(f"{out} is at step {loop.step}, the end of its {cfg.rounds} rounds: nothing to distil",
                   file=sys.stderr)
         else:
-            print(f"distilling {cfg.teacher} into {out} on {loop.device}: {cfg.rounds} round(s) of "
-                  f"{cfg.round_steps} steps, {cfg.teacher_steps} teacher steps -> {cfg.student_steps}"
+            what = (f"consistency distillation, {cfg.round_steps} steps over {cfg.cd_levels} noise levels"
+                    if cfg.method == "consistency" else f"{cfg.rounds} round(s) of {cfg.round_steps} steps, "
+                    f"{cfg.teacher_steps} teacher steps -> {cfg.student_steps}")
+            print(f"distilling {cfg.teacher} into {out} on {loop.device}: {what}"
                   + (f", guidance w = {cfg.guidance:g}" if cfg.guidance is not None else "")
                   + f"; from step {loop.step} (round {task.round + 1})", file=sys.stderr)
     res = loop.run()

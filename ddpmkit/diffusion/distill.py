@@ -210,8 +210,8 @@ def consistency_x0(x0_hat: torch.Tensor, z: torch.Tensor, t, schedule: NoiseSche
     f(x, sigma_min) = x whatever the network says (the boundary condition, their eq. 3). Their c_out,
     (sigma - sigma_min) sigma_data / sqrt(sigma_data^2 + sigma^2), is made for a free network F; here the network is
     the teacher's denoiser (x0_hat), so c_out = 1 - c_skip, which also vanishes at sigma_min and makes f the denoiser
-    itself where the noise is large: a student initialised from its teacher starts at the teacher's one-step
-    estimate. Returns f in x0_hat's dtype.
+    itself where the noise is large: a student initialised from its teacher, with the teacher's objective, starts at
+    the teacher's one-step estimate. Returns f in x0_hat's dtype.
     """
     B = z.shape[0]
     t = _batch_t(t, B, z.device)
