@@ -3,8 +3,9 @@
     python bench/bench_distill.py                          # trains the demo's model first (210 s), then distils
     python bench/bench_distill.py --teacher runs/demo       # an existing class-conditional digits run
 
-One distillation, from 64 teacher DDIM steps down to 1 (six rounds of ``--round-steps`` optimizer steps, one torch
-thread), makes the students of 8, 4, 2 and 1 steps on the way: each round's last checkpoint is that student. The
+One progressive distillation, from 64 teacher DDIM steps down to 1 (six rounds of ``--round-steps`` optimizer
+steps, one torch thread), makes the students of 8, 4, 2 and 1 steps on the way: each round's last checkpoint is that
+student. A consistency distillation of ``--cd-steps`` optimizer steps is drawn in 1 and 2 steps. The
 CPU time of a student is the process's CPU time (user + system) up to the end of its round, everything from the start
 of the distillation included. The teacher's samplers run at the same network calls (DDIM, DPM-Solver++(2M), UniPC,
 iPNDM; the best of them is "the best solver") and at 50 calls; teacher and students draw at the same guidance
@@ -62,8 +63,10 @@ def train_teacher(out: Path, seconds: float) -> None:
     print(f"trained the demo's digits model: {res['step']} steps in {res['seconds']:.0f} s -> {out}", flush=True)
 
 
-def distil(teacher: Path, out: Path, round_steps: int, seed: int) -> dict[int, tuple[int, float]]:
-    """Distil ``teacher`` from 64 steps to 1 into ``out``: {student steps: (its checkpoint's step, CPU seconds)}."""
+def distil(teacher: Path, out: Path, round_steps: int, seed: int,
+           method: str = "progressive") -> dict[int, tuple[int, float]]:
+    """Distil ``teacher`` into ``out``, from 64 steps to 1 (progressive) or in one round of ``round_steps``
+    (consistency): {student steps: (its checkpoint's step, CPU seconds)}."""
     from ddpmkit.train.config import TrainConfig
     from ddpmkit.train.distill_config import DistillConfig
     from ddpmkit.train.loop import TrainingLoop
@@ -72,7 +75,7 @@ def distil(teacher: Path, out: Path, round_steps: int, seed: int) -> dict[int, t
     trun = Run.open(teacher)
     cfg = DistillConfig.from_teacher(TrainConfig.from_json(trun.config), str(trun.dir), student_steps=1,
                                      teacher_steps=64, round_steps=round_steps, guidance=DEFAULT_GUIDANCE,
-                                     checkpoint_every=round_steps, keep=8, num_samples=0, seed=seed)
+                                     checkpoint_every=round_steps, keep=8, num_samples=0, seed=seed, method=method)
     ends: dict[int, tuple[int, float]] = {}
     t0 = cpu_seconds()
 
@@ -94,6 +97,8 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", default="runs/bench-distill")
     p.add_argument("--teacher-seconds", type=float, default=210.0, help="the demo's training time")
     p.add_argument("--round-steps", type=int, default=200, help="optimizer steps per round (six rounds)")
+    p.add_argument("--cd-steps", type=int, default=600, help="optimizer steps of the consistency distillation (0: "
+                                                             "none)")
     p.add_argument("--n", type=int, default=500)
     p.add_argument("--n-large", type=int, default=2000)
     p.add_argument("--seed", type=int, default=0)
@@ -102,9 +107,10 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     work = Path(a.workdir)
     teacher = Path(a.teacher) if a.teacher else work / "teacher"
-    torch.set_num_threads(a.threads)
-    if not (teacher / "config.json").is_file():
+    threads = torch.get_num_threads()
+    if not (teacher / "config.json").is_file():  # as the demo trains it: torch's threads
         train_teacher(teacher, a.teacher_seconds)
+    torch.set_num_threads(a.threads)
     student_dir = work / f"student-r{a.round_steps}-seed{a.seed}"
     if (student_dir / "config.json").is_file():
         raise SystemExit(f"{student_dir} exists: remove it to distil again")
@@ -112,7 +118,16 @@ def main(argv=None) -> int:
     ends = distil(teacher, student_dir, a.round_steps, a.seed)
     print(f"distilled {teacher} -> {student_dir}: six rounds of {a.round_steps} steps in "
           f"{time.perf_counter() - t0:.0f} s, torch {torch.__version__}, {a.threads} thread(s)", flush=True)
+    cd_dir, cd_end = work / f"consistency-{a.cd_steps}-seed{a.seed}", None
+    if a.cd_steps:
+        if (cd_dir / "config.json").is_file():
+            raise SystemExit(f"{cd_dir} exists: remove it to distil again")
+        t0 = time.perf_counter()
+        cd_end = distil(teacher, cd_dir, a.cd_steps, a.seed, method="consistency")[1]
+        print(f"consistency-distilled {teacher} -> {cd_dir}: {a.cd_steps} steps in {time.perf_counter() - t0:.0f} s",
+              flush=True)
 
+    torch.set_num_threads(threads)  # sampling and scoring: torch's threads again
     probe = QualityProbe.digits()
     trun = Run.open(teacher)
     K = len(trun.class_names)
@@ -136,7 +151,6 @@ def main(argv=None) -> int:
               f"+- {large['fd_stderr']:.2f} | {rms:.1f} | {cost} |", flush=True)
         return large["fd"], small["fd"]
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     print(f"\nFrechet distance of the digits classifier's features (n = {a.n} and n = {a.n_large}); guidance "
           f"w = {DEFAULT_GUIDANCE:g} for all")
     print(f"the {real.n} real held-out digits against the reference: FD {real.fd:.2f}")
@@ -162,6 +176,12 @@ def main(argv=None) -> int:
         plan = resolve("ddim", srun.schedule, n_steps, "trailing")
         student_fd[n_steps] = row(f"student, {n_steps} step{'s' if n_steps > 1 else ''}", n_steps,
                                   srun.denoiser(), plan, None, cpu)
+    if cd_end is not None:
+        crun = Run.open(cd_dir / "checkpoints" / f"step_{cd_end[0]:09d}")
+        for n_steps in (1, 2):
+            plan = resolve("consistency", crun.schedule, n_steps, "trailing")
+            student_fd[f"cd{n_steps}"] = row(f"consistency student, {n_steps} step{'s' if n_steps > 1 else ''}",
+                                             n_steps, crun.denoiser(), plan, None, cd_end[1])
     ref_large, ref_small = teacher_fd[50]
     print()
     for n_steps, factor in ((4, 1.1), (1, 2.0)):
