@@ -344,3 +344,12 @@ def test_export_draws_the_student_in_diffusers(student, tmp_path, capsys):
     theirs = pipe(class_labels=labels.tolist(), guidance=0.0, num_inference_steps=1, latents=x_T.clone(),
                   output_type="pt").images
     assert (ours.clamp(-1, 1) * 0.5 + 0.5 - theirs).abs().max().item() < 1e-5
+
+
+def test_the_report_says_where_a_student_came_from(student, teacher):
+    from ddpmkit.viz.summary import summarize
+
+    facts = {f.label: f.value for f in summarize(student, read_config(student)).model}
+    assert facts["distilled from"] == str(teacher)
+    assert facts["draws with"] == "ddim, 1 step, trailing timesteps, guided at w = 0.5 in one call per step"
+    assert "distilled from" not in {f.label for f in summarize(teacher, read_config(teacher)).model}

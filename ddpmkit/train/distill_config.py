@@ -41,7 +41,7 @@ class DistillConfig(TrainConfig):
 
     The loop's defaults are replaced by fine-tuning ones: a smaller learning rate, no warm-up, no EMA (each round's
     student is the next round's teacher as it stands), and the learning rate decays to 0 over each round
-    (:meth:`lr_factor`) instead of over the run.
+    (``DistillTask.lr_factor``) instead of over the run.
     """
 
     teacher: str = setting("", "the trained run to distil (its EMA weights)", locked=True, metavar="RUN")

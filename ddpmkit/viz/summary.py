@@ -55,6 +55,25 @@ def space(config: dict) -> str:
 
 
 def _model(run: Run) -> list[Fact]:
+    return _model_facts(run) + _distilled_facts(run)
+
+
+def _distilled_facts(run: Run) -> list[Fact]:
+    """A distilled student's origin and how it draws (config.json's ``distill`` section)."""
+    d = run.distilled
+    if d is None:
+        return []
+    how = run.sampling_defaults()
+    w = run.distilled_guidance
+    made = (f"progressive, {d.get('teacher_steps')} teacher DDIM steps halved to {d.get('steps')}"
+            if d.get("method") == "progressive" else f"{d.get('method')} distillation")
+    return [Fact("distilled from", str(d.get("teacher")), f"config.json distill: {made}"),
+            Fact("draws with", f"{how['sampler']}, {plural(how['steps'], 'step')}, {how['spacing']} timesteps"
+                 + (f", guided at w = {w:g} in one call per step" if w is not None else ""),
+                 "config.json distill: the sampler `ddpmkit sample` uses by default")]
+
+
+def _model_facts(run: Run) -> list[Fact]:
     from ..limits import check_model_config
 
     config = run.config

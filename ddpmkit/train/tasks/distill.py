@@ -38,8 +38,8 @@ __all__ = ["DistillTask"]
 
 
 class DistillTask(DiffusionTask):
-    """Progressive distillation of the teacher run ``cfg.teacher`` (a :class:`~ddpmkit.train.distill_config.
-    DistillConfig`)."""
+    """Progressive or consistency distillation (``cfg.method``) of the teacher run ``cfg.teacher`` (a
+    :class:`~ddpmkit.train.distill_config.DistillConfig`)."""
 
     def __init__(self, cfg, ctx: TaskContext):
         super().__init__(cfg, ctx)  # the teacher's data (or latents), batcher, schedule and generator
