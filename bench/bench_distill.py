@@ -24,6 +24,7 @@ the 4-step student within 10% of the teacher at 50 calls, the 1-step student wit
 from __future__ import annotations
 
 import argparse
+import json
 import resource
 import sys
 import time
@@ -81,12 +82,28 @@ def distil(teacher: Path, out: Path, round_steps: int, seed: int,
 
     class Timed(DistillTask):  # the CPU time at the end of every round
         def _next_round(self, step):
-            ends[self.steps_now[1]] = (step, cpu_seconds() - t0)
+            ends[self.reached_steps(step)] = (step, cpu_seconds() - t0)
             super()._next_round(step)
 
     loop = TrainingLoop(Timed, cfg, out, quiet=True)
     res = loop.run()
-    ends[loop.task.steps_now[1]] = (res["step"], cpu_seconds() - t0)
+    ends[loop.task.reached_steps(res["step"])] = (res["step"], cpu_seconds() - t0)
+    (out / "bench_cpu_seconds.json").write_text(json.dumps({str(k): v for k, v in ends.items()}))
+    return ends
+
+
+def distilled(teacher: Path, out: Path, round_steps: int, seed: int, method: str = "progressive"):
+    """:func:`distil`, or the result of an earlier one in ``out`` (its CPU times kept beside it)."""
+    saved = out / "bench_cpu_seconds.json"
+    if saved.is_file():
+        print(f"{out}: distilled before; its CPU times from {saved.name}", flush=True)
+        return {int(k): tuple(v) for k, v in json.loads(saved.read_text()).items()}
+    if (out / "config.json").is_file():
+        raise SystemExit(f"{out} holds an unfinished distillation: remove it to distil again")
+    t0 = time.perf_counter()
+    ends = distil(teacher, out, round_steps, seed, method)
+    print(f"distilled {teacher} -> {out} ({method}, {round_steps} steps per round) in {time.perf_counter() - t0:.0f} "
+          f"s, torch {torch.__version__}, {torch.get_num_threads()} thread(s)", flush=True)
     return ends
 
 
@@ -112,21 +129,10 @@ def main(argv=None) -> int:
         train_teacher(teacher, a.teacher_seconds)
     torch.set_num_threads(a.threads)
     student_dir = work / f"student-r{a.round_steps}-seed{a.seed}"
-    if (student_dir / "config.json").is_file():
-        raise SystemExit(f"{student_dir} exists: remove it to distil again")
-    t0 = time.perf_counter()
-    ends = distil(teacher, student_dir, a.round_steps, a.seed)
-    print(f"distilled {teacher} -> {student_dir}: six rounds of {a.round_steps} steps in "
-          f"{time.perf_counter() - t0:.0f} s, torch {torch.__version__}, {a.threads} thread(s)", flush=True)
+    ends = distilled(teacher, student_dir, a.round_steps, a.seed)
     cd_dir, cd_end = work / f"consistency-{a.cd_steps}-seed{a.seed}", None
     if a.cd_steps:
-        if (cd_dir / "config.json").is_file():
-            raise SystemExit(f"{cd_dir} exists: remove it to distil again")
-        t0 = time.perf_counter()
-        cd_end = distil(teacher, cd_dir, a.cd_steps, a.seed, method="consistency")[1]
-        print(f"consistency-distilled {teacher} -> {cd_dir}: {a.cd_steps} steps in {time.perf_counter() - t0:.0f} s",
-              flush=True)
-
+        cd_end = distilled(teacher, cd_dir, a.cd_steps, a.seed, method="consistency")[1]
     torch.set_num_threads(threads)  # sampling and scoring: torch's threads again
     probe = QualityProbe.digits()
     trun = Run.open(teacher)

@@ -122,6 +122,22 @@ class Run:
             return False
         return model.get("out_channels") == 2 * model.get("in_channels", -1)
 
+    @property
+    def precond_sigma_data(self) -> float | None:
+        """The sigma_data of a network trained with EDM's preconditioning (``ddpmkit train --precond edm``;
+        config.json's ``diffusion.precond``), read by ``Denoiser(precond=...)``; None for any other run."""
+        p = self.diffusion_config.get("precond")
+        if p is None:
+            return None
+        sd = p.get("sigma_data") if type(p) is dict and p.get("kind") == "edm" else None
+        if isinstance(sd, bool) or not isinstance(sd, (int, float)) or not 0 < sd < float("inf"):
+            raise CheckpointError(f"{self.config_path}: diffusion.precond must be {{\"kind\": \"edm\", "
+                                  f"\"sigma_data\": a positive number}}, got {p!r}")
+        if self.objective != "x0":
+            raise CheckpointError(f"{self.config_path}: an EDM-preconditioned network predicts x0, and "
+                                  f"diffusion.objective is {self.objective!r}")
+        return float(sd)
+
     # ------------------------------------------------------------------ the analytic variance
     def gamma(self) -> torch.Tensor | None:
         """Gamma_t (float64 [T]) stored by ``ddpmkit eval variance``, or None when the run has none (a resume
@@ -440,7 +456,7 @@ class Run:
             decoder = self.latent_space().to(device or "cpu").decode
         return Denoiser(net, schedule, objective=objective, variance=variance, clip_x0=clip_x0,
                         guidance=guidance, null_cond=self.null_class, gamma=gamma, decoder=decoder,
-                        consistency=self.consistency_sigma_data)
+                        consistency=self.consistency_sigma_data, precond=self.precond_sigma_data)
 
 
 def open_autoencoder(path):

@@ -14,7 +14,11 @@ reverse step p(x_{t-1} | x_t)? :class:`Denoiser` answers it once:
 - ``guidance`` w (with ``null_cond``, the condition that means "none") is classifier-free guidance, Ho & Salimans
   2022 eq. 6: eps = (1 + w) eps(x, c) - w eps(x, null), both evaluated in one doubled batch (see ``guided``);
 - ``consistency`` (sigma_data) reads a consistency-distilled network: x0_hat is the consistency function
-  c_skip x + (1 - c_skip) x0_net, which is x_t itself at t = 0 (:func:`.distill.consistency_x0`).
+  c_skip x + (1 - c_skip) x0_net, which is x_t itself at t = 0 (:func:`.distill.consistency_x0`);
+- ``precond`` (sigma_data) reads a network trained with EDM's preconditioning (Karras et al. 2022, table 1): every
+  call of the network is ``net(c_in x, c_noise[, cond])`` at EDM's x = x_t / sqrt(alpha_bar_t) and noise level
+  sigma(t) = sqrt((1 - alpha_bar_t) / alpha_bar_t), and its raw output is D = c_skip x + c_out F, the clean image
+  (objective x0; :mod:`.precond`).
 
 A Denoiser can be respaced onto a sub-sequence of timesteps (:meth:`Denoiser.respaced`): its schedule is then the
 shorter process of Improved DDPM section 4, and its index i calls the network at the original timestep tau_i.
@@ -28,6 +32,7 @@ from typing import Callable, NamedTuple
 import numpy as np
 import torch
 
+from .precond import preconditioned
 from .process import (VARIANCES, check_objective, eps_from_x0, model_variance, output_from, predict_eps,
                       predict_x0, q_posterior, split_output, x0_from_output)
 from .schedule import NoiseSchedule, extract
@@ -67,8 +72,13 @@ class Denoiser:
                  clip_x0: bool = True, *, cond=None, timestep_map: torch.Tensor | None = None,
                  guidance: float | None = None, null_cond=None, guidance_space: str = "eps",
                  gamma: torch.Tensor | None = None, clip_sigma: bool = True, decoder: Callable | None = None,
-                 consistency: float | None = None):
+                 consistency: float | None = None, precond: float | None = None):
         check_objective(objective)
+        if precond is not None and not (math.isfinite(float(precond)) and float(precond) > 0):
+            raise ValueError(f"precond is EDM's sigma_data, a positive number, got {precond!r}")
+        if precond is not None and objective != "x0":
+            raise ValueError(f"a preconditioned network's output D is the clean image: its objective is x0, not "
+                             f"{objective!r}")
         if variance not in VARIANCES:
             raise ValueError(f"unknown variance {variance!r}: choose one of {', '.join(VARIANCES)}")
         self.net = net
@@ -96,6 +106,8 @@ class Denoiser:
         # a consistency model's sigma_data: x0_hat is then the consistency function f = c_skip x + (1 - c_skip) x0_net
         # (ddpmkit.diffusion.distill.consistency_x0), exactly x_t itself at t = 0; None: the network's x0_hat
         self.consistency = None if consistency is None else float(consistency)
+        # EDM's sigma_data of a preconditioned network (see _call); None: the network's output is read as it is
+        self.precond = None if precond is None else float(precond)
         self._gamma_steps = None  # analytic: Gamma at each step of this schedule (float64, CPU); see _fixed_log_var
         self._log_var = self._fixed_log_var()
 
@@ -136,7 +148,8 @@ class Denoiser:
         return torch.device("cpu")
 
     def net_output(self, x_t: torch.Tensor, t: torch.Tensor, cond=None) -> torch.Tensor:
-        """The network's raw output at (x_t, t), as float32 (float64 kept, for exact-arithmetic tests)."""
+        """The network's raw output at (x_t, t), as float32 (float64 kept, for exact-arithmetic tests); with
+        ``precond``, EDM's D (see :meth:`_call`)."""
         t_net = t if self.timestep_map is None else self.timestep_map.to(t.device)[t]
         cond = self.cond if cond is None else cond
         if cond is None and getattr(self.net, "needs_cond", False):
@@ -149,7 +162,7 @@ class Denoiser:
         if self.guidance and cond is not None:  # w = 0 (or None) is the conditional model alone: one evaluation
             out = self._guided_output(x_t, t, t_net, cond)
         else:
-            out = self.net(x_t, t_net) if cond is None else self.net(x_t, t_net, cond)
+            out = self._call(x_t, t, t_net, cond)
         split_output(out, x_t)  # C channels, or 2C with a learned variance
         return out if out.dtype == torch.float64 else out.float()
 
@@ -189,6 +202,16 @@ class Denoiser:
         log_var = torch.full_like(ab, float("nan"))
         return Prediction(x0.to(x_t.dtype), eps.to(x_t.dtype), log_var.to(x_t.dtype))
 
+    def _call(self, x_t: torch.Tensor, t: torch.Tensor, t_net: torch.Tensor, cond) -> torch.Tensor:
+        """One call of the network at (x_t, index t of this schedule, the network's timestep t_net): its output, or
+        with ``precond`` EDM's D = c_skip x + c_out net(c_in x, c_noise) at the noise level of alpha_bar at t
+        (EDM eq. 7 and table 1). A respaced schedule's alpha_bar at index i is the original one's at tau_i, so D
+        needs no timestep_map."""
+        if self.precond is None:
+            return self.net(x_t, t_net) if cond is None else self.net(x_t, t_net, cond)
+        t = t.expand(x_t.shape[0]) if t.ndim == 0 else t
+        return preconditioned(self.net, x_t, self.schedule.alpha_bar_at(t), self.precond, cond)
+
     def _consistent(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """A consistency model's f from the network's x0_hat (Song et al. 2023, eq. 3); x0_hat itself otherwise."""
         if self.consistency is None:
@@ -214,7 +237,9 @@ class Denoiser:
         c = c.expand(B) if c.ndim == 0 else c
         null = torch.full_like(c, self.null_cond) if not torch.is_tensor(self.null_cond) else self.null_cond.to(c)
         tt = t_net.expand(B) if t_net.ndim == 0 else t_net
-        out = self.net(torch.cat([x_t, x_t]), torch.cat([tt, tt]), torch.cat([c, null.expand_as(c)]))
+        ti = t.expand(B) if t.ndim == 0 else t
+        out = self._call(torch.cat([x_t, x_t]), torch.cat([ti, ti]), torch.cat([tt, tt]),
+                         torch.cat([c, null.expand_as(c)]))
         if out.shape[0] != 2 * B:
             raise ValueError(f"the network returned shape {tuple(out.shape)} for a doubled batch of {2 * B}")
         (out_c, v_c), out_u = split_output(out[:B], x_t), split_output(out[B:], x_t)[0]
@@ -297,11 +322,13 @@ class Denoiser:
         kw = dict(net=self.net, schedule=self.schedule, objective=self.objective, variance=self.variance,
                   clip_x0=self.clip_x0, cond=self.cond, timestep_map=self.timestep_map, guidance=self.guidance,
                   null_cond=self.null_cond, guidance_space=self.guidance_space, gamma=self.gamma,
-                  clip_sigma=self.clip_sigma, decoder=self.decoder, consistency=self.consistency)
+                  clip_sigma=self.clip_sigma, decoder=self.decoder, consistency=self.consistency,
+                  precond=self.precond)
         kw.update(changes)
         return Denoiser(**kw)
 
     def __repr__(self) -> str:
         g = f", guidance={self.guidance:g}" if self.guidance else ""
+        g += f", precond={self.precond:g}" if self.precond is not None else ""
         return (f"Denoiser(objective={self.objective!r}, variance={self.variance!r}, clip_x0={self.clip_x0}, "
                 f"T={self.T}{g})")

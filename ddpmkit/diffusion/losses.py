@@ -7,12 +7,14 @@ from typing import Callable
 import torch
 
 from .bound import vlb_term_bits
+from .precond import edm_loss_weight, preconditioned, sigma_of_alpha_bar
 from .process import check_objective, predict_x0, q_posterior, q_sample, split_output, training_target
 from .variance import learned_log_var
 from .schedule import NoiseSchedule
 
-__all__ = ["sample_timesteps", "training_losses", "training_loss", "HYBRID_LAMBDA", "hybrid_vlb", "vlb_loss",
-           "TIMESTEP_SAMPLERS", "LossSecondMomentSampler", "LOSS_WEIGHTS", "loss_weights"]
+__all__ = ["sample_timesteps", "sample_edm_timesteps", "edm_training_losses", "training_losses", "training_loss",
+           "HYBRID_LAMBDA", "hybrid_vlb", "vlb_loss", "TIMESTEP_SAMPLERS", "LossSecondMomentSampler", "LOSS_WEIGHTS",
+           "loss_weights"]
 
 LOSS_WEIGHTS = ("none", "min-snr")
 
@@ -62,6 +64,54 @@ def training_losses(net: Callable, schedule: NoiseSchedule, x0: torch.Tensor, *,
         losses = losses * loss_weights(schedule, t, objective, loss_weight, min_snr_gamma).to(losses.device)
     if v is not None:
         losses = losses + hybrid_vlb(schedule, x0, x_t, t, out, v, objective)
+    return losses, t
+
+
+def sample_edm_timesteps(batch_size: int, schedule: NoiseSchedule, p_mean: float = -1.2, p_std: float = 1.2, *,
+                         generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+    """Real-valued timesteps (float64 [B]) of EDM's training noise levels, ln sigma ~ N(p_mean, p_std^2) per
+    sample (EDM table 1, "Ours"), each mapped onto ``schedule``: the t whose interpolated alpha_bar is
+    1 / (1 + sigma^2) (:func:`~ddpmkit.diffusion.precond.sigma_of_alpha_bar` inverted), clamped to [0, T-1].
+
+    A sigma beyond the schedule's range takes its end; the loss computes sigma again from t, so the pair stays
+    consistent. Under the linear schedule (T = 1000, sigma from 0.0100 at t = 0 to 157 at t = 999) EDM's defaults
+    put 0.23% of the draws below the range (z = -2.84) and 1e-7 above it (z = 5.22).
+    """
+    gen_device = generator.device if generator is not None else torch.device("cpu")
+    z = torch.randn(batch_size, generator=generator, device=gen_device, dtype=torch.float64)
+    log_sigma = (p_mean + p_std * z).cpu()  # EDM table 1: ln(sigma) ~ N(P_mean, P_std^2)
+    log_ab = -torch.log1p(torch.exp(2.0 * log_sigma))  # alpha_bar = 1 / (1 + sigma^2) (EDM sec. 2)
+    t = torch.from_numpy(schedule.timestep_of_log_alpha_bar(log_ab.numpy())).clamp(0.0, schedule.T - 1)
+    return t.to(device) if device is not None else t
+
+
+def edm_training_losses(net: Callable, schedule: NoiseSchedule, x0: torch.Tensor, *, sigma_data: float = 0.5,
+                        t: torch.Tensor | None = None, noise: torch.Tensor | None = None,
+                        generator: torch.Generator | None = None, cond=None, p_mean: float = -1.2,
+                        p_std: float = 1.2):
+    """EDM's per-sample training loss of a preconditioned network (Karras et al. 2022, eq. 8 and table 1), and the
+    timesteps used: lambda(sigma) mean((D(x_t, t) - x0)^2), lambda = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2.
+
+    ``t`` are real-valued timesteps of ``schedule`` (drawn by :func:`sample_edm_timesteps` unless given), sigma is
+    the EDM noise level of each, x_t = sqrt(alpha_bar) (x0 + sigma n) the VP sample at t, and D the
+    preconditioned network's estimate of x0 (:func:`~ddpmkit.diffusion.precond.preconditioned`), ``net`` called as
+    ``net(c_in x, c_noise[, cond])``. Returns ``(losses [B], t [B])``.
+    """
+    B = x0.shape[0]
+    if t is None:
+        t = sample_edm_timesteps(B, schedule, p_mean, p_std, generator=generator, device=x0.device)
+    if noise is None:
+        gen_device = generator.device if generator is not None else x0.device
+        noise = torch.randn(x0.shape, generator=generator, device=gen_device, dtype=x0.dtype).to(x0.device)
+    ab = schedule.alpha_bar_at(t.to(x0.device).double())
+    sigma = sigma_of_alpha_bar(ab)
+    col = (-1,) + (1,) * (x0.ndim - 1)
+    # EDM sec. 2: x = y + sigma n, and the VP sample x_t = sqrt(ab) x (DDPM eq. 4)
+    x_t = (ab.sqrt().view(col) * (x0.double() + sigma.view(col) * noise.double())).to(x0.dtype)
+    D = preconditioned(net, x_t, ab, sigma_data, cond)
+    weight = edm_loss_weight(sigma, sigma_data).float()  # EDM table 1: lambda(sigma)
+    # EDM eq. 8: lambda(sigma) ||D(y + n; sigma) - y||^2, averaged over the dimensions
+    losses = weight * (D.float() - x0.float()).pow(2).flatten(1).mean(dim=1)
     return losses, t
 
 

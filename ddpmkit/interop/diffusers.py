@@ -145,6 +145,10 @@ def export_diffusers(run_dir, out_dir, *, ema: bool = True, log=print) -> Path:
         raise ConfigError(f"{run.dir} is a consistency-distilled student: its network is read through ddpmkit's "
                           "consistency function, which no diffusers scheduler applies; export its teacher "
                           f"({run.distilled.get('teacher')}) instead, or a progressive student")
+    if run.precond_sigma_data is not None:
+        raise ConfigError(f"{run.dir} was trained with EDM's preconditioning (--precond edm): diffusers' UNet2DModel "
+                          "and schedulers cannot scale its input by c_in nor give it c_noise = ln(sigma)/4 for a "
+                          "timestep, so no diffusers pipeline draws from it; sample it with `ddpmkit sample`")
     out = _export_unet(run, run_dir, Path(out_dir), ema=ema, log=log)
     if run.distilled is not None:
         steps = run.sampling_defaults()["steps"]

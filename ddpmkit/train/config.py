@@ -31,6 +31,8 @@ __all__ = ["TrainConfig", "PRESETS", "config_from_preset", "flag", "settings", "
 
 _NET = UNET_PRESETS["digits"]  # the default architecture
 
+PRECONDS = ("none", "edm")  # --precond: the network as it is, or EDM's preconditioning (ddpmkit.diffusion.precond)
+
 
 @dataclass
 class TrainConfig(DataSettings, LoopSettings):
@@ -80,6 +82,16 @@ class TrainConfig(DataSettings, LoopSettings):
     loss_weight: str = setting("none", "per-timestep weight of the loss: none, or min-snr (Min-SNR-gamma, Hang et al. "
                                        "2023: min(SNR, gamma)/SNR for eps, min(SNR, gamma)/(SNR+1) for v)")
     min_snr_gamma: float = setting(5.0, "gamma of --loss-weight min-snr")
+    precond: str = setting("none", "parameterisation of the network: none, or edm (EDM's preconditioning, Karras et "
+                                   "al. 2022: the network is EDM's denoiser D of the noise level sigma(t), trained "
+                                   "on EDM's loss at log-normal noise levels; objective x0)", locked=True)
+    # not `sigma_data`: DistillConfig (a TrainConfig) has a field of that name, consistency distillation's own
+    edm_sigma_data: float = setting(0.5, "with --precond edm, the data's standard deviation sigma_data of EDM's "
+                                         "preconditioning and loss weight", locked=True)
+    p_mean: float = setting(-1.2, "with --precond edm, the mean P_mean of EDM's training noise levels, "
+                                  "ln(sigma) ~ N(P_mean, P_std^2)", locked=True)
+    p_std: float = setting(1.2, "with --precond edm, the standard deviation P_std of ln(sigma) in training",
+                           locked=True)
     variance: str = setting("small", "the reverse-process variance the run is made for, small (beta_tilde), "
                                      "large (beta, the official CIFAR-10 fixedlarge), learned (with --learn-sigma) "
                                      "or analytic (Analytic-DPM, after `eval variance`); sampling and the bound "
@@ -129,10 +141,16 @@ class TrainConfig(DataSettings, LoopSettings):
             "model": self.model_config(None if class_names is None else len(class_names),
                                        None if latent is None else latent["shape"]),
             "diffusion": {"schedule": self.schedule, "T": self.T, "objective": self.objective,
-                          "variance": self.variance},
+                          "variance": self.variance, **self._precond_section()},
             "data": {"source": self.data, "image_size": self.image_size, "channels": self.channels},
             **extra,
         }
+
+    def _precond_section(self) -> dict:
+        """config.json's ``diffusion.precond`` of an EDM run (what ``Run.denoiser`` reads); nothing otherwise."""
+        if self.precond == "none":
+            return {}
+        return {"precond": {"kind": self.precond, "sigma_data": self.edm_sigma_data}}
 
     @classmethod
     def from_json(cls, cfg: dict) -> "TrainConfig":
@@ -155,6 +173,7 @@ class TrainConfig(DataSettings, LoopSettings):
             raise ConfigError("--variance learned goes with --learn-sigma, and a --learn-sigma run's variance is "
                               f"learned (got --variance {self.variance}"
                               f"{' with' if self.learn_sigma else ' without'} --learn-sigma)")
+        self.validate_precond()
         if self.vlb_only and not self.learn_sigma:
             raise ConfigError("--vlb-only trains a learned variance on the bound: it needs --learn-sigma")
         if self.vlb_only and self.loss_weight != "none":
@@ -196,6 +215,37 @@ class TrainConfig(DataSettings, LoopSettings):
         # the U-Net built on the meta device (no memory): its own checks, and its size against MAX_PARAMETERS
         check_model_config(self.model_config(), "the U-Net of these settings")
 
+    def validate_precond(self) -> None:
+        """--precond and its settings: their ranges, and the settings an EDM run cannot take (they are about a
+        network of the discrete t, or a loss other than EDM's)."""
+        if self.precond not in PRECONDS:
+            raise ConfigError(f"unknown --precond {self.precond!r}: choose {' or '.join(PRECONDS)}")
+        if check_float(flag("edm_sigma_data"), self.edm_sigma_data, 0, 1e6) <= 0:
+            raise ConfigError(f"--edm-sigma-data must be positive, got {self.edm_sigma_data}")
+        check_float(flag("p_mean"), self.p_mean, -100, 100)
+        if check_float(flag("p_std"), self.p_std, 0, 100) <= 0:
+            raise ConfigError(f"--p-std must be positive, got {self.p_std}")
+        if self.precond == "none":
+            changed = [flag(n) for n in ("edm_sigma_data", "p_mean", "p_std")
+                       if getattr(self, n) != TrainConfig.__dataclass_fields__[n].default]
+            if changed:
+                raise ConfigError(f"{', '.join(changed)} {'is a setting' if len(changed) == 1 else 'are settings'} "
+                                  "of EDM's preconditioning: add --precond edm")
+            return
+        edm = "--precond edm"
+        if self.objective != "x0":
+            raise ConfigError(f"{edm} trains EDM's denoiser D, which predicts the clean image: its objective is x0 "
+                              f"(got --objective {self.objective}; leave --objective out)")
+        if self.learn_sigma:
+            raise ConfigError(f"{edm} takes no --learn-sigma: Improved DDPM's learned variance and its L_hybrid are "
+                              "made for a network of the discrete timesteps")
+        if self.loss_weight != "none":
+            raise ConfigError(f"{edm} weights its loss by EDM's lambda(sigma): it takes no --loss-weight (got "
+                              f"{self.loss_weight})")
+        if self.timestep_sampler != "uniform":
+            raise ConfigError(f"{edm} draws its noise levels from EDM's log-normal (--p-mean, --p-std): it takes no "
+                              f"--timestep-sampler {self.timestep_sampler}")
+
 
 def _json_value(v):
     return list(v) if isinstance(v, tuple) else v
@@ -231,6 +281,8 @@ def config_from_preset(preset: str, **overrides) -> TrainConfig:
     values = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}, "preset": preset}
     if values.get("learn_sigma") and overrides.get("variance") is None:
         values["variance"] = "learned"  # the variance a --learn-sigma run is made for
+    if values.get("precond") == "edm" and overrides.get("objective") is None:
+        values["objective"] = "x0"  # EDM's D predicts the clean image
     for f in dataclasses.fields(TrainConfig):
         if isinstance(f.default, tuple):
             values[f.name] = tuple(values.get(f.name, f.default))

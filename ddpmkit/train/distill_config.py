@@ -161,10 +161,12 @@ class DistillConfig(TrainConfig):
         # with --time-limit 210 does not give its student 210 s), and so is the student's objective
         inherited = set(TrainConfig.__dataclass_fields__) - set(LoopSettings.__dataclass_fields__) - {"objective"}
         values = {k: v for k, v in dataclasses.asdict(teacher_cfg).items() if k in inherited}
-        bad = sorted(set(overrides) - own - {"objective"} - set(LOOP_OVERRIDABLE))
+        bad = sorted(set(overrides) - own - {"objective", *PICTURE_SETTINGS} - set(LOOP_OVERRIDABLE))
         if bad:
             raise ConfigError(f"not a setting of a distillation: {', '.join(bad)}")
         values.update({k: v for k, v in overrides.items() if v is not None})
+        if values.get("precond") == "edm" and overrides.get("objective") is None:
+            values["objective"] = "x0"  # the student of an EDM teacher keeps its preconditioning: D predicts x0
         values["teacher"] = str(teacher)
         values.pop("steps", None)
         for f in dataclasses.fields(cls):
@@ -176,14 +178,19 @@ class DistillConfig(TrainConfig):
 # the loop settings `ddpmkit distill` takes as flags (LoopSettings' but `steps`, which the rounds give)
 LOOP_OVERRIDABLE = ("time_limit", "batch_size", "grad_accum", "lr", "warmup", "grad_clip", "adam_beta1",
                     "adam_beta2", "weight_decay", "ema_decay", "ema_warmup", "seed", "log_every",
-                    "checkpoint_every", "sample_every", "keep", "skip_nonfinite", "device", "precision", "compile")
+                    "checkpoint_every", "sample_every", "eval_every", "keep", "skip_nonfinite", "device", "precision",
+                    "compile")
+
+
+# the student's sample grids and --eval-every measurements: its own to choose (the teacher's are inherited otherwise)
+PICTURE_SETTINGS = ("num_samples", "eval_n")
 
 
 def distill_fields() -> list[str]:
     """The settings that are flags of `ddpmkit distill`, in the order its help lists them: the distillation's own,
     then the loop's."""
     own = [f.name for f in dataclasses.fields(DistillConfig) if f.name not in TrainConfig.__dataclass_fields__]
-    return own + ["objective", *LOOP_OVERRIDABLE]
+    return own + ["objective", *PICTURE_SETTINGS, *LOOP_OVERRIDABLE]
 
 
 def _power_of_two(n: int) -> bool:

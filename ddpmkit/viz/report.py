@@ -241,6 +241,9 @@ def write_report(run_dir, out=None) -> Path:
                 _editing(run), _schedules(run, T), _forward(run), _configuration(config)]
     sub = (f"{config.get('train', {}).get('preset', 'no')} preset, {diffusion.get('schedule', '?')} schedule, "
            f"T = {T}, objective {diffusion.get('objective', 'eps')}, variance {diffusion.get('variance', '?')}")
+    precond = diffusion.get("precond")
+    if isinstance(precond, dict) and precond.get("kind") == "edm":
+        sub += f", EDM preconditioning (sigma_data {precond.get('sigma_data', '?')})"
     if space(config) == "latent":
         latent = config["latent"]
         shape = latent.get("shape")

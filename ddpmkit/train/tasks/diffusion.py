@@ -13,7 +13,7 @@ import torch
 
 from ...data import Batcher, load_dataset
 from ...diffusion import Denoiser, NoiseSchedule, sample_timesteps, training_losses
-from ...diffusion.losses import LossSecondMomentSampler
+from ...diffusion.losses import LossSecondMomentSampler, edm_training_losses, sample_edm_timesteps
 from ...errors import ConfigError
 from ...models.unet import UNet
 from ...rng import derive_seed
@@ -54,7 +54,8 @@ class TimestepBuckets(Meter):
         self.n = torch.zeros(NUM_BUCKETS, device=device, dtype=torch.float64)
 
     def add(self, per_sample, info, scalars) -> None:
-        bucket = (info * NUM_BUCKETS) // self.T
+        t = info.round().long() if info.is_floating_point() else info  # EDM's real-valued t: its nearest step
+        bucket = (t * NUM_BUCKETS) // self.T
         self.sum.index_add_(0, bucket, per_sample.double())
         self.n.index_add_(0, bucket, torch.ones_like(per_sample, dtype=torch.float64))
 
@@ -65,7 +66,8 @@ class TimestepBuckets(Meter):
 
 
 class DiffusionTask(Task):
-    """A U-Net that denoises, trained on ``training_losses`` (eps, x0 or v; L_simple, L_hybrid or L_vlb)."""
+    """A U-Net that denoises, trained on ``training_losses`` (eps, x0 or v; L_simple, L_hybrid or L_vlb), or with
+    ``--precond edm`` on ``edm_training_losses`` (EDM's preconditioning, its loss and its log-normal noise levels)."""
 
     def __init__(self, cfg, ctx: TaskContext):
         self.cfg, self.ctx = cfg, ctx
@@ -124,13 +126,17 @@ class DiffusionTask(Task):
         x0, y = batch if self.class_cond else (batch, None)
         # The timesteps and noise of the whole global batch come from one stream, drawn identically on every
         # rank (t first, then the noise, as training_losses would draw them); each rank takes its slice. The
-        # run is then the same on any number of processes, up to the order of floating-point sums.
+        # run is then the same on any number of processes, up to the order of floating-point sums. An EDM run
+        # draws real-valued t of log-normal noise levels (EDM table 1) in place of the uniform integer t.
         B, per = cfg.batch_size, x0.shape[0]
         lo = dctx.rank * per
         if y is not None and cfg.p_uncond > 0:  # label dropout for classifier-free guidance (Ho & Salimans 2022)
             drop = uncond_mask(cfg.seed, step, B, cfg.p_uncond)[lo:lo + per].to(device)
             y = torch.where(drop, torch.full_like(y, self.null_class), y)
-        if self.t_sampler is None:
+        if cfg.precond == "edm":
+            t_all, w_all = sample_edm_timesteps(B, self.schedule, cfg.p_mean, cfg.p_std, generator=self.gen,
+                                                device=device), None
+        elif self.t_sampler is None:
             t_all, w_all = sample_timesteps(B, cfg.T, generator=self.gen, device=device), None
         else:  # importance sampling: every rank draws the same global batch from the same history
             t_all, w_all = self.t_sampler.sample(B, generator=self.gen, device=device)
@@ -142,6 +148,10 @@ class DiffusionTask(Task):
     def loss(self, name, batch, part: slice, nets) -> LossOut:
         x0, y, t, noise, w = batch
         cfg = self.cfg
+        if cfg.precond == "edm":  # EDM eq. 8: lambda(sigma) ||D - x0||^2 of the preconditioned network
+            losses, t_k = edm_training_losses(nets["model"], self.schedule, x0[part], sigma_data=cfg.edm_sigma_data,
+                                              t=t[part], noise=noise[part], cond=None if y is None else y[part])
+            return LossOut(losses.mean(), losses.detach(), t_k)
         losses, t_k = training_losses(nets["model"], self.schedule, x0[part], objective=cfg.objective, t=t[part],
                                       noise=noise[part], cond=None if y is None else y[part],
                                       loss_weight=cfg.loss_weight, min_snr_gamma=cfg.min_snr_gamma,
@@ -192,8 +202,10 @@ class DiffusionTask(Task):
         # latents are not bounded by [-1, 1] as pixels are: no clipping of x0_hat there (LDM clips none); the
         # decoder turns finished samples into images
         latent = self.latent is not None
+        precond = self.cfg.edm_sigma_data if self.cfg.precond == "edm" else None
         return Denoiser(model, self.schedule, self.cfg.objective, variance, clip_x0=not latent,
-                        null_cond=self.null_class, decoder=self.latent.space.decode if latent else None)
+                        null_cond=self.null_class, decoder=self.latent.space.decode if latent else None,
+                        precond=precond)
 
     def sample_grid(self, ema, path: Path) -> Path | None:
         from ...samplers import sample

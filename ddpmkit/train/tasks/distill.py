@@ -84,6 +84,11 @@ class DistillTask(DiffusionTask):
     def consistency(self) -> bool:
         return self.cfg.method == "consistency"
 
+    @property
+    def precond(self) -> float | None:
+        """An EDM-preconditioned teacher's sigma_data: its student, and every reading of either, keep it."""
+        return self.cfg.edm_sigma_data if self.cfg.precond == "edm" else None
+
     # ------------------------------------------------------------------ rounds
     @property
     def steps_now(self) -> tuple[int, int]:
@@ -160,11 +165,11 @@ class DistillTask(DiffusionTask):
         clip = self.latent is None  # pixels: x0_hat clipped to [-1, 1], as sampling does; latents: never
         if self.round == 0:
             den = Denoiser(nets["teacher"], self.schedule, self.teacher_objective, clip_x0=clip,
-                           null_cond=self.null_class, cond=y)
+                           null_cond=self.null_class, cond=y, precond=self.precond)
             if y is not None and self.cfg.guidance:
                 den = den.guided(self.cfg.guidance)
             return den
-        return Denoiser(nets["teacher"], self.schedule, self.cfg.objective, clip_x0=clip, cond=y)
+        return Denoiser(nets["teacher"], self.schedule, self.cfg.objective, clip_x0=clip, cond=y, precond=self.precond)
 
     def _consistency_loss(self, nets, x0, y, n, noise) -> LossOut:
         """Song et al. 2023, alg. 2 with the squared L2 distance: f_theta(z_{n+1}, t_{n+1}) against the target's
@@ -176,9 +181,9 @@ class DistillTask(DiffusionTask):
         z = (alpha.view(shape) * x0.double() + sigma.view(shape) * noise.double()).to(x0.dtype)  # DDPM eq. 4
         teacher = self._teacher(nets, y)
         target = Denoiser(nets["target"], self.schedule, cfg.objective, clip_x0=False, cond=y,
-                          consistency=cfg.sigma_data)
+                          consistency=cfg.sigma_data, precond=self.precond)
         student = Denoiser(nets["model"], self.schedule, cfg.objective, clip_x0=False, cond=y,
-                           consistency=cfg.sigma_data)
+                           consistency=cfg.sigma_data, precond=self.precond)
         goal = consistency_target(lambda zz, s: teacher(zz, s).x0, lambda zz, s: target(zz, s).x0, z, t_hi, t_lo,
                                   self.schedule)
         f = student(z, t_hi).x0
@@ -201,7 +206,8 @@ class DistillTask(DiffusionTask):
         if self.consistency:
             return self._consistency_loss(nets, x0[part], y, i[part], noise[part])
         teacher = self._teacher(nets, y)
-        student = Denoiser(nets["model"], self.schedule, self.cfg.objective, clip_x0=False, cond=y)
+        student = Denoiser(nets["model"], self.schedule, self.cfg.objective, clip_x0=False, cond=y,
+                           precond=self.precond)
         losses, t = progressive_loss(lambda z, s: student(z, s).x0, lambda z, s: teacher(z, s).x0, x0[part],
                                      noise[part], i[part], self.steps_now[1], self.schedule)
         return LossOut(losses.mean(), losses.detach(), t)
@@ -252,7 +258,7 @@ class DistillTask(DiffusionTask):
         latent = self.latent is not None
         return Denoiser(model, self.schedule, self.cfg.objective, "small", clip_x0=not latent,
                         null_cond=self.null_class, decoder=self.latent.space.decode if latent else None,
-                        consistency=self.cfg.sigma_data if self.consistency else None)
+                        consistency=self.cfg.sigma_data if self.consistency else None, precond=self.precond)
 
     def sample_grid(self, ema, path):
         from ...samplers import sample
