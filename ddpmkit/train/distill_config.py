@@ -52,7 +52,7 @@ class DistillConfig(TrainConfig):
                                     "--teacher-steps)", locked=True)
     teacher_steps: int = setting(64, "DDIM steps of the teacher that the first round distils in half",
                                  locked=True)
-    round_steps: int = setting(400, "optimizer steps per round (with --time-limit, a round also ends at its even "
+    round_steps: int = setting(200, "optimizer steps per round (with --time-limit, a round also ends at its even "
                                     "share of the time); consistency distillation has one round", locked=True)
     cd_levels: int = setting(18, "consistency: the N noise levels between which the teacher takes one Heun step "
                                  "(EDM's spacing; Song et al. 2023 use N = 18 on CIFAR-10)", locked=True)
