@@ -1,8 +1,9 @@
 """What the benchmarks ask of the digits classifier beyond its features: a table row per set of images.
 
 The classifier itself (network, training, cache, features) is ``ddpmkit.metrics.digits``. Here: the class
-coverage and entropy of its predictions, the noise and real reference rows, and the folders of PNG samples that
-``bench/digits_judge.py`` reads.
+coverage and entropy of its predictions, the noise and real reference rows, the folders of PNG samples that
+``bench/digits_judge.py`` reads, and a classifier two-sample test on its features (``two_sample_accuracy``, with the
+class-balanced real digits it compares against, ``balanced_real_indices``).
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ from ddpmkit.metrics.digits import (  # noqa: E402
     IMAGE_SIZE, NATIVE_SIZE, NUM_CLASSES, DigitsClassifier, DigitsError, to_classifier_size,
 )
 
-__all__ = ["COVERAGE_SHARE", "DigitsRow", "class_coverage", "class_entropy", "evaluate", "load_png_dir",
-           "noise_images", "reference_rows"]
+__all__ = ["COVERAGE_SHARE", "DigitsRow", "balanced_real_indices", "class_coverage", "class_entropy", "evaluate",
+           "load_png_dir", "noise_images", "reference_rows", "two_sample_accuracy"]
 
 COVERAGE_SHARE = 1.0 / 3.0
 
@@ -131,3 +132,84 @@ def reference_rows(clf: DigitsClassifier, ns=()) -> list[DigitsRow]:
     rows.append(evaluate(clf, noise_images(n_test, "gaussian"), "gaussian noise"))
     rows.append(evaluate(clf, noise_images(n_test, "uniform"), "uniform noise"))
     return rows
+
+
+# ------------------------------------------------------------------------------------------ two-sample accuracy
+def balanced_real_indices(labels, n: int, *, seed: int = 0, exclude=(), num_classes: int = NUM_CLASSES) -> np.ndarray:
+    """Sorted indices of ``n`` real digits with the class counts of ``n`` samples of class i mod K (sample i of digit
+    i mod 10, as the benchmarks draw them), each class's drawn at random (``seed``) from the digits of that class not
+    in ``exclude``. ValueError when a class has too few."""
+    labels = np.asarray(labels)
+    banned = np.zeros(len(labels), dtype=bool)
+    banned[np.asarray(list(exclude), dtype=np.int64)] = True
+    rng = np.random.RandomState(seed)
+    want = np.bincount(np.arange(n) % num_classes, minlength=num_classes)
+    out = []
+    for c in range(num_classes):
+        pool = np.flatnonzero((labels == c) & ~banned)
+        if len(pool) < want[c]:
+            raise ValueError(f"class {c}: {want[c]} real digits wanted, {len(pool)} available")
+        out.append(pool[rng.permutation(len(pool))[:want[c]]])
+    return np.sort(np.concatenate(out))
+
+
+def _fit_logistic(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, l2: float, iters: int) -> torch.Tensor:
+    """L2-penalised logistic regression by L-BFGS: the coefficients [D + 1] (the bias last, not penalised) that
+    minimise sum_i w_i log(1 + exp(-s_i z_i)) + l2 / 2 |beta|^2, s_i = 2 y_i - 1, z = x beta + b."""
+    beta = torch.zeros(x.shape[1] + 1, dtype=x.dtype, requires_grad=True)
+    s = 2.0 * y - 1.0
+    opt = torch.optim.LBFGS([beta], lr=1.0, max_iter=iters, tolerance_grad=1e-9, tolerance_change=1e-12,
+                            history_size=20, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        z = x @ beta[:-1] + beta[-1]
+        loss = (w * torch.nn.functional.softplus(-s * z)).sum() + 0.5 * l2 * beta[:-1].pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return beta.detach()
+
+
+def two_sample_accuracy(a, b, *, folds: int = 5, l2: float = 1e-3, iters: int = 100, seed: int = 0) -> dict:
+    """A classifier two-sample test (Lopez-Paz & Oquab 2017) of feature sets ``a`` [n_a, D] and ``b`` [n_b, D]:
+    how well a linear classifier, trained on part of the two sets, tells held-out members of one from the other.
+
+    ``folds``-fold cross-validation, each set split into ``folds`` near-equal parts at random (``seed``); in each fold
+    an L2-penalised logistic regression (``l2`` on the coefficients of the standardised features, the two sets
+    weighted equally whatever their sizes, ``iters`` L-BFGS iterations) is fitted on the other folds (the features
+    standardised by those folds' mean and spread) and predicts the held-out fold. Every point is predicted once.
+
+    Returns ``accuracy``, the balanced held-out accuracy (the mean of the two sets' accuracies: the plain accuracy
+    when n_a = n_b), 0.5 when the classifier cannot tell the sets apart and 1 when it always can; ``stderr``, its
+    binomial standard error sqrt(p_a (1 - p_a) / n_a + p_b (1 - p_b) / n_b) / 2 over the n_a + n_b held-out
+    predictions (it ignores the dependence between folds, which share training points); ``n_a``, ``n_b``.
+    """
+    fa = torch.as_tensor(np.asarray(a, np.float64))
+    fb = torch.as_tensor(np.asarray(b, np.float64))
+    if fa.dim() != 2 or fb.dim() != 2 or fa.shape[1] != fb.shape[1]:
+        raise ValueError(f"two feature sets [n, D] of the same D, got {tuple(fa.shape)} and {tuple(fb.shape)}")
+    if min(fa.shape[0], fb.shape[0]) < folds:
+        raise ValueError(f"each set needs at least {folds} points (one per fold), got {fa.shape[0]} and {fb.shape[0]}")
+    x = torch.cat([fa, fb])
+    y = torch.cat([torch.ones(fa.shape[0], dtype=x.dtype), torch.zeros(fb.shape[0], dtype=x.dtype)])
+    rng = np.random.RandomState(seed)
+    fold = np.concatenate([rng.permutation(m) % folds for m in (fa.shape[0], fb.shape[0])])
+    fold = torch.from_numpy(fold)
+    pred = torch.empty_like(y)
+    with torch.random.fork_rng(devices=[]):
+        for k in range(folds):
+            tr, te = fold != k, fold == k
+            mu, sd = x[tr].mean(0), x[tr].std(0)
+            sd = torch.where(sd > 1e-12, sd, torch.ones_like(sd))  # a feature constant on these folds: left as it is
+            xs = (x - mu) / sd
+            ytr = y[tr]
+            w = torch.where(ytr > 0, 0.5 / ytr.sum(), 0.5 / (1 - ytr).sum())  # each set weighs one half
+            beta = _fit_logistic(xs[tr], ytr, w, l2, iters)
+            pred[te] = ((xs[te] @ beta[:-1] + beta[-1]) > 0).to(x.dtype)
+    na, nb = fa.shape[0], fb.shape[0]
+    pa = float((pred[:na] == 1).to(x.dtype).mean())
+    pb = float((pred[na:] == 0).to(x.dtype).mean())
+    return {"accuracy": 0.5 * (pa + pb), "stderr": 0.5 * math.sqrt(pa * (1 - pa) / na + pb * (1 - pb) / nb),
+            "n_a": int(na), "n_b": int(nb)}
