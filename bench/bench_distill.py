@@ -64,8 +64,8 @@ def train_teacher(out: Path, seconds: float) -> None:
     print(f"trained the demo's digits model: {res['step']} steps in {res['seconds']:.0f} s -> {out}", flush=True)
 
 
-def distil(teacher: Path, out: Path, round_steps: int, seed: int,
-           method: str = "progressive") -> dict[int, tuple[int, float]]:
+def distil(teacher: Path, out: Path, round_steps: int, seed: int, method: str = "progressive",
+           guidance: float = DEFAULT_GUIDANCE) -> dict[int, tuple[int, float]]:
     """Distil ``teacher`` into ``out``, from 64 steps to 1 (progressive) or in one round of ``round_steps``
     (consistency): {student steps: (its checkpoint's step, CPU seconds)}."""
     from ddpmkit.train.config import TrainConfig
@@ -75,7 +75,7 @@ def distil(teacher: Path, out: Path, round_steps: int, seed: int,
 
     trun = Run.open(teacher)
     cfg = DistillConfig.from_teacher(TrainConfig.from_json(trun.config), str(trun.dir), student_steps=1,
-                                     teacher_steps=64, round_steps=round_steps, guidance=DEFAULT_GUIDANCE,
+                                     teacher_steps=64, round_steps=round_steps, guidance=guidance,
                                      checkpoint_every=round_steps, keep=8, num_samples=0, seed=seed, method=method)
     ends: dict[int, tuple[int, float]] = {}
     t0 = cpu_seconds()
@@ -92,7 +92,8 @@ def distil(teacher: Path, out: Path, round_steps: int, seed: int,
     return ends
 
 
-def distilled(teacher: Path, out: Path, round_steps: int, seed: int, method: str = "progressive"):
+def distilled(teacher: Path, out: Path, round_steps: int, seed: int, method: str = "progressive",
+              guidance: float = DEFAULT_GUIDANCE):
     """:func:`distil`, or the result of an earlier one in ``out`` (its CPU times kept beside it)."""
     saved = out / "bench_cpu_seconds.json"
     if saved.is_file():
@@ -101,7 +102,7 @@ def distilled(teacher: Path, out: Path, round_steps: int, seed: int, method: str
     if (out / "config.json").is_file():
         raise SystemExit(f"{out} holds an unfinished distillation: remove it to distil again")
     t0 = time.perf_counter()
-    ends = distil(teacher, out, round_steps, seed, method)
+    ends = distil(teacher, out, round_steps, seed, method, guidance)
     print(f"distilled {teacher} -> {out} ({method}, {round_steps} steps per round) in {time.perf_counter() - t0:.0f} "
           f"s, torch {torch.__version__}, {torch.get_num_threads()} thread(s)", flush=True)
     return ends
@@ -119,6 +120,8 @@ def main(argv=None) -> int:
     p.add_argument("--n", type=int, default=500)
     p.add_argument("--n-large", type=int, default=2000)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE, help="the weight the students are distilled "
+                   "at and everything draws at (default: sampling's)")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the distillation (default: 1, so that "
                                                           "CPU time is wall-clock time)")
     a = p.parse_args(argv)
@@ -128,11 +131,11 @@ def main(argv=None) -> int:
     if not (teacher / "config.json").is_file():  # as the demo trains it: torch's threads
         train_teacher(teacher, a.teacher_seconds)
     torch.set_num_threads(a.threads)
-    student_dir = work / f"student-r{a.round_steps}-seed{a.seed}"
-    ends = distilled(teacher, student_dir, a.round_steps, a.seed)
-    cd_dir, cd_end = work / f"consistency-{a.cd_steps}-seed{a.seed}", None
+    student_dir = work / f"student-r{a.round_steps}-w{a.guidance:g}-seed{a.seed}"
+    ends = distilled(teacher, student_dir, a.round_steps, a.seed, guidance=a.guidance)
+    cd_dir, cd_end = work / f"consistency-{a.cd_steps}-w{a.guidance:g}-seed{a.seed}", None
     if a.cd_steps:
-        cd_end = distilled(teacher, cd_dir, a.cd_steps, a.seed, method="consistency")[1]
+        cd_end = distilled(teacher, cd_dir, a.cd_steps, a.seed, method="consistency", guidance=a.guidance)[1]
     torch.set_num_threads(threads)  # sampling and scoring: torch's threads again
     probe = QualityProbe.digits()
     trun = Run.open(teacher)
@@ -146,7 +149,7 @@ def main(argv=None) -> int:
 
     tden = trun.denoiser()
     # the ODE solution the students were distilled from: the teacher's DDIM on the 64 trailing timesteps
-    reference = draw(tden, resolve("ddim", trun.schedule, 64, "trailing"), DEFAULT_GUIDANCE)
+    reference = draw(tden, resolve("ddim", trun.schedule, 64, "trailing"), a.guidance)
 
     def row(name, calls, den, plan, guidance, cpu=None):
         x = draw(den, plan, guidance)
@@ -158,7 +161,7 @@ def main(argv=None) -> int:
         return large["fd"], small["fd"]
 
     print(f"\nFrechet distance of the digits classifier's features (n = {a.n} and n = {a.n_large}); guidance "
-          f"w = {DEFAULT_GUIDANCE:g} for all")
+          f"w = {a.guidance:g} for all")
     print(f"the {real.n} real held-out digits against the reference: FD {real.fd:.2f}")
     print(f"| sampler | calls | FD, n = {a.n} | FD, n = {a.n_large} | RMS to the teacher's DDIM-64 | CPU minutes |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
@@ -172,7 +175,7 @@ def main(argv=None) -> int:
                 continue
             if plan.model_calls != calls:
                 continue
-            fd = row(f"teacher {name}", calls, tden, plan, DEFAULT_GUIDANCE)
+            fd = row(f"teacher {name}", calls, tden, plan, a.guidance)
             best = fd if best is None or fd[0] < best[0] else best
         teacher_fd[calls] = best
     student_fd = {}

@@ -26,6 +26,7 @@ from conftest import tiny_run
 
 from ddpmkit.cli import main
 from ddpmkit.diffusion import Denoiser, NoiseSchedule
+from ddpmkit.diffusion.denoiser import DEFAULT_GUIDANCE
 from ddpmkit.diffusion.distill import alpha_sigma, consistency_target, consistency_x0, edm_sigma, heun_step
 from ddpmkit.run import Run
 from ddpmkit.samplers import NoiseSource, PerSampleNoise, sample
@@ -504,7 +505,7 @@ def test_consistency_distillation_end_to_end(student, teacher, capsys):
 def distill_cfg(teacher, **kw) -> DistillConfig:
     return DistillConfig.from_teacher(TrainConfig.from_json(Run.open(teacher).config), str(teacher),
                                       method="consistency", student_steps=1, round_steps=4, batch_size=16,
-                                      guidance=0.5, **kw)
+                                      guidance=DEFAULT_GUIDANCE, **kw)
 
 
 def test_target_is_the_ema_and_resume_is_bit_exact(teacher, tmp_path):

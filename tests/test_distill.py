@@ -18,6 +18,7 @@ from conftest import tiny_run
 
 from ddpmkit.cli import main
 from ddpmkit.diffusion import NoiseSchedule
+from ddpmkit.diffusion.denoiser import DEFAULT_GUIDANCE
 from ddpmkit.diffusion import distill as distill_math
 from ddpmkit.diffusion.distill import (END, alpha_sigma, ddim_step, progressive_loss, progressive_target,
                                        progressive_triples, student_grid)
@@ -205,11 +206,11 @@ def test_distil_end_to_end(student, capsys):
     cfg = json.loads((student / "config.json").read_text())
     d = cfg["distill"]
     assert d["reached_steps"] == 1 and d["steps"] == 1 and d["teacher_steps"] == 4
-    assert d["guidance"] == 0.5  # a class-conditional teacher with a null class: sampling's default weight
+    assert d["guidance"] == DEFAULT_GUIDANCE  # a class-conditional teacher with a null class: sampling's default
     assert d["sampler"] == "ddim" and d["spacing"] == "trailing" and d["method"] == "progressive"
     run = Run.open(student)
     assert run.sampling_defaults() == {"sampler": "ddim", "steps": 1, "spacing": "trailing"}
-    assert run.distilled_guidance == 0.5
+    assert run.distilled_guidance == DEFAULT_GUIDANCE
     assert load_checkpoint(student).step == 6
     # the learning rate decays to 0 over each round (3 steps: 1, 2/3, 1/3 of --lr 5e-4), and round 2 (1 step:
     # t = 39 alone, bucket 9 of T = 40) trains at one timestep; round 1 (2 steps: t = 19, 39)
@@ -228,15 +229,15 @@ def test_distil_end_to_end(student, capsys):
     assert len(list((student / "samples" / folders[0]).glob("*.png"))) >= 2
     capsys.readouterr()
     assert main(["sample", str(student), "--n", "2", "--guidance", "2", "--quiet"]) == 2
-    one_error_line(capsys, "--guidance", "0.5")
-    assert main(["sample", str(student), "--n", "2", "--guidance", "0.5", "--quiet"]) == 0
+    one_error_line(capsys, "--guidance", f"{DEFAULT_GUIDANCE:g}")
+    assert main(["sample", str(student), "--n", "2", "--guidance", f"{DEFAULT_GUIDANCE:g}", "--quiet"]) == 0
 
 
 # ------------------------------------------------------------------------------------------ resume
 def distill_cfg(teacher) -> DistillConfig:
     return DistillConfig.from_teacher(TrainConfig.from_json(Run.open(teacher).config), str(teacher),
                                       student_steps=1, teacher_steps=4, round_steps=3, batch_size=16,
-                                      guidance=0.5, checkpoint_every=3)
+                                      guidance=DEFAULT_GUIDANCE, checkpoint_every=3)
 
 
 def test_resume_across_a_round_boundary_is_bit_exact(teacher, tmp_path):
@@ -351,5 +352,6 @@ def test_the_report_says_where_a_student_came_from(student, teacher):
 
     facts = {f.label: f.value for f in summarize(student, read_config(student)).model}
     assert facts["distilled from"] == str(teacher)
-    assert facts["draws with"] == "ddim, 1 step, trailing timesteps, guided at w = 0.5 in one call per step"
+    assert facts["draws with"] == (f"ddim, 1 step, trailing timesteps, guided at w = {DEFAULT_GUIDANCE:g} in one "
+                                   "call per step")
     assert "distilled from" not in {f.label for f in summarize(teacher, read_config(teacher)).model}

@@ -23,6 +23,7 @@ from PIL import Image
 
 from ddpmkit.cli import main
 from ddpmkit.diffusion import Denoiser, NoiseSchedule
+from ddpmkit.diffusion.denoiser import DEFAULT_GUIDANCE
 from ddpmkit.edit import (EditError, check_mask, load_images, make_mask, parse_mask, repaint, repaint_levels,
                           repaint_model_calls, sdedit, sdedit_timesteps)
 from ddpmkit.images import from_uint8, to_uint8
@@ -360,7 +361,7 @@ def test_inpaint_takes_each_digit_its_own_label(cond_run, tmp_path, capsys, labe
     # the default guidance doubles each batch: the labels, then the null class (10)
     assert main(["inpaint", str(cond_run), "--image", "digits:17", *INPAINT, "--n", "1"]) == 0
     assert labels_seen == [[7, 10]] * 3
-    assert "-w0.5-seed0" in capsys.readouterr().out  # RUN/edits/inpaint-...-w0.5-seed0
+    assert f"-w{DEFAULT_GUIDANCE:g}-seed0" in capsys.readouterr().out  # RUN/edits/inpaint-...-w<default>-seed0
 
 
 def test_inpaint_and_edit_with_class_none_use_the_null_label(cond_run, tmp_path, capsys, labels_seen):

@@ -13,6 +13,7 @@ from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel  #
 from safetensors.torch import load_file  # noqa: E402
 from conftest import randomized  # noqa: E402
 
+from ddpmkit.diffusion.denoiser import DEFAULT_GUIDANCE  # noqa: E402
 from ddpmkit.run import Run  # noqa: E402
 from ddpmkit.store import read_config  # noqa: E402
 from ddpmkit.cli import main  # noqa: E402
@@ -472,9 +473,9 @@ def test_class_conditional_export_prints_the_call_that_runs_it(cond_export):
     assert "DDPMPipeline.from_pretrained" not in printed and "guidance_scale = 1 + w" in printed
     code = printed.split("in Python: ", 1)[1].strip()
     assert f"DiffusionPipeline.from_pretrained({str(out)!r}, trust_remote_code=True)" in code
-    assert "pipe(class_labels=[0, 9], guidance=0.5)" in code
+    assert f"pipe(class_labels=[0, 9], guidance={DEFAULT_GUIDANCE:g})" in code
     scope: dict = {}
-    exec(code, scope)  # the printed call itself: 40 DDPM steps of the folder's scheduler, labels 0 and 9, w = 0.5
+    exec(code, scope)  # the printed call itself: 40 DDPM steps of the folder's scheduler, labels 0 and 9, w = default
     assert [im.size for im in scope["images"]] == [(8, 8), (8, 8)]
     pipe = scope["pipe"]
     pipe.set_progress_bar_config(disable=True)
