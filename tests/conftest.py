@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from ddpmkit.train import Trainer, config_from_preset
 from ddpmkit.train.config import flag, show_value
 
@@ -68,3 +70,18 @@ def gaussian_eps(sched, mu: float, s: float):
         return (1 - a).sqrt() * (x.double() - a.sqrt() * mu) / (a * s * s + 1 - a)
 
     return net
+
+
+def one_error_line(capsys, *words) -> str:
+    """The command's stderr: one line, ``ddpmkit: error: ...``, holding each of ``words``."""
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ddpmkit: error: ") and "\n" not in err, err
+    for w in words:
+        assert w in err, (w, err)
+    return err
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    """A tiny class-conditional digits run (TINY_NET, T = 40, a null class) of 4 steps: a teacher to distil."""
+    return tiny_run(tmp_path_factory.mktemp("teacher"), class_cond=True, steps=4, batch_size=16)

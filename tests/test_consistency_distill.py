@@ -22,7 +22,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_run
 
 from ddpmkit.cli import main
 from ddpmkit.diffusion import Denoiser, NoiseSchedule
@@ -457,12 +456,6 @@ def test_a_broken_target_fails_the_check(sched, target_fn, least):
 
 # ------------------------------------------------------------------------------------------ 5. end to end
 CD_FLAGS = ["--method", "consistency", "--steps", "1", "--round-steps", "4", "--batch-size", "16"]
-
-
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    """A tiny class-conditional digits run (TINY_NET, T = 40, a null class) of 4 steps."""
-    return tiny_run(tmp_path_factory.mktemp("teacher"), class_cond=True, steps=4, batch_size=16)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_run
+from conftest import one_error_line, tiny_run
 
 from ddpmkit.cli import main
 from ddpmkit.diffusion import NoiseSchedule
@@ -169,12 +169,6 @@ FLAGS = ["--steps", "1", "--teacher-steps", "4", "--round-steps", "3", "--batch-
 
 
 @pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    """A tiny class-conditional digits run (TINY_NET, T = 40, a null class) of 4 steps."""
-    return tiny_run(tmp_path_factory.mktemp("teacher"), class_cond=True, steps=4, batch_size=16)
-
-
-@pytest.fixture(scope="module")
 def student(teacher, tmp_path_factory):
     """The teacher distilled from 4 steps to 1: two rounds of 3 optimizer steps."""
     out = tmp_path_factory.mktemp("student") / "D"
@@ -192,14 +186,6 @@ def other_runs(tmp_path_factory):
                  "--num-groups", "4", "--latent-channels", "2", "--batch-size", "8", "--num-samples", "0",
                  "--steps", "1", "--quiet", "--out", str(ae)]) == 0
     return {"unconditional": unconditional, "ae": ae}
-
-
-def one_error_line(capsys, *words) -> str:
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("ddpmkit: error: ") and "\n" not in err, err
-    for w in words:
-        assert w in err, (w, err)
-    return err
 
 
 def test_distil_end_to_end(student, capsys):

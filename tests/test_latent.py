@@ -10,7 +10,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_flags
+from conftest import one_error_line, tiny_flags
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -44,14 +44,6 @@ def train(out, *flags, quiet=True) -> int:
     if not quiet:
         args.remove("--quiet")
     return main(args)
-
-
-def one_error_line(capsys, *words) -> str:
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("ddpmkit: error: ") and "\n" not in err, err
-    for w in words:
-        assert w in err, (w, err)
-    return err
 
 
 def assert_same_weights(a, b) -> None:
