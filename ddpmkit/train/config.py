@@ -146,11 +146,16 @@ class TrainConfig(DataSettings, LoopSettings):
             **extra,
         }
 
+    @property
+    def precond_sigma_data(self) -> float | None:
+        """EDM's sigma_data of a ``--precond edm`` run, what ``Denoiser(precond=...)`` takes; None otherwise."""
+        return self.edm_sigma_data if self.precond == "edm" else None
+
     def _precond_section(self) -> dict:
         """config.json's ``diffusion.precond`` of an EDM run (what ``Run.denoiser`` reads); nothing otherwise."""
-        if self.precond == "none":
+        if self.precond_sigma_data is None:
             return {}
-        return {"precond": {"kind": self.precond, "sigma_data": self.edm_sigma_data}}
+        return {"precond": {"kind": self.precond, "sigma_data": self.precond_sigma_data}}
 
     @classmethod
     def from_json(cls, cfg: dict) -> "TrainConfig":

@@ -119,20 +119,29 @@ class DiffusionTask(Task):
         return {"model": OptimizerSpec(models["model"].parameters())}
 
     # ------------------------------------------------------------------ one step
-    def batch(self, step: int):
-        """(x0, y, t, noise, importance weights) of this rank's share of the global batch of ``step``."""
-        cfg, dctx, device = self.cfg, self.ctx.dist, self.ctx.device
+    def images(self, step: int):
+        """(x0, y, lo): this rank's share of the images (and labels, or None) of the global batch of ``step``, and
+        where that share begins in the global batch. With label dropout, each label becomes the null class with
+        probability ``p_uncond`` (Ho & Salimans 2022, for classifier-free guidance)."""
+        cfg, dctx = self.cfg, self.ctx.dist
         batch = self.batcher.next_batch(self.class_cond, rank=dctx.rank, world_size=dctx.world_size)
         x0, y = batch if self.class_cond else (batch, None)
+        per = x0.shape[0]
+        lo = dctx.rank * per
+        if y is not None and cfg.p_uncond > 0:
+            drop = uncond_mask(cfg.seed, step, cfg.batch_size, cfg.p_uncond)[lo:lo + per].to(self.ctx.device)
+            y = torch.where(drop, torch.full_like(y, self.null_class), y)
+        return x0, y, lo
+
+    def batch(self, step: int):
+        """(x0, y, t, noise, importance weights) of this rank's share of the global batch of ``step``."""
+        cfg, device = self.cfg, self.ctx.device
+        x0, y, lo = self.images(step)
         # The timesteps and noise of the whole global batch come from one stream, drawn identically on every
         # rank (t first, then the noise, as training_losses would draw them); each rank takes its slice. The
         # run is then the same on any number of processes, up to the order of floating-point sums. An EDM run
         # draws real-valued t of log-normal noise levels (EDM table 1) in place of the uniform integer t.
         B, per = cfg.batch_size, x0.shape[0]
-        lo = dctx.rank * per
-        if y is not None and cfg.p_uncond > 0:  # label dropout for classifier-free guidance (Ho & Salimans 2022)
-            drop = uncond_mask(cfg.seed, step, B, cfg.p_uncond)[lo:lo + per].to(device)
-            y = torch.where(drop, torch.full_like(y, self.null_class), y)
         if cfg.precond == "edm":
             t_all, w_all = sample_edm_timesteps(B, self.schedule, cfg.p_mean, cfg.p_std, generator=self.gen,
                                                 device=device), None
@@ -149,7 +158,8 @@ class DiffusionTask(Task):
         x0, y, t, noise, w = batch
         cfg = self.cfg
         if cfg.precond == "edm":  # EDM eq. 8: lambda(sigma) ||D - x0||^2 of the preconditioned network
-            losses, t_k = edm_training_losses(nets["model"], self.schedule, x0[part], sigma_data=cfg.edm_sigma_data,
+            losses, t_k = edm_training_losses(nets["model"], self.schedule, x0[part],
+                                              sigma_data=cfg.precond_sigma_data,
                                               t=t[part], noise=noise[part], cond=None if y is None else y[part])
             return LossOut(losses.mean(), losses.detach(), t_k)
         losses, t_k = training_losses(nets["model"], self.schedule, x0[part], objective=cfg.objective, t=t[part],
@@ -193,6 +203,13 @@ class DiffusionTask(Task):
             self.t_sampler.load_state_dict(state["t_sampler"])
 
     # ------------------------------------------------------------------ pictures and quality
+    def reading(self, net, objective: str | None = None, **kw) -> Denoiser:
+        """A Denoiser of ``net`` on this run's schedule and its EDM preconditioning, if any (``objective``: the
+        run's by default); ``kw`` are the Denoiser's other settings. The sample grids, the --eval-every probe and a
+        distillation's teachers and students read their networks through it."""
+        return Denoiser(net, self.schedule, objective or self.cfg.objective, precond=self.cfg.precond_sigma_data,
+                        **kw)
+
     def denoiser(self, model: torch.nn.Module) -> Denoiser:
         """The Denoiser of the sample grids and the --eval-every probe, with the settings ``Run.denoiser`` gives
         ``ddpmkit sample``: the run's objective and variance, x0 clipped (sample's default --clip), its null class."""
@@ -202,14 +219,21 @@ class DiffusionTask(Task):
         # latents are not bounded by [-1, 1] as pixels are: no clipping of x0_hat there (LDM clips none); the
         # decoder turns finished samples into images
         latent = self.latent is not None
-        precond = self.cfg.edm_sigma_data if self.cfg.precond == "edm" else None
-        return Denoiser(model, self.schedule, self.cfg.objective, variance, clip_x0=not latent,
-                        null_cond=self.null_class, decoder=self.latent.space.decode if latent else None,
-                        precond=precond)
+        return self.reading(model, variance=variance, clip_x0=not latent, null_cond=self.null_class,
+                            decoder=self.latent.space.decode if latent else None)
+
+    def drawing(self, purpose: str) -> dict:
+        """How the sample grids (``purpose`` "grid") and the --eval-every probe ("eval") draw: ``sampler`` and
+        ``steps`` (the run's --sample-*/--eval-* settings), and the guidance weight of a class-conditional run."""
+        from ...diffusion.denoiser import DEFAULT_GUIDANCE
+
+        cfg = self.cfg
+        sampler, steps = ((cfg.sample_sampler, cfg.sample_steps) if purpose == "grid" else
+                          (cfg.eval_sampler, cfg.eval_steps))
+        return {"sampler": sampler, "steps": steps, "guidance": DEFAULT_GUIDANCE if self.class_cond else None}
 
     def sample_grid(self, ema, path: Path) -> Path | None:
         from ...samplers import sample
-        from ...diffusion.denoiser import DEFAULT_GUIDANCE
         from ...viz.grids import save_grid, save_labelled_grid
 
         if self.cfg.num_samples <= 0:
@@ -217,13 +241,14 @@ class DiffusionTask(Task):
         g = torch.Generator(device="cpu").manual_seed(self.cfg.seed + 2)
         n = self.cfg.num_samples
         denoiser = self.denoiser(ema())
+        how = self.drawing("grid")
         if self.class_cond:  # one labelled row per class, guided: n // K samples of each (at least one)
             K = len(self.class_names)
             per = max(1, n // K)
             n = per * K
             labels = torch.arange(K, device=self.ctx.device).repeat_interleave(per)
-            denoiser = denoiser.with_cond(labels).guided(DEFAULT_GUIDANCE, self.null_class)
-        x = sample(denoiser, (n, *self.shape), sampler=self.cfg.sample_sampler, steps=self.cfg.sample_steps, noise=g)
+            denoiser = denoiser.with_cond(labels).guided(how["guidance"], self.null_class)
+        x = sample(denoiser, (n, *self.shape), sampler=how["sampler"], steps=how["steps"], noise=g)
         x = denoiser.to_pixels(x)
         if self.class_cond:
             return save_labelled_grid(x.cpu(), self.class_names, path)
@@ -233,7 +258,6 @@ class DiffusionTask(Task):
         """--eval-every: ``eval_n`` samples from the EMA weights with ``eval_sampler``, the same noise and labels every
         time, their Frechet distance and its standard error (metrics/quality.py); None without a feature network."""
         from ...metrics.quality import QualityProbe
-        from ...diffusion.denoiser import DEFAULT_GUIDANCE
 
         cfg = self.cfg
         if self._probe is False:  # built once: the classifier, or Inception's reference stats
@@ -244,9 +268,10 @@ class DiffusionTask(Task):
             self._probe = QualityProbe.for_data(cfg.data, images, log=self.ctx.log)
         if self._probe is None:
             return None
+        how = self.drawing("eval")
         return self._probe.measure(
             self.denoiser(ema()), cfg.eval_n, self.shape,
-            sampler=cfg.eval_sampler, steps=cfg.eval_steps, seed=cfg.seed,
+            sampler=how["sampler"], steps=how["steps"], seed=cfg.seed,
             num_classes=None if self.class_names is None else len(self.class_names),
-            guidance=DEFAULT_GUIDANCE if self.class_cond else None, null_class=self.null_class)
+            guidance=how["guidance"], null_class=self.null_class)
 

@@ -84,10 +84,6 @@ class DistillTask(DiffusionTask):
     def consistency(self) -> bool:
         return self.cfg.method == "consistency"
 
-    @property
-    def precond(self) -> float | None:
-        """An EDM-preconditioned teacher's sigma_data: its student, and every reading of either, keep it."""
-        return self.cfg.edm_sigma_data if self.cfg.precond == "edm" else None
 
     # ------------------------------------------------------------------ rounds
     @property
@@ -134,22 +130,15 @@ class DistillTask(DiffusionTask):
     def batch(self, step: int):
         """(x0, y, student step index i, noise) of this rank's share of the global batch of ``step``; a round that
         is over hands over to the next first."""
-        cfg, dctx, device = self.cfg, self.ctx.dist, self.ctx.device
+        cfg, device = self.cfg, self.ctx.device
         if self._session_t0 is None:
             self._session_t0 = self._round_t0 = time.perf_counter()
             if cfg.time_limit is not None:  # the session's time shared evenly by the rounds it has left
                 self._round_seconds = cfg.time_limit / (cfg.rounds - self.round)
         while self.round < cfg.rounds - 1 and self._round_over(step):
             self._next_round(step)
-        batch = self.batcher.next_batch(self.class_cond, rank=dctx.rank, world_size=dctx.world_size)
-        x0, y = batch if self.class_cond else (batch, None)
+        x0, y, lo = self.images(step)  # label dropout: the null class keeps learning the unconditional model
         B, per = cfg.batch_size, x0.shape[0]
-        lo = dctx.rank * per
-        if y is not None and cfg.p_uncond > 0:  # the null class keeps learning the unconditional model
-            from .diffusion import uncond_mask
-
-            drop = uncond_mask(cfg.seed, step, B, cfg.p_uncond)[lo:lo + per].to(device)
-            y = torch.where(drop, torch.full_like(y, self.null_class), y)
         if self._target_due:  # the EMA of the student after the last applied step (updated() came before it)
             self._update_target()
         # Salimans & Ho 2022, alg. 2: a student step i ~ U{1..N} per sample (here 0..N-1, see progressive_triples);
@@ -164,12 +153,12 @@ class DistillTask(DiffusionTask):
         """Round 0: the original teacher (guided at w for a class-conditional one); later: the last student."""
         clip = self.latent is None  # pixels: x0_hat clipped to [-1, 1], as sampling does; latents: never
         if self.round == 0:
-            den = Denoiser(nets["teacher"], self.schedule, self.teacher_objective, clip_x0=clip,
-                           null_cond=self.null_class, cond=y, precond=self.precond)
+            den = self.reading(nets["teacher"], self.teacher_objective, clip_x0=clip, null_cond=self.null_class,
+                               cond=y)
             if y is not None and self.cfg.guidance:
                 den = den.guided(self.cfg.guidance)
             return den
-        return Denoiser(nets["teacher"], self.schedule, self.cfg.objective, clip_x0=clip, cond=y, precond=self.precond)
+        return self.reading(nets["teacher"], clip_x0=clip, cond=y)
 
     def _consistency_loss(self, nets, x0, y, n, noise) -> LossOut:
         """Song et al. 2023, alg. 2 with the squared L2 distance: f_theta(z_{n+1}, t_{n+1}) against the target's
@@ -180,10 +169,8 @@ class DistillTask(DiffusionTask):
         shape = (-1,) + (1,) * (x0.ndim - 1)
         z = (alpha.view(shape) * x0.double() + sigma.view(shape) * noise.double()).to(x0.dtype)  # DDPM eq. 4
         teacher = self._teacher(nets, y)
-        target = Denoiser(nets["target"], self.schedule, cfg.objective, clip_x0=False, cond=y,
-                          consistency=cfg.sigma_data, precond=self.precond)
-        student = Denoiser(nets["model"], self.schedule, cfg.objective, clip_x0=False, cond=y,
-                           consistency=cfg.sigma_data, precond=self.precond)
+        target = self.reading(nets["target"], clip_x0=False, cond=y, consistency=cfg.sigma_data)
+        student = self.reading(nets["model"], clip_x0=False, cond=y, consistency=cfg.sigma_data)
         goal = consistency_target(lambda zz, s: teacher(zz, s).x0, lambda zz, s: target(zz, s).x0, z, t_hi, t_lo,
                                   self.schedule)
         f = student(z, t_hi).x0
@@ -206,8 +193,7 @@ class DistillTask(DiffusionTask):
         if self.consistency:
             return self._consistency_loss(nets, x0[part], y, i[part], noise[part])
         teacher = self._teacher(nets, y)
-        student = Denoiser(nets["model"], self.schedule, self.cfg.objective, clip_x0=False, cond=y,
-                           precond=self.precond)
+        student = self.reading(nets["model"], clip_x0=False, cond=y)
         losses, t = progressive_loss(lambda z, s: student(z, s).x0, lambda z, s: teacher(z, s).x0, x0[part],
                                      noise[part], i[part], self.steps_now[1], self.schedule)
         return LossOut(losses.mean(), losses.detach(), t)
@@ -243,48 +229,23 @@ class DistillTask(DiffusionTask):
             self._target_due = bool(d["target_due"])
 
     # ------------------------------------------------------------------ pictures and quality
-    def student_plan(self, steps: int | None = None):
-        """The student's sampler over its ``trailing`` grid of ``steps`` (default: the current round's student):
-        DDIM, or the consistency sampler."""
+    def student_plan(self):
+        """The current student's sampler over its ``trailing`` grid: DDIM at the round's steps, or the consistency
+        sampler at the steps asked for."""
         from ...samplers.options import resolve
 
         if self.consistency:
-            return resolve("consistency", self.schedule, steps or self.cfg.student_steps, "trailing")
-        return resolve("ddim", self.schedule, steps or self.steps_now[1], "trailing")
-
+            return resolve("consistency", self.schedule, self.cfg.student_steps, "trailing")
+        return resolve("ddim", self.schedule, self.steps_now[1], "trailing")
 
     def denoiser(self, model: torch.nn.Module) -> Denoiser:
-        """The student's Denoiser: its objective, x0 clipped for pixels, and no guidance (its network is guided)."""
+        """The student's Denoiser: its objective, x0 clipped for pixels, a consistency student's reading."""
         latent = self.latent is not None
-        return Denoiser(model, self.schedule, self.cfg.objective, "small", clip_x0=not latent,
-                        null_cond=self.null_class, decoder=self.latent.space.decode if latent else None,
-                        consistency=self.cfg.sigma_data if self.consistency else None, precond=self.precond)
+        return self.reading(model, variance="small", clip_x0=not latent, null_cond=self.null_class,
+                            decoder=self.latent.space.decode if latent else None,
+                            consistency=self.cfg.sigma_data if self.consistency else None)
 
-    def sample_grid(self, ema, path):
-        from ...samplers import sample
-        from ...viz.grids import save_grid, save_labelled_grid
-
-        if self.cfg.num_samples <= 0:
-            return None
-        g = torch.Generator(device="cpu").manual_seed(self.cfg.seed + 2)
-        n, den = self.cfg.num_samples, self.denoiser(ema())
-        if self.class_cond:
-            K = len(self.class_names)
-            per = max(1, n // K)
-            n = per * K
-            den = den.with_cond(torch.arange(K, device=self.ctx.device).repeat_interleave(per))
-        x = den.to_pixels(sample(den, (n, *self.shape), sampler=self.student_plan(), noise=g))
-        return save_labelled_grid(x.cpu(), self.class_names, path) if self.class_cond else save_grid(x.cpu(), path)
-
-    def evaluate(self, ema) -> dict | None:
-        """--eval-every: the Frechet distance of the current student's samples (DDIM on its own grid)."""
-        from ...metrics.quality import QualityProbe
-
-        cfg = self.cfg
-        if self._probe is False:
-            self._probe = QualityProbe.for_data(cfg.data, None, log=self.ctx.log) if cfg.data == "digits" else None
-        if self._probe is None:
-            return None
-        return self._probe.measure(self.denoiser(ema()), cfg.eval_n, self.shape, sampler=self.student_plan(),
-                                   steps=None, seed=cfg.seed,
-                                   num_classes=None if self.class_names is None else len(self.class_names))
+    def drawing(self, purpose: str) -> dict:
+        """The grids and the --eval-every probe draw the current student with its own sampler, unguided: its
+        network is guided already."""
+        return {"sampler": self.student_plan(), "steps": None, "guidance": None}
