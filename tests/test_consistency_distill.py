@@ -23,6 +23,8 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import one_error_line
+
 from ddpmkit.cli import main
 from ddpmkit.diffusion import Denoiser, NoiseSchedule
 from ddpmkit.diffusion.denoiser import DEFAULT_GUIDANCE
@@ -493,6 +495,19 @@ def test_consistency_distillation_end_to_end(student, teacher, capsys):
         dirs = [p for p in (student / "samples").iterdir() if p.name.startswith(folder)]
         assert len(dirs) == 1, sorted(p.name for p in (student / "samples").iterdir())
         assert len(list(dirs[0].glob("*.png"))) >= 2
+
+
+@pytest.mark.parametrize("command", [["sample", "--sampler", "ddpm", "--steps", "10", "--n", "2", "--quiet"],
+                                     ["inpaint", "--image", "digits:17", "--mask", "bottom-half", "--n", "1",
+                                      "--steps", "20"]])
+def test_respacing_commands_refuse_a_consistency_student_in_one_line(student, capsys, command):
+    """The ddpm sampler below T steps and RePaint respace the schedule, which a consistency reading refuses: the
+    command says so in one line and writes nothing."""
+    before = sorted(p.relative_to(student) for p in student.rglob("*"))
+    capsys.readouterr()
+    assert main([command[0], str(student), *command[1:]]) == 2
+    one_error_line(capsys, "consistency-distilled", "respaced")
+    assert sorted(p.relative_to(student) for p in student.rglob("*")) == before
 
 
 def distill_cfg(teacher, **kw) -> DistillConfig:

@@ -32,6 +32,7 @@ from typing import Callable, NamedTuple
 import numpy as np
 import torch
 
+from ..errors import SettingError
 from .precond import preconditioned
 from .process import (VARIANCES, check_objective, eps_from_x0, model_variance, output_from, predict_eps,
                       predict_x0, q_posterior, split_output, x0_from_output)
@@ -220,8 +221,11 @@ class Denoiser:
         from .distill import consistency_x0
 
         if self.timestep_map is not None:  # its boundary is the full schedule's t = 0, which a respacing may skip
-            raise ValueError("a consistency model is read on its own schedule, not a respaced one: sample it with "
-                             "the consistency or ddim sampler")
+            # a user's choice (`sample --sampler ddpm --steps S`, `inpaint`): one line at the command, not a traceback
+            raise SettingError("sampler", "a consistency-distilled run is read on its whole schedule, not a respaced "
+                                          "one (the ddpm sampler below T steps and inpaint's RePaint respace it): "
+                                          "draw it with the consistency or ddim sampler, or edit it with `ddpmkit "
+                                          "edit`", lead=False)
         return consistency_x0(x0, x_t, t, self.schedule, self.consistency)
 
     def _guided_output(self, x_t: torch.Tensor, t: torch.Tensor, t_net: torch.Tensor, cond) -> torch.Tensor:
