@@ -63,6 +63,36 @@ def randomized(model_class, cfg: dict, seed: int = 0):
     return m.eval()
 
 
+def gaussian_x0(sched, mu: float, s: float):
+    """The exact denoiser E[x0 | z_t] of N(mu, s^2 I) data under ``sched`` (float64), at integer or real-valued t:
+    mu + alpha s^2 (z_t - alpha mu) / (alpha^2 s^2 + sigma^2) with alpha^2 = alpha_bar_t, sigma^2 = 1 - alpha_bar_t."""
+    from ddpmkit.diffusion.distill import alpha_sigma
+
+    def x0(z, t):
+        a, sig = (v.view(-1, *([1] * (z.ndim - 1))) for v in alpha_sigma(sched, t))
+        return mu + a * s * s * (z - a * mu) / (a * a * s * s + sig * sig)
+
+    return x0
+
+
+def ddim_trajectory(x0_fn, z, grid, sched):
+    """z at every timestep of ``grid`` (increasing; walked noisiest first, from z itself) and at the clean end, by
+    deterministic DDIM steps with ``x0_fn(z, t)``'s estimates, without gradients."""
+    import torch
+
+    from ddpmkit.diffusion.distill import END, alpha_sigma, ddim_step
+
+    seq = [int(v) for v in grid[::-1]] + [END]
+    out = [z]
+    with torch.no_grad():
+        for t, s in zip(seq[:-1], seq[1:]):
+            tt = torch.full((z.shape[0],), t)
+            (a_t, s_t), (a_s, s_s) = alpha_sigma(sched, tt), alpha_sigma(sched, torch.full_like(tt, s))
+            z = ddim_step(x0_fn(z, tt), z, a_t, s_t, a_s, s_s)
+            out.append(z)
+    return out
+
+
 def gaussian_eps(sched, mu: float, s: float):
     """The exact noise predictor of N(mu, s^2 I) data under ``sched`` (float64): E[eps | x_t] in closed form."""
     def net(x, t):

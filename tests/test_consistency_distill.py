@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import one_error_line
+from conftest import gaussian_x0, one_error_line
 
 from ddpmkit.cli import main
 from ddpmkit.diffusion import Denoiser, NoiseSchedule
@@ -65,15 +65,6 @@ def table_levels(sched, t):
 def hand_c_skip(sigma, sigma_min, sd=SD):
     """Song et al. 2023, appendix C: c_skip = sigma_d^2 / ((sigma - sigma_min)^2 + sigma_d^2)."""
     return sd * sd / ((sigma - sigma_min) ** 2 + sd * sd)
-
-
-def gaussian_x0(sched, mu=MU, s=S_DATA):
-    """The exact denoiser E[x0 | z_t] of the Gaussian data (the teacher), at integer or real-valued t."""
-    def x0(z, t):
-        a, sig = (col(v) for v in alpha_sigma(sched, t))
-        return mu + a * s * s * (z - a * mu) / (a * a * s * s + sig * sig)
-
-    return x0
 
 
 def f_star(sched, z, t, mu=MU, s=S_DATA):
@@ -173,7 +164,7 @@ def test_the_solved_network_output_gives_the_exact_consistency_function(sched):
         assert (f - f_star(sched, z, t)).abs().max().item() < 1e-12, t
     # f* is not the identity nor the denoiser: the check is not vacuous (x0_hat* differs from both by far)
     z = z_batch(28, seed=5)
-    assert (net(z, t_int) - gaussian_x0(sched)(z, t_int)).abs().max().item() > 0.1
+    assert (net(z, t_int) - gaussian_x0(sched, MU, S_DATA)(z, t_int)).abs().max().item() > 0.1
 
 
 # ------------------------------------------------------------------------------------------ 2. the Denoiser
@@ -359,7 +350,7 @@ def f_of(sched, net):
 
 def heun_chain(sched, levels, z, n):
     """The exact teacher's Heun steps from level n down to level 0 (t = 0), as a clean image z / alpha_0."""
-    teacher = gaussian_x0(sched)
+    teacher = gaussian_x0(sched, MU, S_DATA)
     for k in range(n, 0, -1):
         z = heun_step(teacher, z, levels[k], levels[k - 1], sched)
     return z / alpha_sigma(sched, torch.tensor(0.0))[0]
@@ -390,7 +381,7 @@ def train_cd(sched, target_fn=consistency_target, steps=1000, lr=0.05, batch=64,
     target.requires_grad_(False)
     opt = torch.optim.Adam(student.parameters(), lr=lr)
     decay = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1 - k / steps)
-    teacher = gaussian_x0(sched)
+    teacher = gaussian_x0(sched, MU, S_DATA)
     for _ in range(steps):
         x0 = MU + S_DATA * torch.randn(batch, *SHAPE, generator=g, dtype=torch.float64)
         noise = torch.randn(batch, *SHAPE, generator=g, dtype=torch.float64)

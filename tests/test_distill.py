@@ -14,13 +14,13 @@ import json
 
 import pytest
 import torch
-from conftest import one_error_line, tiny_run
+from conftest import ddim_trajectory, gaussian_x0, one_error_line, tiny_run
 
 from ddpmkit.cli import main
 from ddpmkit.diffusion import NoiseSchedule
 from ddpmkit.diffusion.denoiser import DEFAULT_GUIDANCE
 from ddpmkit.diffusion import distill as distill_math
-from ddpmkit.diffusion.distill import (END, alpha_sigma, ddim_step, progressive_loss, progressive_target,
+from ddpmkit.diffusion.distill import (alpha_sigma, ddim_step, progressive_loss, progressive_target,
                                        progressive_triples, student_grid)
 from ddpmkit.run import Run
 from ddpmkit.store.checkpoint import load_checkpoint
@@ -47,15 +47,6 @@ def sched():
     return NoiseSchedule.linear(T)
 
 
-def gaussian_x0(sched):
-    """The exact denoiser E[x0 | z_t] of the Gaussian data: the teacher."""
-    def x0(z, t):
-        a, sig = (v.view(-1, 1, 1, 1) for v in alpha_sigma(sched, t))
-        return MU + a * S_DATA ** 2 * (z - a * MU) / (a * a * S_DATA ** 2 + sig * sig)
-
-    return x0
-
-
 class AffineStudent(torch.nn.Module):
     """x0_hat = a_i z + b_i at the student's timestep tau_i (it is asked only on its own grid)."""
 
@@ -78,7 +69,7 @@ def train_student(sched, N: int, steps: int = 300, batch: int = 64, lr: float = 
     student = AffineStudent(N)
     opt = torch.optim.Adam(student.parameters(), lr=lr)
     decay = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1 - k / steps)
-    teacher = gaussian_x0(sched)
+    teacher = gaussian_x0(sched, MU, S_DATA)
     for _ in range(steps):
         x0 = MU + S_DATA * torch.randn(batch, *SHAPE, generator=g, dtype=torch.float64)
         noise = torch.randn(batch, *SHAPE, generator=g, dtype=torch.float64)
@@ -97,23 +88,10 @@ def optimal_affine(sched, N: int):
     progressive_target (at z = 0 and z = 1) give its slope and intercept."""
     t, tm, tn = (torch.from_numpy(v) for v in progressive_triples(T, N))
     zero = torch.zeros(N, *SHAPE, dtype=torch.float64)
-    b = progressive_target(gaussian_x0(sched), zero, t, tm, tn, sched)
-    a = progressive_target(gaussian_x0(sched), zero + 1, t, tm, tn, sched) - b
+    b = progressive_target(gaussian_x0(sched, MU, S_DATA), zero, t, tm, tn, sched)
+    a = progressive_target(gaussian_x0(sched, MU, S_DATA), zero + 1, t, tm, tn, sched) - b
     assert torch.allclose(a, a[:, :1, :1, :1].expand_as(a), rtol=0, atol=1e-14)  # the same in every dimension
     return a[:, 0, 0, 0], b[:, 0, 0, 0]
-
-
-def ddim_trajectory(x0_fn, z, grid, sched):
-    """z at every timestep of ``grid`` (noisiest first, from z itself) and at the clean end, by DDIM (eta = 0)."""
-    seq = [int(v) for v in grid[::-1]] + [END]
-    out = [z]
-    with torch.no_grad():
-        for t, s in zip(seq[:-1], seq[1:]):
-            tt = torch.full((z.shape[0],), t)
-            (a_t, s_t), (a_s, s_s) = alpha_sigma(sched, tt), alpha_sigma(sched, torch.full_like(tt, s))
-            z = ddim_step(x0_fn(z, tt), z, a_t, s_t, a_s, s_s)
-            out.append(z)
-    return out
 
 
 def trajectory_error(sched, student, N: int) -> float:
@@ -121,7 +99,7 @@ def trajectory_error(sched, student, N: int) -> float:
     student timestep and at the end, from 256 draws of z_T."""
     z_T = torch.randn(256, *SHAPE, generator=torch.Generator().manual_seed(99), dtype=torch.float64)
     mine = ddim_trajectory(student, z_T, student_grid(T, N), sched)
-    theirs = ddim_trajectory(gaussian_x0(sched), z_T, student_grid(T, 2 * N), sched)
+    theirs = ddim_trajectory(gaussian_x0(sched, MU, S_DATA), z_T, student_grid(T, 2 * N), sched)
     assert len(theirs) == 2 * len(mine) - 1
     return max((z - theirs[2 * k]).abs().max().item() for k, z in enumerate(mine))
 

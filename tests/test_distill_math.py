@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import ddim_trajectory, gaussian_eps, gaussian_x0
+
 from ddpmkit.diffusion import Denoiser, NoiseSchedule
 from ddpmkit.diffusion.distill import (END, alpha_sigma, consistency_function, consistency_scalings,
                                        consistency_target, ddim_step, edm_sigma, heun_step, progressive_target,
@@ -28,16 +30,6 @@ MU, S_DATA = 0.3, 0.2
 @pytest.fixture(scope="module")
 def sched():
     return NoiseSchedule.linear(T)
-
-
-def gaussian_x0(sched, mu=MU, s=S_DATA):
-    """The exact denoiser E[x0 | z_t] of Gaussian data, at integer or real-valued timesteps."""
-    def x0(z, t):
-        a, sig = alpha_sigma(sched, t)
-        a, sig = a.view(-1, 1, 1, 1), sig.view(-1, 1, 1, 1)
-        return mu + a * s * s * (z - a * mu) / (a * a * s * s + sig * sig)
-
-    return x0
 
 
 def ode_map(sched, z, t_from, t_to, mu=MU, s=S_DATA):
@@ -72,7 +64,7 @@ def two_teacher_steps(teacher, sched, z, t, tm, tn):
 def test_optimal_student_step_is_two_teacher_steps(sched, teacher_kind):
     """One student DDIM step with x0 = x_tilde lands where two teacher DDIM steps land, per sample, for several
     (t, t_mid, t_next) mixed in one batch, including the last step to x0."""
-    teacher = gaussian_x0(sched) if teacher_kind == "gaussian" else nonlinear_x0
+    teacher = gaussian_x0(sched, MU, S_DATA) if teacher_kind == "gaussian" else nonlinear_x0
     reps = 4
     t, tm, tn = (torch.tensor([row[k] for row in TRIPLES for _ in range(reps)]) for k in range(3))
     z = z_batch(len(t), seed=1)
@@ -99,7 +91,7 @@ def one_teacher_step_target(teacher, z, t, tm, tn, sched):
 
 def test_one_teacher_step_target_fails_the_identity(sched):
     """The identity above is sensitive: a target built from a single teacher step misses two steps by far."""
-    teacher = gaussian_x0(sched)
+    teacher = gaussian_x0(sched, MU, S_DATA)
     t, tm, tn = (torch.tensor([row[k] for row in TRIPLES]) for k in range(3))
     z = z_batch(len(t), seed=2)
     (a_t, s_t), (a_n, s_n) = alpha_sigma(sched, t), alpha_sigma(sched, tn)
@@ -137,18 +129,6 @@ def test_grids_nest_and_match_trailing():
         student_grid(T, 0)
 
 
-def ddim_trajectory(x0_fn, z, grid, sched):
-    """z at every timestep of ``grid`` (noisiest first, from z itself) and at the end, by DDIM (eta = 0)."""
-    seq = [int(v) for v in grid[::-1]] + [END]
-    out = [z]
-    for t, s in zip(seq[:-1], seq[1:]):
-        tt = torch.full((z.shape[0],), t)
-        (a_t, s_t), (a_s, s_s) = alpha_sigma(sched, tt), alpha_sigma(sched, torch.full_like(tt, s))
-        z = ddim_step(x0_fn(z, tt), z, a_t, s_t, a_s, s_s)
-        out.append(z)
-    return out
-
-
 def optimal_student(teacher, N, sched):
     """The student of N steps that minimises the distillation loss: its x0_hat at a student timestep is x_tilde."""
     t_grid, tm, tn = (torch.from_numpy(a) for a in progressive_triples(T, N))
@@ -167,7 +147,7 @@ def test_rounds_of_halving_keep_the_teachers_trajectory(sched):
     distance to the exact ODE map is the 8-step DDIM error (measured: 0.368 max, 0.114 rms over 64 x 4 values, data sd
     0.2; see test_ddim_to_the_exact_ode_map_first_order for how it falls with the teacher's steps)."""
     z_T = z_batch(64, seed=3)
-    teacher, N = gaussian_x0(sched), 8
+    teacher, N = gaussian_x0(sched, MU, S_DATA), 8
     first = ddim_trajectory(teacher, z_T, student_grid(T, N), sched)
     traj = first
     while N > 1:
@@ -194,8 +174,8 @@ def test_ddim_to_the_exact_ode_map_first_order(sched):
     z_T = z_batch(64, seed=4)
     exact = ode_map(sched, z_T, T - 1, END)
     steps = (16, 32, 64, 128)
-    errs = [(ddim_trajectory(gaussian_x0(sched), z_T, student_grid(T, S), sched)[-1] - exact).abs().max().item()
-            for S in steps]
+    teacher = gaussian_x0(sched, MU, S_DATA)
+    errs = [(ddim_trajectory(teacher, z_T, student_grid(T, S), sched)[-1] - exact).abs().max().item() for S in steps]
     slope = -np.polyfit(np.log(steps), np.log(errs), 1)[0]
     assert abs(slope - 1) < 0.2, (slope, errs)
 
@@ -260,7 +240,7 @@ def test_exact_consistency_function_in_the_parameterisation(sched):
 
 def test_heun_step_is_the_samplers_step(sched):
     """heun_step per sample reproduces the first step of ddpmkit.samplers.heun (a grid of two timesteps)."""
-    den = Denoiser(lambda z, t: gaussian_eps(sched)(z, t), sched, clip_x0=False)
+    den = Denoiser(lambda z, t: gaussian_eps(sched, MU, S_DATA)(z, t), sched, clip_x0=False)
     z = z_batch(8, seed=7)
     got = {}
     heun(den, z.clone(), np.array([200, 700]), noise=None, callback=lambda i, t, x, x0: got.setdefault(i, x))
@@ -272,15 +252,7 @@ def test_heun_step_is_the_samplers_step(sched):
     mine = heun_step(x0_of_eps, z, 700, 200, sched)
     assert (mine - got[0]).abs().max().item() < 1e-12
     with pytest.raises(ValueError, match="not END"):
-        heun_step(gaussian_x0(sched), z, 700, END, sched)
-
-
-def gaussian_eps(sched, mu=MU, s=S_DATA):
-    def net(z, t):
-        a, sig = (v.view(-1, 1, 1, 1) for v in alpha_sigma(sched, t))
-        return sig * (z - a * mu) / (a * a * s * s + sig * sig)
-
-    return net
+        heun_step(gaussian_x0(sched, MU, S_DATA), z, 700, END, sched)
 
 
 def test_heun_teacher_converges_to_the_ode_map_at_order_two(sched):
@@ -294,7 +266,7 @@ def test_heun_teacher_converges_to_the_ode_map_at_order_two(sched):
         grid = torch.from_numpy(timesteps(sched, S, "karras", integer=False)[::-1].copy())  # noisiest first
         z = z_T
         for n in range(S - 1):
-            z = heun_step(gaussian_x0(sched), z, grid[n], grid[n + 1], sched)
+            z = heun_step(gaussian_x0(sched, MU, S_DATA), z, grid[n], grid[n + 1], sched)
         errs.append((z - exact).abs().max().item())
     slope = -np.polyfit(np.log(steps), np.log(errs), 1)[0]
     assert abs(slope - 2) < 0.3, (slope, errs)
@@ -302,7 +274,7 @@ def test_heun_teacher_converges_to_the_ode_map_at_order_two(sched):
     hs = torch.tensor([80.0, 40.0, 20.0, 10.0], dtype=torch.float64).repeat_interleave(8)
     t = torch.full_like(hs, 600.0)
     z = z_batch(8, seed=10).repeat(4, 1, 1, 1)  # the same 8 samples at each h
-    local = (heun_step(gaussian_x0(sched), z, t, t - hs, sched) - ode_map(sched, z, t, t - hs)).abs()
+    local = (heun_step(gaussian_x0(sched, MU, S_DATA), z, t, t - hs, sched) - ode_map(sched, z, t, t - hs)).abs()
     local = local.flatten(1).max(1).values.view(4, 8).max(1).values
     order = np.polyfit(np.log([80, 40, 20, 10]), np.log(local.numpy()), 1)[0]
     assert abs(order - 3) < 0.3, (order, local)
@@ -320,6 +292,6 @@ def test_consistency_target_with_exact_pieces(sched):
     z = z_batch(8, seed=11)
     t = torch.full((8,), 500.0, dtype=torch.float64)
     for h, tol in ((40.0, 3e-5), (5.0, 1e-7)):
-        target = consistency_target(gaussian_x0(sched), f_star, z, t, t - h, sched)
+        target = consistency_target(gaussian_x0(sched, MU, S_DATA), f_star, z, t, t - h, sched)
         assert (target - f_star(z, t)).abs().max().item() < tol, h
     assert sigma_min == pytest.approx(0.0100, abs=1e-4)
