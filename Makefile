@@ -8,7 +8,7 @@ PYTEST_ARGS ?= -q
 # is redone when pyproject.toml changes, or for another Python or virtual environment).
 STAMP := .make/installed-$(shell $(PYTHON) -c "import hashlib, sys; print(hashlib.sha256(sys.prefix.encode()).hexdigest()[:12])" 2>/dev/null || echo none)
 
-.PHONY: install test test-fast lint demo
+.PHONY: install test test-fast lint docs demo
 
 install: $(STAMP)
 
@@ -27,7 +27,12 @@ test-fast: $(STAMP)
 
 # ruff, with the settings in pyproject.toml ([tool.ruff]); installed by `make install` with the dev extra
 lint: $(STAMP)
-	$(PYTHON) -m ruff check ddpmkit tests bench
+	$(PYTHON) -m ruff check ddpmkit tests bench tools/mkdocs_hooks.py
+
+# the docs site, into site/: MkDocs with the Material theme from README.md and docs/, the API reference from the
+# docstrings (mkdocs.yml, tools/mkdocs_hooks.py); --strict: a broken link, anchor or reference fails it
+docs: $(STAMP)
+	$(PYTHON) -m mkdocs build --strict
 
 demo: $(STAMP)
 	$(PYTHON) -m ddpmkit demo $(DEMO_ARGS)

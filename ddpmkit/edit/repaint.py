@@ -90,8 +90,10 @@ def repaint(denoiser, image: torch.Tensor, mask: torch.Tensor, *, steps: int | N
         denoiser: a :class:`~ddpmkit.diffusion.Denoiser` (its variance, clipping and condition are used).
         image: float [B, C, H, W] in the model's range ([-1, 1]); its unknown pixels are ignored.
         mask: bool (or 0/1) tensor broadcastable to ``image``, True where the pixel is known.
-        steps, spacing: the S timesteps of the respaced process (default all T), as for the samplers.
-        jump, resample: J and R of RePaint (10 and 10 by default, the paper's).
+        steps: S, the timesteps of the respaced process (default all T), as for the samplers.
+        spacing: how those S timesteps are spaced, as for the samplers.
+        jump: J of RePaint (10 by default, the paper's).
+        resample: R of RePaint (10 by default, the paper's).
         noise: a NoiseSource, int seed (per-sample streams), torch.Generator or None, as for ``sample``.
         x_T: the starting noise (default drawn from ``noise``).
         callback: ``callback(k, t, x, x0_hat)`` after each downward move k with the timestep t just denoised.

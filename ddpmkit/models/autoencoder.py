@@ -224,7 +224,8 @@ class AutoencoderKL(nn.Module):
         latent_channels: channels z of a latent.
         norm_num_groups: GroupNorm groups; every width must be divisible by it.
         mid_attention: self-attention between the two middle ResNet blocks of the encoder and of the decoder.
-        use_quant_conv, use_post_quant_conv: the 1x1 convs after the encoder and before the decoder.
+        use_quant_conv: the 1x1 conv after the encoder.
+        use_post_quant_conv: the 1x1 conv before the decoder.
         image_size: the side the model was trained at (informative; latent_shape's default).
     """
 
