@@ -14,7 +14,7 @@ PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
 MAX_README_LINES = 250
 
 # A flag the docs name on purpose as one the parser refuses (the tests page: flags are never abbreviated).
-REFUSED_ON_PURPOSE = {("train", "--log")}
+REFUSED_ON_PURPOSE = {("train", "--log-e")}
 
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
 SPAN = re.compile(r"`([^`]+)`")

@@ -353,9 +353,9 @@ def test_no_parser_matches_an_abbreviated_flag(tmp_path, capsys):
 
     parsers = list(_parsers(build_parser()))
     assert len(parsers) > 10 and all(not p.allow_abbrev for p in parsers)
-    # --log is not --log-every, --samp not --sampler: refused in one line, nothing written
-    assert_one_line_error(["train", "--out", str(tmp_path / "out"), "--log", "tensorboard"] + TINY, capsys,
-                          tmp_path, "--log")
+    # --log-e is not --log-every, --samp not --sampler: refused in one line, nothing written
+    assert_one_line_error(["train", "--out", str(tmp_path / "out"), "--log-e", "5"] + TINY, capsys,
+                          tmp_path, "--log-e")
     assert_one_line_error(["sample", str(tmp_path), "--samp", "ddim"], capsys, tmp_path, "--samp")
     assert not (tmp_path / "out").exists()
 

@@ -12,7 +12,7 @@ class CLIError(DdpmkitError):
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse with one-line errors and no prefix matching: ``--log`` is refused, never read as ``--log-every``,
+    """argparse with one-line errors and no prefix matching: ``--log-e`` is refused, never read as ``--log-every``,
     so that adding a flag can never change what an existing command line means."""
 
     def __init__(self, *args, **kwargs):

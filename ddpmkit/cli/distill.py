@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
-from .common import CLIError, int_tuple
+from .common import CLIError
 
 
 def add_parser(sub) -> None:
@@ -25,6 +24,7 @@ def add_parser(sub) -> None:
                    help="the trained run to distil (not needed with --resume)")
     from ..train.distill_config import DistillConfig, distill_fields, distill_flag
     from ..train.settings import settings, show_value
+    from .train import add_setting_flag
 
     fields = dict((f.name, (f, kind)) for f, kind in settings(DistillConfig))
     for name in distill_fields():
@@ -33,14 +33,7 @@ def add_parser(sub) -> None:
         f, kind = fields[name]
         shown = "sampling's default weight" if name == "guidance" else show_value(f.default)
         help_text = f.metadata["help"] if name == "guidance" else f"{f.metadata['help']} (default: {shown})"
-        kw = dict(default=None, dest=name, help=help_text)
-        if kind is bool:
-            d.add_argument(distill_flag(name), action=argparse.BooleanOptionalAction, **kw)
-        elif kind is tuple:
-            d.add_argument(distill_flag(name), type=int_tuple, metavar="N,N", **kw)
-        else:
-            d.add_argument(distill_flag(name), type=kind, metavar=f.metadata.get("metavar", "N" if kind is int
-                                                                                 else None), **kw)
+        add_setting_flag(d, distill_flag(name), f, kind, int_metavar="N", default=None, dest=name, help=help_text)
     d.add_argument("--out", required=True, metavar="DIR", help="the student's run directory")
     d.add_argument("--resume", action="store_true", help="continue the distillation in --out from its latest "
                                                          "checkpoint")

@@ -37,13 +37,37 @@ def add_settings_flags(p: argparse.ArgumentParser, cls, describe_default) -> Non
     from ..train.settings import flag, settings
 
     for f, kind in settings(cls):
-        kw = dict(default=None, help=f"{f.metadata['help']} ({describe_default(f.name)})")
-        if kind is bool:
-            p.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, **kw)
-        elif kind is tuple:
-            p.add_argument(flag(f.name), type=int_tuple, metavar="N,N", **kw)
-        else:
-            p.add_argument(flag(f.name), type=kind, metavar=f.metadata.get("metavar"), **kw)
+        add_setting_flag(p, flag(f.name), f, kind, default=None, help=f"{f.metadata['help']} "
+                                                                      f"({describe_default(f.name)})")
+
+
+# A second spelling of a setting's flag. torchrun's own parser takes any prefix of its flags for the flag, also among
+# the arguments it hands the script: `torchrun ... -m ddpmkit train --log x` stops there ("--log could match --log-dir,
+# --logs-specs"), so under torchrun --log is written --log-to.
+ALIASES = {"log": ("--log-to",)}
+
+
+def add_setting_flag(p: argparse.ArgumentParser, option: str, f, kind, int_metavar: str | None = None, **kw) -> None:
+    """The flag ``option`` of settings field ``f`` (its values of type ``kind``): --x/--no-x for a boolean, N,N for a
+    tuple of integers, a repeatable word for a ``repeat`` setting, else one value of its type (shown as the field's
+    metavar, or ``int_metavar`` for an integer)."""
+    if kind is bool:
+        p.add_argument(option, action=argparse.BooleanOptionalAction, **kw)
+    elif f.metadata.get("repeat"):
+        p.add_argument(option, *ALIASES.get(f.name, ()), action=RepeatedWords, metavar=f.metadata.get("metavar"), **kw)
+    elif kind is tuple:
+        p.add_argument(option, type=int_tuple, metavar="N,N", **kw)
+    else:
+        p.add_argument(option, type=kind, metavar=f.metadata.get("metavar", int_metavar if kind is int else None), **kw)
+
+
+class RepeatedWords(argparse.Action):
+    """A flag given once per word (``--log tensorboard --log wandb``, or comma-separated): the tuple of the words,
+    each once, in order; ``none`` adds nothing (``--log none`` alone: the empty tuple)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        words = tuple(w for w in (x.strip() for x in values.split(",")) if w and w != "none")
+        setattr(namespace, self.dest, tuple(dict.fromkeys(tuple(getattr(namespace, self.dest, None) or ()) + words)))
 
 
 def run(args) -> int:

@@ -170,7 +170,8 @@ class UNet(nn.Module):
     Args:
         image_size: side of the (square) training images; must be divisible by 2^(len(channel_mults)-1).
             Other sizes divisible by that factor also run; attention stays at the same levels.
-        in_channels, out_channels: image channels in and out (out defaults to in).
+        in_channels: image channels in.
+        out_channels: image channels out (None: ``in_channels``).
         base_channels: width of the first level ("ch" in the official code); the time embedding is 4x this.
         channel_mults: width multiplier per resolution level, one level per entry.
         num_res_blocks: ResBlocks per level on the way down (the way up has one more).
@@ -181,8 +182,8 @@ class UNet(nn.Module):
         norm_eps: GroupNorm epsilon (1e-6, the official code's).
         downsample_padding: ``symmetric`` (the default) or ``asymmetric`` (bottom/right, the official code's
             'SAME'); see :class:`Downsample`.
-        flip_sin_to_cos, freq_shift: time-embedding conventions; see :func:`timestep_embedding`. The defaults
-            are DDPM's.
+        flip_sin_to_cos: a time-embedding convention (DDPM's: False); see :func:`timestep_embedding`.
+        freq_shift: a time-embedding convention (DDPM's: 1); see :func:`timestep_embedding`.
         num_class_embeds: rows of a learned class embedding added to the time embedding (Dhariwal & Nichol 2021,
             the ADM way; diffusers' ``num_class_embeds``), or None for an unconditional network. A class-conditional
             ddpmkit run has K + 1 rows: its K classes and, last, the "null" class of classifier-free guidance.
@@ -439,6 +440,11 @@ def _preset(**overrides) -> dict:
     return _validate(**{**_DEFAULTS, **overrides})
 
 
+# DDPM appendix B: the 256x256 model of LSUN and CelebA-HQ (official code's unet2d16b2c112244): ch 128,
+# ch_mult 1,1,2,2,4,4, two res blocks per level, attention at 16x16, dropout 0 on those datasets.
+_DDPM_256 = dict(image_size=256, channel_mults=(1, 1, 2, 2, 4, 4), dropout=0.0)
+
+
 UNET_PRESETS: dict[str, dict] = {
     # DDPM appendix B: the CIFAR-10 model, 35.7M parameters (the constructor's defaults).
     "cifar10": _preset(image_size=32),
@@ -447,6 +453,20 @@ UNET_PRESETS: dict[str, dict] = {
     # 917,889 parameters unconditional.
     "digits": _preset(image_size=8, in_channels=1, base_channels=32, channel_mults=(1, 2), num_res_blocks=2,
                       attention_resolutions=(), dropout=0.0, num_groups=8),
+    # A folder of images at 64x64: the unconditional ImageNet-64 model of Improved DDPM (Nichol & Dhariwal 2021,
+    # its code's image_size 64: channel_mult 1,2,3,4, 3 res blocks, attention at 16 and 8 with 4 heads, learned
+    # variance: 6 outputs), with ADM's dropout 0.1 (Dhariwal & Nichol 2021, its 64x64 and LSUN models), since a
+    # user's folder is far smaller than ImageNet. Without their scale-shift norm: 115,942,150 parameters.
+    "folder64": _preset(image_size=64, out_channels=6, channel_mults=(1, 2, 3, 4), num_res_blocks=3,
+                        attention_resolutions=(16, 8), num_heads=4, dropout=0.1),
+    # A folder of images at 128x128: ADM's 128x128 layout (channel_mult 1,1,2,3,4, 2 res blocks, attention at 32,
+    # 16 and 8 with 4 heads, learned variance) at Improved DDPM's width 128 instead of ADM's 256, dropout 0.1.
+    # Without ADM's scale-shift norm and BigGAN up/downsampling blocks: 92,182,790 parameters.
+    "folder128": _preset(image_size=128, out_channels=6, channel_mults=(1, 1, 2, 3, 4), num_res_blocks=2,
+                         attention_resolutions=(32, 16, 8), num_heads=4, dropout=0.1),
+    # DDPM appendix B: the LSUN and CelebA-HQ model, the network of google/ddpm-church-256: 113,673,219 parameters.
+    "lsun256": _preset(**_DDPM_256),
+    "celebahq256": _preset(**_DDPM_256),
 }
 
 def unet_from_preset(name: str, **overrides) -> UNet:

@@ -164,6 +164,8 @@ class TrainConfig(DataSettings, LoopSettings):
         return settings_from_json(cls, cfg)
 
     def validate(self) -> None:
+        if self.data is None:  # a preset for the user's own folder of images (folder64, lsun256, ...)
+            raise ConfigError(f"the {self.preset} preset trains on a folder of your images: give it with --data DIR")
         self.validate_data()
         self.validate_loop()
         for name in ["T", "sample_steps"]:
@@ -262,9 +264,23 @@ def _net_settings(net: dict) -> dict:
             for f in dataclasses.fields(TrainConfig) if "unet" in f.metadata}
 
 
+def _folder_preset(net: str, **settings) -> dict:
+    """A preset for a folder of the user's images (``data`` None: --data names it) with U-Net ``net`` of
+    UNET_PRESETS: random flips (DDPM, ADM), Adam at a constant rate after the DDPM code's 5,000-step warm-up, EMA
+    0.9999 (DDPM, Improved DDPM). A U-Net with twice the image channels out learns its variance (L_hybrid)."""
+    u = UNET_PRESETS[net]
+    learned = {"learn_sigma": True, "variance": "learned"} if u["out_channels"] == 2 * u["in_channels"] else {}
+    return dict(_net_settings(u), data=None, flip=True, warmup=5000, lr_decay="none", ema_decay=0.9999, **learned,
+                log_every=100, checkpoint_every=10_000, sample_every=10_000, **settings)
+
+
 # What each preset changes in the field defaults. digits: the defaults (a small CPU configuration, the best of the
 # recipe search of bench/bench_demo_recipe.py: 8x8, batch 128, cosine decay, EMA 0.999);
 # cifar10: the paper's setup (DDPM section 4 and appendix B), its U-Net from UNET_PRESETS.
+# folder64, folder128: a folder at 64 or 128 pixels, Improved DDPM's recipe (Nichol & Dhariwal 2021: L_hybrid,
+# Adam 1e-4, batch 128; the cosine schedule at 64, the linear one at 128 as ADM's 128x128 model) with ADM's
+# T = 1000, for 500k steps (DDPM's CelebA-HQ run of 30,000 images: a folder is nearer that than ImageNet).
+# lsun256, celebahq256: DDPM appendix B (Adam 2e-5, batch 64, flips; 1.2M steps on LSUN Church, 0.5M on CelebA-HQ).
 PRESETS: dict[str, dict] = {
     "digits": {},
     "cifar10": dict(
@@ -272,6 +288,10 @@ PRESETS: dict[str, dict] = {
         steps=800_000, batch_size=128, lr=2e-4, warmup=5000, lr_decay="none", ema_decay=0.9999,
         log_every=100, checkpoint_every=10_000, sample_every=10_000, sample_steps=100,
     ),
+    "folder64": _folder_preset("folder64", schedule="cosine", steps=500_000, batch_size=128, lr=1e-4),
+    "folder128": _folder_preset("folder128", steps=500_000, batch_size=128, lr=1e-4),
+    "lsun256": _folder_preset("lsun256", steps=1_200_000, batch_size=64, lr=2e-5),
+    "celebahq256": _folder_preset("celebahq256", steps=500_000, batch_size=64, lr=2e-5),
 }
 
 
@@ -286,6 +306,9 @@ def config_from_preset(preset: str, **overrides) -> TrainConfig:
     values = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}, "preset": preset}
     if values.get("learn_sigma") and overrides.get("variance") is None:
         values["variance"] = "learned"  # the variance a --learn-sigma run is made for
+    elif values.get("variance") == "learned" and overrides.get("variance") is None:
+        # --no-learn-sigma on a preset that learns it (folder64): the field's default variance
+        values["variance"] = TrainConfig.__dataclass_fields__["variance"].default
     if values.get("precond") == "edm" and overrides.get("objective") is None:
         values["objective"] = "x0"  # EDM's D predicts the clean image
     for f in dataclasses.fields(TrainConfig):

@@ -177,7 +177,7 @@ class DistillConfig(TrainConfig):
 
 # the loop settings `ddpmkit distill` takes as flags (LoopSettings' but `steps`, which the rounds give)
 LOOP_OVERRIDABLE = ("time_limit", "batch_size", "grad_accum", "lr", "warmup", "grad_clip", "adam_beta1",
-                    "adam_beta2", "weight_decay", "ema_decay", "ema_warmup", "seed", "log_every",
+                    "adam_beta2", "weight_decay", "ema_decay", "ema_warmup", "seed", "log_every", "log",
                     "checkpoint_every", "sample_every", "eval_every", "keep", "skip_nonfinite", "device", "precision",
                     "compile")
 

@@ -3,7 +3,8 @@
 The loop owns what every model's training shares: Adam with a warm-up and decay of the learning rate (DDPM
 appendix B), gradient clipping and accumulation, the EMA of the weights, checkpoints with every random state
 (so that a resume continues bit for bit), the run's lock, the graceful stop on SIGINT/SIGTERM, torchrun/DDP,
-metrics.csv and the progress bar. The task supplies the networks and the batch -> loss step.
+metrics.csv (and the --log backends: loggers.py) and the progress bar. The task supplies the networks and the
+batch -> loss step.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from ..store.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoi
 from ..store.lock import RunLock
 from ..store.metrics_log import MetricsLog
 from ..store.rundir import prepare_run_dir, write_config
-from . import distributed
+from . import distributed, loggers
 from .device import autocast_dtype, describe_machine, pick_device
 from .ema import EMA
 from .progress import MetricsWindow, ProgressBar, fd_text
@@ -63,13 +64,14 @@ class TrainingLoop:
 
     ``task`` is called as ``task(cfg, TaskContext)`` to make the :class:`~ddpmkit.train.task.Task`; ``cfg`` holds
     the loop's settings (steps, time_limit, batch_size, grad_accum, lr, warmup, lr_decay, grad_clip, adam_*,
-    weight_decay, ema_*, seed, log_every, checkpoint_every, sample_every, eval_every, keep, skip_nonfinite,
+    weight_decay, ema_*, seed, log_every, log, checkpoint_every, sample_every, eval_every, keep, skip_nonfinite,
     device, precision, compile) and is the resolved configuration (:func:`ddpmkit.train.resume.resolve_config`).
     """
 
     def __init__(self, task, cfg, run_dir: str | Path, *, resume: bool = False, quiet: bool = False, log=None,
                  stored_config: dict | None = None):
         cfg.validate()
+        loggers.require(cfg.log)  # a --log backend's missing package, refused before anything is written
         self._stored_config = stored_config  # a resumed run's config.json as the command read it (resolve_run)
         world = distributed.current().world_size if distributed.current().enabled else distributed.env_world_size()
         if cfg.batch_size % world:  # checked before joining the group: every rank stops here at once
@@ -144,6 +146,8 @@ class TrainingLoop:
             self._restore(ckpt)
             self.log(f"resuming {self.run_dir} from step {self.step} ({ckpt.path.name})")
 
+        self.loggers = loggers.Loggers()  # --log's backends: rank 0 opens them (prepare), the other ranks log nothing
+
         def prepare():  # rank 0 alone writes in the run directory
             if not dctx.is_main:
                 return None
@@ -155,8 +159,11 @@ class TrainingLoop:
             config = self.task.config_json()
             config["machine"] = describe_machine(self.device, dctx.world_size)  # of this session, after a resume
             write_config(self.run_dir, config)
-            return MetricsLog(self.run_dir / "metrics.csv", resume_step=self.step if ckpt else None,
-                              task_columns=self.task.metrics_columns())
+            metrics = MetricsLog(self.run_dir / "metrics.csv", resume_step=self.step if ckpt else None,
+                                 task_columns=self.task.metrics_columns())
+            self.loggers = loggers.open_loggers(cfg.log, self.run_dir, config["train"],
+                                                resume_step=self.step if ckpt else None, log=self.log)
+            return metrics
 
         self.metrics = dctx.main_first(prepare)
 
@@ -363,7 +370,10 @@ class TrainingLoop:
         """The task's picture of samples from the EMA weights, as samples/grid_step_N.png (rank 0)."""
         if not self.dist.is_main:
             return None
-        return self.task.sample_grid(self._ema_copy, self.run_dir / "samples" / f"grid_step_{self.step:09d}.png")
+        path = self.task.sample_grid(self._ema_copy, self.run_dir / "samples" / f"grid_step_{self.step:09d}.png")
+        if path is not None:
+            self.loggers.image(self.step, "samples", path)
+        return path
 
     def evaluate(self) -> dict | None:
         """The task's --eval-every measurement of the EMA weights (rank 0; None elsewhere or without one)."""
@@ -381,6 +391,7 @@ class TrainingLoop:
             stop.restore()
             self._release_lock()
             distributed.leave()  # the process group this loop joined, if any, also on an error
+            self.loggers.close(failed=sys.exc_info()[0] is not None)
 
     def _run(self, stop: GracefulStop) -> dict:
         cfg = self.cfg
@@ -401,6 +412,7 @@ class TrainingLoop:
             quality["pending"] = {}
             if self.metrics is not None:  # rank 0 only
                 self.metrics.append(row)
+                self.loggers.scalars(self.step, {c: row.get(c) for c in self.metrics.columns})  # the row as written
             shown = {} if quality["last"] is None else {"fd": fd_text(quality["last"])}  # --eval-every's last
             bar.show(loss=f"{row['loss']:.4f}", img_s=f"{row['img_per_s']:.0f}", **shown)
             return row["loss"]

@@ -21,17 +21,21 @@ __all__ = ["setting", "default_of", "DataSettings", "LoopSettings", "flag", "set
            "class_default", "settings_table"]
 
 
-def setting(default, help: str, *, locked: bool = False, unet: str | None = None, metavar: str | None = None):
+def setting(default, help: str, *, locked: bool = False, unet: str | None = None, metavar: str | None = None,
+            repeat: bool = False):
     """A settings field.
 
     help: the one-line meaning (the CLI's help and the docs' tables); locked: a resumed run may not change it
-    (it would be a different run); unet: the U-Net constructor argument it sets; metavar: the CLI's value name.
+    (it would be a different run); unet: the U-Net constructor argument it sets; metavar: the CLI's value name;
+    repeat: a tuple of words whose flag may be given again to add one (``--log a --log b``; ``--log none``: empty).
     """
     meta = {"help": help, "locked": locked}
     if unet:
         meta["unet"] = unet
     if metavar:
         meta["metavar"] = metavar
+    if repeat:
+        meta["repeat"] = True
     return field(default=default, metadata=meta)
 
 
@@ -77,6 +81,10 @@ class LoopSettings:
     # bookkeeping
     seed: int = setting(0, "random seed of the run", locked=True)
     log_every: int = setting(25, "write a metrics.csv row every N steps")
+    # not locked: where a run's numbers are shown does not change the run, so a resume may add or drop a backend
+    log: tuple = setting((), "also log each metrics.csv row, the sample grids and the settings to tensorboard "
+                             "(RUN/tensorboard) or wandb (RUN/wandb); give it again for both, none for neither "
+                             "(metrics.csv is always written)", metavar="BACKEND", repeat=True)
     checkpoint_every: int = setting(500, "save a checkpoint every N steps (and at the end)")
     sample_every: int = setting(1000, "save a sample grid from the EMA weights every N steps (and at the end)")
     eval_every: int = setting(0, "every N steps (and at the end) draw --eval-n samples from the EMA weights and log "
@@ -108,6 +116,9 @@ class LoopSettings:
         if self.lr_decay not in ("none", "cosine"):
             raise ConfigError(f"unknown --lr-decay {self.lr_decay!r}: choose none or cosine")
         check_int("--eval-every", self.eval_every, 0, 10**12)
+        from .loggers import check_names
+
+        check_names(self.log)
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"unknown precision {self.precision!r}: choose auto, fp32 or bf16")
 
@@ -203,11 +214,14 @@ def changed_names(cfg, default) -> list[str]:
 def changed_arguments(cfg, default) -> list[str]:
     """The command-line arguments that give ``cfg`` again from the settings ``default(name)``: one flag per
     setting that differs (:func:`changed_names`), a boolean as ``--x`` or ``--no-x``, a float by its repr (its
-    shortest exact form: 2e-05, not :func:`show_value`'s rounded %g), a tuple comma-joined."""
+    shortest exact form: 2e-05, not :func:`show_value`'s rounded %g), a tuple comma-joined, a repeated setting's
+    words one flag each (``--log none`` when it has none)."""
     args = []
     for name in changed_names(cfg, default):
         v = getattr(cfg, name)
-        if isinstance(v, bool):
+        if type(cfg).__dataclass_fields__[name].metadata.get("repeat"):
+            args += [a for w in (v or ("none",)) for a in (flag(name), w)]
+        elif isinstance(v, bool):
             args.append(flag(name) if v else flag(name).replace("--", "--no-", 1))
         else:
             args += [flag(name), repr(v) if isinstance(v, float) else show_value(v)]
