@@ -6,7 +6,7 @@ import sys
 
 from .. import __version__
 from ..errors import DdpmkitError
-from . import autoencoder, demo, diffusers, distill, edit, eval, plot, report, sample, train
+from . import autoencoder, demo, diffusers, distill, edit, eval, plot, report, sample, serve, train
 from .common import (CLIError, Parser, add_class_flags, add_sampler_flags, check_counts, int_tuple, sample_options,
                      samplers_epilog)
 from .sample import SAMPLE_DEFAULT_SAMPLER
@@ -15,7 +15,7 @@ __all__ = ["main", "build_parser", "CLIError", "Parser", "SAMPLE_DEFAULT_SAMPLER
            "sample_options", "check_counts", "add_sampler_flags", "add_class_flags", "int_tuple"]
 
 # The commands in the order `ddpmkit --help` lists them; each module registers its own subparser(s).
-COMMANDS = (demo, train, sample, eval, report, plot, diffusers, edit, autoencoder, distill)
+COMMANDS = (demo, train, sample, eval, report, plot, diffusers, edit, autoencoder, distill, serve)
 
 # What to reduce when a command runs out of memory (CPU RAM or GPU memory).
 _OOM_HINT = {

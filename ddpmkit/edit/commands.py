@@ -31,7 +31,7 @@ from .masks import EditError, load_images, masked_view, parse_mask
 from .repaint import repaint, repaint_model_calls
 from .sdedit import check_strength, sdedit, sdedit_timesteps
 
-__all__ = ["inpaint_run", "edit_run", "parse_strengths", "DEFAULT_INPAINT_STEPS"]
+__all__ = ["inpaint_run", "edit_run", "parse_strengths", "edit_conditioning", "DEFAULT_INPAINT_STEPS"]
 
 # RePaint section 5: 250 timesteps of the T = 1000 process (respaced), J = 10, R = 10
 DEFAULT_INPAINT_STEPS = 250
@@ -56,7 +56,7 @@ def _denoiser(run: Run, *, ema: bool, variance, clip_x0: bool, device, guidance=
     return run.denoiser(ema=ema, variance=variance, clip_x0=clip_x0, device=dev, guidance=guidance)
 
 
-def _conditioning(run: Run, classes, guidance, own: torch.Tensor | None, N: int):
+def edit_conditioning(run: Run, classes, guidance, own: torch.Tensor | None, N: int):
     """``(labels [N] or None, guidance w or None, folder tag, description)`` for N input images whose labels are
     ``own`` (None: they have none); see the module's notes. One-line errors, before any work."""
     from ..data import parse_source
@@ -135,7 +135,7 @@ def inpaint_run(run_path, *, image: str, mask: str, out=None, jump: int = 10, re
             raise EditError(f"--mask {mask}: no {f}x{f} block of the mask is wholly known, so the latent model "
                             f"(f = {f}) sees nothing of the image; give a mask whose known part holds whole blocks")
     N = images.shape[0]
-    labels, w, ctag, cdesc = _conditioning(run, classes, guidance, labels, N)
+    labels, w, ctag, cdesc = edit_conditioning(run, classes, guidance, labels, N)
     den = _denoiser(run, ema=ema, variance=variance, clip_x0=clip_x0, device=device, guidance=w)
     out = Path(out) if out is not None else (
         run.dir / "edits" / f"inpaint-{_tag(image)}-{_tag(mask)}-{S}steps-j{jump}-r{resample}{ctag}-seed{seed}")
@@ -216,7 +216,7 @@ def edit_run(run_path, *, image: str, strengths, sample_options, out=None, devic
         raise EditError(str(e)) from None
     images, labels, names = load_images(image, (C, H, W), resize=resize)
     N, n = images.shape[0], opt.n
-    labels, w, ctag, cdesc = _conditioning(run, opt.classes, opt.guidance, labels, N)
+    labels, w, ctag, cdesc = edit_conditioning(run, opt.classes, opt.guidance, labels, N)
     den = _denoiser(run, ema=opt.ema, variance=opt.variance, clip_x0=opt.clip_x0, device=device, guidance=w)
     sgs = "-".join(f"{s:g}" for s in strengths)
     out = Path(out) if out is not None else (
