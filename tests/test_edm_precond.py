@@ -261,18 +261,6 @@ def test_refusals_are_one_line_and_write_nothing(tmp_path, capsys, flags, words)
     assert not out.exists()
 
 
-def test_export_refuses_an_edm_run(tmp_path, capsys):
-    # diffusers cannot express c_in, c_noise and the output mix
-    run = tmp_path / "run"
-    Trainer(tiny_cfg(steps=1, precond="edm"), run, quiet=True).run()
-    out = tmp_path / "out"
-    capsys.readouterr()
-    assert main(["export-diffusers", str(run), "--out", str(out)]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("ddpmkit: error: ") and "\n" not in err and "preconditioning" in err, err
-    assert not out.exists()
-
-
 @pytest.mark.parametrize("method", ["progressive", "consistency"])
 def test_an_edm_teacher_distils_into_an_edm_student(tmp_path, method):
     """The student keeps its teacher's preconditioning: its objective is x0, its config.json records the precond,

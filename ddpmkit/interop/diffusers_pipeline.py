@@ -10,15 +10,26 @@ a pipeline defined beside its weights), so that diffusers loads it with the fold
 
 - ``ClassConditionalDDPMPipeline``: a class-conditional run, pixel or latent (``DDPMPipeline`` and ``LDMPipeline``
   pass no labels);
-- ``LatentDDPMPipeline``: an unconditional latent run whose latent map ``LDMPipeline`` cannot apply (a per-channel
-  scale, or a shift: ``LDMPipeline`` divides by one ``scaling_factor`` and shifts nothing). Called as
-  ``pipe(batch_size=4).images``.
+- ``UnconditionalDDPMPipeline``: an unconditional run that diffusers' own pipelines cannot run: one trained with
+  EDM's preconditioning, or a latent run whose latent map ``LDMPipeline`` cannot apply (a per-channel scale, or a
+  shift: ``LDMPipeline`` divides by one ``scaling_factor`` and shifts nothing). Called as ``pipe(batch_size=4).images``.
+  An unconditional latent run's export names it ``LatentDDPMPipeline``, the same pipeline.
 
 A latent run's export has a ``vae`` (an ``AutoencoderKL``) and its latent map in ``model_index.json``: the U-Net
 samples latents z, and the images are ``vae.decode(z / latent_scale + latent_shift)``, per channel, exactly as
-ddpmkit decodes them. It needs torch and diffusers only; ddpmkit never imports it (ddpmkit itself does not need
-diffusers).
+ddpmkit decodes them.
+
+A run trained with EDM's preconditioning (Karras et al. 2022, table 1; ``ddpmkit train --precond edm``) has its
+``precond_sigma_data`` in ``model_index.json``. Its U-Net is the network F inside EDM's denoiser: at the scheduler's
+sample x_t and timestep t, with alpha_bar_t the scheduler's ``alphas_cumprod[t]``, it is called on (c_in x, c_noise)
+with x = x_t / sqrt(alpha_bar_t) and EDM's noise level sigma = sqrt((1 - alpha_bar_t) / alpha_bar_t), and
+D = c_skip x + c_out F is the clean image's estimate, handed to the scheduler as its ``"sample"`` prediction. Every
+scheduler of the DDPM process (one with ``alphas_cumprod``) steps it.
+
+It needs torch and diffusers only; ddpmkit never imports it (ddpmkit itself does not need diffusers).
 """
+
+import math
 
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, ImagePipelineOutput, SchedulerMixin, UNet2DModel
@@ -32,16 +43,23 @@ class ClassConditionalDDPMPipeline(DiffusionPipeline):
 
     With a ``vae`` the U-Net works on latents, decoded as ``vae.decode(z / latent_scale + latent_shift)``;
     ``latent_scale`` and ``latent_shift`` are one number or one per latent channel (default: the vae's
-    ``scaling_factor`` and ``shift_factor``, diffusers' convention)."""
+    ``scaling_factor`` and ``shift_factor``, diffusers' convention).
+
+    With ``precond_sigma_data`` (EDM's sigma_data) the U-Net is read through EDM's preconditioning
+    (:meth:`denoised`); None: its output goes to the scheduler as it is."""
 
     model_cpu_offload_seq = "unet->vae"
     _optional_components = ["vae"]
 
     def __init__(self, unet: UNet2DModel, scheduler: SchedulerMixin, vae: AutoencoderKL | None = None,
-                 null_class: int | None = None, latent_scale=None, latent_shift=None):
+                 null_class: int | None = None, latent_scale=None, latent_shift=None,
+                 precond_sigma_data: float | None = None):
         super().__init__()
+        if precond_sigma_data is not None and not (math.isfinite(precond_sigma_data) and precond_sigma_data > 0):
+            raise ValueError(f"precond_sigma_data is EDM's sigma_data, a positive number, got {precond_sigma_data!r}")
         self.register_modules(unet=unet, scheduler=scheduler, vae=vae)
-        self.register_to_config(null_class=null_class, latent_scale=latent_scale, latent_shift=latent_shift)
+        self.register_to_config(null_class=null_class, latent_scale=latent_scale, latent_shift=latent_shift,
+                                precond_sigma_data=precond_sigma_data)
 
     @torch.no_grad()
     def __call__(self, class_labels, guidance: float = 0.0, num_inference_steps: int | None = None,
@@ -50,8 +68,9 @@ class ClassConditionalDDPMPipeline(DiffusionPipeline):
         """One image per label of ``class_labels`` (a list of ints, one int, or a tensor).
 
         guidance: ddpmkit's classifier-free guidance weight w, eps = (1 + w) eps(x, c) - w eps(x, null) (Ho &
-            Salimans 2022 eq. 6), from one doubled batch; w = 0 is the conditional model alone, in one undoubled
-            call. diffusers' ``guidance_scale`` s is 1 + w (s = 1.5 is w = 0.5).
+            Salimans 2022 eq. 6; the same weights on EDM's D for a preconditioned U-Net), from one doubled batch;
+            w = 0 is the conditional model alone, in one undoubled call. diffusers' ``guidance_scale`` s is 1 + w
+            (s = 1.5 is w = 0.5).
         num_inference_steps: the scheduler's number of steps (default: all of its ``num_train_timesteps``).
         generator, latents: x_T (the initial noise, latents of a latent model) is drawn from ``generator`` unless
             given as ``latents`` [B, C, H, W].
@@ -84,13 +103,18 @@ class ClassConditionalDDPMPipeline(DiffusionPipeline):
             y = torch.cat([y, torch.full_like(y, self.config.null_class)])
         C = self.unet.config.in_channels
         self.scheduler.set_timesteps(num_inference_steps or self.scheduler.config.num_train_timesteps, device=device)
+        pred = getattr(self.scheduler.config, "prediction_type", None)
+        if self.config.precond_sigma_data is not None and pred != "sample":
+            raise ValueError("an EDM-preconditioned U-Net gives the clean image D: its scheduler's prediction_type "
+                             f"must be 'sample', not {pred!r}")
         for t in self.progress_bar(self.scheduler.timesteps):
             x_in = self.scheduler.scale_model_input(x, t)
-            out = self.unet(torch.cat([x_in, x_in]) if guidance else x_in, t, class_labels=y).sample
+            out = self.denoised(torch.cat([x_in, x_in]) if guidance else x_in, t, y)
             if guidance:
                 out_c, out_u = out.chunk(2)
-                # Ho & Salimans 2022 eq. 6 on the raw output: eps, x0 and v are all affine in eps with the same
-                # coefficients at (x_t, t). A learned variance (channels C..2C) stays the conditional one (GLIDE).
+                # Ho & Salimans 2022 eq. 6 on the raw output: eps, x0 (EDM's D among them) and v are all affine in
+                # eps with the same coefficients at (x_t, t). A learned variance (channels C..2C) stays the
+                # conditional one (GLIDE).
                 out = torch.cat([(1.0 + guidance) * out_c[:, :C] - guidance * out_u[:, :C], out_c[:, C:]], dim=1)
             x = self.scheduler.step(out, t, x, generator=generator, **step_kwargs).prev_sample
         if self.vae is not None:
@@ -102,6 +126,43 @@ class ClassConditionalDDPMPipeline(DiffusionPipeline):
                 image = self.numpy_to_pil(image)
         self.maybe_free_model_hooks()
         return ImagePipelineOutput(images=image) if return_dict else (image,)
+
+    def denoised(self, x_t: torch.Tensor, t, class_labels=None) -> torch.Tensor:
+        """What the scheduler reads at its sample ``x_t`` and timestep ``t``: the U-Net's output, or with
+        ``precond_sigma_data`` EDM's D(x; sigma) = c_skip x + c_out F(c_in x; c_noise) (EDM eq. 7), the clean
+        image's estimate, at the noise level of the scheduler's alpha_bar at t (float64 inside; x_t's dtype out)."""
+        sigma_data = self.config.precond_sigma_data
+        if sigma_data is None:
+            return self.unet(x_t, t, class_labels=class_labels).sample
+        ab = self.alpha_bar(t)
+        sigma = ((1.0 - ab) / ab).sqrt()  # EDM sec. 2: x_t = sqrt(alpha_bar) (y + sigma n)
+        sd = float(sigma_data)
+        total = sigma * sigma + sd ** 2
+        c_skip = sd ** 2 / total  # EDM table 1: sigma_data^2 / (sigma^2 + sigma_data^2)
+        c_out = sigma * sd / total.sqrt()  # EDM table 1: sigma sigma_data / sqrt(sigma^2 + sigma_data^2)
+        c_in = 1.0 / total.sqrt()  # EDM table 1: 1 / sqrt(sigma^2 + sigma_data^2)
+        c_noise = sigma.log() / 4.0  # EDM table 1: ln(sigma) / 4, the U-Net's (real-valued) timestep
+        wide = torch.float32 if x_t.device.type == "mps" else torch.float64  # MPS has no float64
+        x = x_t.to(wide) / ab.sqrt().item()  # EDM sec. 2: the VP sample as EDM's x = y + sigma n
+        noise_label = c_noise.to(x_t.dtype).to(x_t.device).expand(x_t.shape[0])
+        F = self.unet((c_in.item() * x).to(x_t.dtype), noise_label, class_labels=class_labels).sample
+        D = c_skip.item() * x + c_out.item() * F.to(wide)  # EDM eq. 7: D = c_skip x + c_out F(c_in x; c_noise)
+        return D.to(x_t.dtype)
+
+    def alpha_bar(self, t) -> torch.Tensor:
+        """alpha_bar at the scheduler's timestep ``t``, float64 on the CPU: its ``alphas_cumprod[t]``; between two
+        integer timesteps log alpha_bar is linear in t."""
+        table = getattr(self.scheduler, "alphas_cumprod", None)
+        if table is None:
+            raise ValueError(f"{type(self.scheduler).__name__} has no alphas_cumprod: an EDM-preconditioned U-Net "
+                             "needs a scheduler of the DDPM process, whose alpha_bar gives its noise levels")
+        ab = torch.as_tensor(table).detach().to("cpu", torch.float64)
+        t = float(t)
+        lo = min(max(math.floor(t), 0), ab.numel() - 1)
+        w = t - lo
+        if w <= 0 or lo == ab.numel() - 1:
+            return ab[lo]
+        return torch.exp((1.0 - w) * ab[lo].log() + w * ab[lo + 1].log())
 
     def latent_map(self):
         """(scale, shift), float32 [1, C, 1, 1] each: diffusion latents z are ``(vae mean - shift) * scale``."""
@@ -121,8 +182,9 @@ class ClassConditionalDDPMPipeline(DiffusionPipeline):
         return self.vae.decode(z.to(self.vae.dtype)).sample.float()
 
 
-class LatentDDPMPipeline(ClassConditionalDDPMPipeline):
-    """An unconditional ``UNet2DModel`` on the latents of a ``vae``, decoded with the exact latent map
+class UnconditionalDDPMPipeline(ClassConditionalDDPMPipeline):
+    """An unconditional ``UNet2DModel``, on pixels or on the latents of a ``vae``, that diffusers' own pipelines
+    cannot run: read through EDM's preconditioning (``precond_sigma_data``), or decoded with the exact latent map
     ``vae.decode(z / latent_scale + latent_shift)`` (per channel), which ``LDMPipeline`` cannot express."""
 
     @torch.no_grad()
@@ -136,3 +198,7 @@ class LatentDDPMPipeline(ClassConditionalDDPMPipeline):
         batch = latents.shape[0] if latents is not None else int(batch_size)
         return self._generate(batch, None, 0.0, num_inference_steps, generator, latents, output_type, return_dict,
                               step_kwargs)
+
+
+class LatentDDPMPipeline(UnconditionalDDPMPipeline):
+    """:class:`UnconditionalDDPMPipeline` under the name that an unconditional latent run's export carries."""
