@@ -48,7 +48,7 @@ from ddpmkit.train.loop import TrainingLoop  # noqa: E402
 from ddpmkit.train.tasks.autoencoder import AutoencoderTask  # noqa: E402
 
 SIZE = 32
-GUIDANCE = 0.1  # the demo's (ddpmkit/demo.py DEMO_GUIDANCE)
+GUIDANCE = 0.1  # the latent demo's (ddpmkit/demo.py LATENT_DEMO_GUIDANCE)
 
 
 def diffusion_settings(**kw):

@@ -1,10 +1,11 @@
 """``ddpmkit demo``: the whole product on the embedded digits, within a few minutes on a laptop CPU.
 
-Trains the ``digits`` preset class-conditionally for a fixed wall-clock budget, measuring the quality of its
-samples as it goes (``--eval-every``: the Frechet distance by the digits classifier, plotted beside the loss),
-samples every digit with the fast default sampler (DPM-Solver++(2M) SDE, 20 steps) and with DDIM (50 steps) under
-classifier-free guidance, one grid row per digit, checks the samples for copies of training digits, and writes
-grids, chain GIFs, the schedule, forward-process, loss and memorisation figures and a report into one folder.
+Trains the ``digits`` preset class-conditionally, inside EDM's preconditioning, for a fixed wall-clock budget,
+measuring the quality of its samples as it goes (``--eval-every``: the Frechet distance by the digits classifier,
+plotted beside the loss), samples every digit with the fast default sampler (DPM-Solver++(2M) SDE, 20 steps) and
+with DDIM (50 steps) under classifier-free guidance, one grid row per digit, checks the samples for copies of
+training digits, and writes grids, chain GIFs, the schedule, forward-process, loss and memorisation figures and a
+report into one folder.
 (Class-conditional training costs the demo no quality: at the same budget its samples are closer to the real
 digits than an unconditional model's, bench/bench_demo_recipe.py and docs/guidance.md.)
 """
@@ -18,13 +19,19 @@ import torch
 
 from .errors import DataError
 
-DEFAULT_TRAIN_SECONDS = 210.0  # the budget of bench/bench_demo_recipe.py; with sampling, about 4 minutes on 2 cores
+# The demo's recipe: the digits preset with EDM's preconditioning, loss and noise levels (--precond edm), trained for
+# 120 s. Its samples, drawn as `ddpmkit sample RUN --class all` draws them, are as hard to tell from real digits as
+# those of the eps recipe after 210 s (the demo before), by a CNN two-sample test on the pixels and by the digits
+# classifier's Frechet distance; the eps recipe does not get there in 120 s, nor any recipe in 60 s
+# (bench/bench_time_to_quality.py, docs/demo.md#time-to-quality). With sampling, about 2.5 minutes on 2 cores.
+DEMO_RECIPE = dict(precond="edm")
+DEFAULT_TRAIN_SECONDS = 120.0
 DEMO_EVAL_EVERY = 200  # steps between quality measurements (about 3% of the training time, docs/demo.md)
 DEMO_MEMORIZATION_N = 200  # samples of the memorisation check
-# The guidance weight of the demo's samples: on the digits preset, of w in {0, 0.1, 0.25, 0.5, 1}, 0.1 gave DDIM's
-# lowest Frechet distance (500 samples: 6.7 against 7.6 at w = 0 and 14.3 at the default 0.5) with the classifier
-# agreeing with the class asked for on 98.8% (bench/bench_demo_recipe.py, docs/demo.md).
-DEMO_GUIDANCE = 0.1
+# `demo --latent` keeps the recipe it was measured with (bench/bench_latent.py): eps prediction, 210 s in all (the
+# autoencoder's LATENT_AE_SECONDS included), its samples at w = 0.1. The pixel demo draws at `sample`'s default weight.
+LATENT_TRAIN_SECONDS = 210.0
+LATENT_DEMO_GUIDANCE = 0.1
 # `demo --latent`: the digits at 32x32 through an f = 4 autoencoder (latents of 4x8x8, the side of the pixel demo's
 # digits), which trains for the first LATENT_AE_SECONDS of the budget (bench/bench_latent.py, docs/latent.md)
 LATENT_IMAGE_SIZE = 32
@@ -105,8 +112,11 @@ def run_demo(out=None, train_seconds: float | None = None, quiet: bool = False, 
 
     t_start = time.perf_counter()
     out = Path(out) if out else free_dir(Path("runs") / ("demo-latent" if latent else "demo"))
-    seconds = DEFAULT_TRAIN_SECONDS if train_seconds is None else train_seconds
-    extra = {}
+    from .diffusion.denoiser import DEFAULT_GUIDANCE
+
+    seconds = (LATENT_TRAIN_SECONDS if latent else DEFAULT_TRAIN_SECONDS) if train_seconds is None else train_seconds
+    guidance = LATENT_DEMO_GUIDANCE if latent else DEFAULT_GUIDANCE
+    extra = {} if latent else dict(DEMO_RECIPE)
     if latent:
         ae_seconds = min(LATENT_AE_SECONDS, seconds / 2)
         ae_dir = free_dir(out.parent / f"{out.name}-autoencoder")
@@ -117,7 +127,8 @@ def run_demo(out=None, train_seconds: float | None = None, quiet: bool = False, 
                              eval_every=DEMO_EVAL_EVERY, **extra)
     trainer = Trainer(cfg, out, quiet=quiet)
     log(f"demo: training the digits preset ({trainer.model.num_parameters():,} parameters"
-        f"{', on latents' if latent else ''}) for {seconds:.0f} s on {trainer.device} into {out}")
+        f"{', on latents' if latent else ', with EDM preconditioning'}) for {seconds:.0f} s on {trainer.device} "
+        f"into {out}")
     res = trainer.run()
     quality = res.get("quality")
     log(f"demo: trained {res['step']} steps, final loss {res['loss']:.4f}"
@@ -129,9 +140,9 @@ def run_demo(out=None, train_seconds: float | None = None, quiet: bool = False, 
     per = max(1, n // 10)  # n samples: one row of n // 10 per digit
     for label, opt in [("DPM-Solver++(2M) SDE, 20 steps", SampleOptions(sampler="dpmpp-2m-sde", steps=20, n=per,
                                                                          batch_size=n, classes="all",
-                                                                         guidance=DEMO_GUIDANCE)),
+                                                                         guidance=guidance)),
                        ("DDIM, 50 steps", SampleOptions(sampler="ddim", steps=50, n=per, batch_size=n,
-                                                        classes="all", guidance=DEMO_GUIDANCE))]:
+                                                        classes="all", guidance=guidance))]:
         tag = opt.sampler
         r = generate(out, out / f"samples_{tag}", opt, gif_path=out / f"{tag}.gif", progress=not quiet, log=log)
         log(f"demo: {label}: {r['n']} samples in {r['seconds']:.1f} s")
@@ -143,7 +154,7 @@ def run_demo(out=None, train_seconds: float | None = None, quiet: bool = False, 
     files["training loss and quality"] = plots.plot_loss(out / "metrics.csv", out / "loss.png")
     from .metrics.memorization import evaluate_memorization
 
-    mem = evaluate_memorization(out, n=DEMO_MEMORIZATION_N, sampler="ddim", steps=50, guidance=DEMO_GUIDANCE, log=log)
+    mem = evaluate_memorization(out, n=DEMO_MEMORIZATION_N, sampler="ddim", steps=50, guidance=guidance, log=log)
     px = mem["pixels"]
     log(f"demo: memorisation check: {DEMO_MEMORIZATION_N} samples are closer to a training digit than real digits "
         f"are with probability {px['closer_than_real']:.2f} (0.5: alike); near copies {100 * px['near_copies']:.1f}% "
