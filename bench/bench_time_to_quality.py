@@ -1,8 +1,9 @@
 """Time to quality: the demo's recipe against others, trained for 30, 60, 120 and 210 s on 2 cores (issue 29).
 
     python bench/bench_time_to_quality.py [--seconds 30,60,120,210] [--recipes eps,edm] [--mode separate|one-run]
-                                          [--n 500] [--workdir runs/bench-time-to-quality] [--out DIR]
-    python bench/bench_time_to_quality.py --calibrate      # the two-sample test on real against real digits only
+                                          [--n 800] [--workdir runs/bench-time-to-quality] [--out DIR]
+    python bench/bench_time_to_quality.py --mode steps --steps 400,856,1367 --recipes eps   # a busy machine
+    python bench/bench_time_to_quality.py --calibrate      # the two-sample tests on real against real digits only
 
 Each recipe is a set of TrainConfig overrides on top of the demo's (``config_from_preset("digits",
 class_cond=True, time_limit=S, steps=1_000_000)``, torch's own thread count as the demo has it: both cores here):
@@ -15,7 +16,8 @@ class_cond=True, time_limit=S, steps=1_000_000)``, torch's own thread count as t
 - ``lr-hi``: twice the learning rate (4e-3) and an EMA of horizon 200 steps instead of 1000 (0.995; the warm-up
   min(decay, (1+n)/(10+n)) stays on): a short run has few steps to average over;
 - ``b64``: batch 64, twice the steps per second: below the critical batch size an example is worth more, and that
-  size grows as the loss falls, so a short run favours small batches (McCandlish et al. 2018).
+  size grows as the loss falls, so a short run favours small batches (McCandlish et al. 2018);
+- ``edm-b64``, ``edm-b32``: EDM with batch 64 or 32, the two for a one-minute budget.
 
 In the default ``--mode separate`` every (recipe, S) is its own run with ``time_limit`` S, exactly "train for S
 seconds" as the demo does (its learning rate decays to 0 at S): sum(--seconds) of training per recipe. ``--mode
@@ -24,15 +26,18 @@ recipe), but at those points the learning rate has not decayed yet, so they read
 Training measures nothing on the way (no ``--eval-every``, no sample grids): S is all training. Each run lives in
 ``--workdir/RECIPE-Ss`` (one-run: ``RECIPE-one-run-Ss``) and is reused when finished; results are cached per
 (mode, recipe, S) in ``--out/results.json`` (with n, seed, sampler, guidance and the recipe), so a rerun adds only
-what is missing, and a run dir may be deleted once its result is in.
+what is missing, and a run dir may be deleted once its result is in. ``--mode steps`` trains runs of N optimizer
+steps instead (``--steps``, the learning rate decayed to 0 at N), in ``--workdir/RECIPE-Nsteps``: the same runs
+whatever else the machine is doing, for when it is not quiet; a quiet machine's table gives the steps a recipe takes
+in S seconds (its ms/step), which turns a step count back into time.
 
 The judge draws ``--n`` samples from each run's EMA weights as ``ddpmkit sample RUN --class all`` does with its
-defaults (dpmpp-2m-sde at its default 20 steps, guidance weight ``DEFAULT_GUIDANCE`` = 0.5; sample i of digit
+defaults (dpmpp-2m-sde at its default 20 steps, guidance weight ``DEFAULT_GUIDANCE`` = 0.2; sample i of digit
 i mod 10 from the noise stream (``--seed``, i)) and gives:
 
 - FD: the digits classifier's Frechet distance to its training split (1,438 real digits), with its jackknife
   standard error (``QualityProbe.score``). Floor: the 359 held-out real digits (biased up by about 1/n, and n is
-  359 there against 500 for the samples).
+  359 there against 800 for the samples).
 - Two-sample accuracy (``digits_tools.two_sample_accuracy``), a classifier two-sample test (Lopez-Paz & Oquab 2017)
   on the classifier's 64 penultimate features: the n samples against n real digits of the same class counts (n/10 of
   each digit, drawn at random with ``--seed`` from all 1,797 digits at 16x16: the 359 held-out digits are too few
@@ -51,12 +56,20 @@ i mod 10 from the noise stream (``--seed``, i)) and gives:
   (FD 26), 0.8 contrast 0.77 (FD 53), Gaussian noise images 0.99. Being linear it reads the features' means in every
   direction more than their spread; it cannot see copies of training digits (memorisation), which read as real. It
   wants n well above the 64 features: at n = 40 even noise images score only 0.96.
+- The pixels' two-sample accuracy (``pixel_two_sample_accuracy``, bench/pixel_two_sample.py): a small CNN trained
+  in the same 5-fold cross-validation to tell the n samples, as uint8 images at the run's size (8x8), from the same n
+  real digits at that size as the run trained on them. It sees what the classifier's features ignore (the grain of a
+  background, the texture and edges of strokes), so it stays sharp where the features' test sits at its floor: real
+  against real at n = 800 it scores 0.519 and 0.496 (two pairs; binomial standard error 0.012), while Gaussian noise
+  of sd 8/255 on one side gives 0.66 (the features' test needs 32/255 for 0.61), 16/255 0.91, 0.9 contrast 0.92 and
+  a half blur 1.00. Its floor is printed beside the features' (``--pixel-repeats`` pairs).
 
-The table (markdown): recipe | S | steps | FD +- se | two-sample accuracy +- se, with the floors; ``--out`` holds
-``results.json`` and ``time_to_quality.png`` (FD and accuracy against S, one line per recipe, floors dashed). The last
-lines say, for each recipe, the first S at which it reaches the largest-S ``eps`` run's FD and accuracy (each no
-worse than that run's by more than one combined standard error, sqrt(se^2 + se_ref^2)): what decides the demo's
-recipe. Training, sampling and judging are timed in wall-clock seconds; other jobs on the machine slow them.
+The table (markdown): recipe | S | steps | ms/step | FD +- se | both two-sample accuracies +- se, with the floors;
+``--out`` holds ``results.json`` and ``time_to_quality.png`` (the three figures against S, one line per recipe,
+floors dashed). The last lines say, for each recipe, the first S at which it reaches the reference (``--reference``,
+default the largest-S ``eps`` run) on all three figures (each no worse than the reference's by more than one
+combined standard error, sqrt(se^2 + se_ref^2)): what decides the demo's recipe. Training, sampling and judging
+are timed in wall-clock seconds; other jobs on the machine slow them.
 """
 
 from __future__ import annotations
@@ -67,6 +80,7 @@ import math
 import shutil
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -79,9 +93,11 @@ except ImportError:  # run from a checkout without installing
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from digits_tools import balanced_real_indices, noise_images, two_sample_accuracy  # noqa: E402
+from pixel_two_sample import PIXEL_TEST, pixel_two_sample_accuracy  # noqa: E402
 
 from ddpmkit.cli.sample import SAMPLE_DEFAULT_SAMPLER  # noqa: E402
 from ddpmkit.diffusion.denoiser import DEFAULT_GUIDANCE  # noqa: E402
+from ddpmkit.images import to_uint8  # noqa: E402
 from ddpmkit.metrics.quality import QualityProbe, classifier_view, draw_samples, frechet_stderr  # noqa: E402
 
 # name -> (TrainConfig overrides on top of the demo's, why); the module docstring says more
@@ -91,6 +107,8 @@ RECIPES: dict[str, tuple[dict, str]] = {
     "edm": (dict(precond="edm"), "EDM preconditioning and loss (Karras et al. 2022)"),
     "lr-hi": (dict(lr=4e-3, ema_decay=0.995), "lr 4e-3, EMA 0.995 (with its warm-up)"),
     "b64": (dict(batch_size=64), "batch 64: more steps, below the critical batch (McCandlish et al. 2018)"),
+    "edm-b64": (dict(precond="edm", batch_size=64), "EDM, batch 64"),
+    "edm-b32": (dict(precond="edm", batch_size=32), "EDM, batch 32"),
 }
 TWO_SAMPLE = dict(folds=5, l2=1e-3, iters=100)  # the settings of the two-sample test, recorded with each result
 DONE = "bench_done.json"  # in a run dir: the run finished (its steps and time points)
@@ -107,12 +125,17 @@ def fmt_s(seconds: float) -> str:
     return f"{seconds:g}"
 
 
-def demo_config(overrides: dict, seconds: float, keep: int = 3):
-    """The demo's training configuration for ``seconds``, measuring nothing on the way, plus ``overrides``."""
+UNITS = {"seconds": "s", "steps": " steps"}  # a point's unit -> its suffix in names and lines
+
+
+def demo_config(overrides: dict, point: float, keep: int = 3, unit: str = "seconds"):
+    """The demo's training configuration for ``point`` seconds (or optimizer steps), measuring nothing on the way,
+    plus ``overrides``; the learning rate's cosine decay ends at the time limit (or at the last step)."""
     from ddpmkit.train import config_from_preset
 
-    return config_from_preset("digits", class_cond=True, time_limit=seconds, steps=1_000_000, sample_every=10**9,
-                              checkpoint_every=10**9, num_samples=0, eval_every=0, keep=keep, **overrides)
+    budget = dict(time_limit=point, steps=1_000_000) if unit == "seconds" else dict(steps=int(point))
+    return config_from_preset("digits", class_cond=True, sample_every=10**9, checkpoint_every=10**9, num_samples=0,
+                              eval_every=0, keep=keep, **budget, **overrides)
 
 
 def jsonable(d: dict) -> dict:
@@ -137,23 +160,24 @@ def finished(path: Path, overrides: dict) -> dict | None:
     return None
 
 
-def train_separate(name: str, seconds: float, work: Path) -> dict:
-    """One run of ``seconds`` (time limit and cosine decay to it): {"path", "steps", "train_s", ...}."""
+def train_separate(name: str, seconds: float, work: Path, unit: str = "seconds") -> dict:
+    """One run of ``seconds`` (time limit and cosine decay to it; with ``unit`` "steps": of that many optimizer
+    steps): {"path", "steps", "train_s", ...}."""
     from ddpmkit.train import Trainer
 
     overrides = RECIPES[name][0]
-    run_dir = work / f"{name}-{fmt_s(seconds)}s"
+    run_dir = work / f"{name}-{fmt_s(seconds)}{UNITS[unit].strip()}"
     info = finished(run_dir, overrides)
     if info is None:
         fresh_dir(run_dir)
-        tr = Trainer(demo_config(overrides, seconds), run_dir, quiet=True)
+        tr = Trainer(demo_config(overrides, seconds, unit=unit), run_dir, quiet=True)
         params = tr.model.num_parameters()
         res = tr.run()
         info = {"overrides": jsonable(overrides), "params": params, "threads": torch.get_num_threads(),
                 "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
                 "points": {fmt_s(seconds): {"steps": res["step"], "train_s": res["seconds"], "path": "."}}}
         (run_dir / DONE).write_text(json.dumps(info, indent=1))
-        print(f"[{name} {fmt_s(seconds)} s] trained {res['step']} steps in {res['seconds']:.1f} s "
+        print(f"[{name} {fmt_s(seconds)}{UNITS[unit]}] trained {res['step']} steps in {res['seconds']:.1f} s "
               f"({1000 * res['seconds'] / max(res['step'], 1):.0f} ms/step, {torch.get_num_threads()} threads) "
               f"-> {run_dir}", flush=True)
     p = info["points"][fmt_s(seconds)]
@@ -209,30 +233,49 @@ class Judge:
         self.labels = clf.labels.numpy()
         self.real_feats = clf.features(clf.images)  # all 1,797 real digits
         self.real_a = balanced_real_indices(self.labels, n, seed=seed)  # the real side of every comparison
+        self._real_pixels = {}  # side -> all 1,797 digits as uint8 at that side (the training data of a run)
+
+    def real_pixels(self, side: int) -> torch.Tensor:
+        """The digits as a run of ``side`` x ``side`` trains on them (``load_dataset``'s resize), in label order."""
+        if side not in self._real_pixels:
+            from ddpmkit.data import load_dataset
+
+            ds = load_dataset("digits", image_size=side, progress=False)
+            assert np.array_equal(ds.labels.numpy(), self.labels), "the digits' order changed"
+            self._real_pixels[side] = ds.images
+        return self._real_pixels[side]
 
     def settings(self) -> dict:
         return {"n": self.n, "seed": self.seed, "sampler": SAMPLE_DEFAULT_SAMPLER,
-                "sampler_steps": sampler_steps(), "guidance": DEFAULT_GUIDANCE, "two_sample": TWO_SAMPLE}
+                "sampler_steps": sampler_steps(), "guidance": DEFAULT_GUIDANCE, "two_sample": TWO_SAMPLE,
+                "pixel_test": PIXEL_TEST}
 
-    def floors(self, repeats: int) -> dict:
-        """The real held-out digits' FD, and real against real digits in the two-sample test: the comparison's own
-        real side against n disjoint real digits, and the mean and spread over ``repeats`` such pairs."""
+    def floors(self, repeats: int, pixel_repeats: int = 0, side: int = 8) -> dict:
+        """The real held-out digits' FD, and real against real digits in the two-sample tests: the comparison's own
+        real side against n disjoint real digits, and the mean and spread over ``repeats`` (the pixel test's:
+        ``pixel_repeats``, at ``side``) such pairs."""
         clf = self.clf
         fd = {"n": int(clf.test_feats.shape[0]), "fd": clf.fd(feats=clf.test_feats),
               "fd_stderr": frechet_stderr(clf.test_feats, clf.ref_mu, clf.ref_sigma)}
         # the largest n with two disjoint sets of the samples' class counts
         n2 = min(self.n, min(np.bincount(self.labels)) // 2 * 10)
-        a = self.real_a if n2 == self.n else balanced_real_indices(self.labels, n2, seed=self.seed)
-        b = balanced_real_indices(self.labels, n2, seed=self.seed + 1, exclude=a)
-        pair = two_sample_accuracy(self.real_feats[a], self.real_feats[b], seed=self.seed, **TWO_SAMPLE)
-        accs = []
-        for r in range(repeats):
-            a = balanced_real_indices(self.labels, n2, seed=10_000 + r)
-            b = balanced_real_indices(self.labels, n2, seed=20_000 + r, exclude=a)
-            accs.append(two_sample_accuracy(self.real_feats[a], self.real_feats[b], seed=r, **TWO_SAMPLE)["accuracy"])
-        return {"real_heldout": fd, "real_vs_real": {**pair, "n": n2, "repeats": repeats,
-                                                     "mean": float(np.mean(accs)) if accs else None,
-                                                     "spread": float(np.std(accs, ddof=1)) if repeats > 1 else None}}
+        a0 = self.real_a if n2 == self.n else balanced_real_indices(self.labels, n2, seed=self.seed)
+        b0 = balanced_real_indices(self.labels, n2, seed=self.seed + 1, exclude=a0)
+        pairs = [(balanced_real_indices(self.labels, n2, seed=10_000 + r), r)
+                 for r in range(max(repeats, pixel_repeats))]
+        pairs = [(a, balanced_real_indices(self.labels, n2, seed=20_000 + r, exclude=a), r) for a, r in pairs]
+        px = self.real_pixels(side)
+
+        def summary(test, feats, k):
+            accs = [test(feats[a], feats[b], seed=r)["accuracy"] for a, b, r in pairs[:k]]
+            return {**test(feats[a0], feats[b0], seed=self.seed), "n": n2, "repeats": k,
+                    "mean": float(np.mean(accs)) if accs else None,
+                    "spread": float(np.std(accs, ddof=1)) if k > 1 else None}
+
+        return {"real_heldout": fd,
+                "real_vs_real": summary(partial(two_sample_accuracy, **TWO_SAMPLE), self.real_feats, repeats),
+                "pixels_real_vs_real": {**summary(partial(pixel_two_sample_accuracy, **PIXEL_TEST), px,
+                                                  pixel_repeats), "side": side}}
 
     def __call__(self, path: str) -> dict:
         from ddpmkit.run import Run
@@ -246,8 +289,11 @@ class Judge:
         q = self.probe.score(x)
         feats = self.clf.features(classifier_view(x, 16))
         ts = two_sample_accuracy(feats, self.real_feats[self.real_a], seed=self.seed, **TWO_SAMPLE)
+        real = self.real_pixels(run.image_shape[-1])[self.real_a]
+        ps = pixel_two_sample_accuracy(to_uint8(x.cpu()), real, seed=self.seed, **PIXEL_TEST)
         return {"fd": q["fd"], "fd_stderr": q["fd_stderr"], "confidence": q["confidence"], "acc": ts["accuracy"],
-                "acc_stderr": ts["stderr"], "sample_s": sample_s, "judge_s": time.perf_counter() - t0}
+                "acc_stderr": ts["stderr"], "px": ps["accuracy"], "px_stderr": ps["stderr"], "sample_s": sample_s,
+                "judge_s": time.perf_counter() - t0}
 
 
 def calibrate(n: int, repeats: int) -> None:
@@ -285,6 +331,57 @@ def calibrate(n: int, repeats: int) -> None:
         r = two_sample_accuracy(feats[a], f, seed=0, **TWO_SAMPLE)
         print(f"n real digits against n others {name}: accuracy {r['accuracy']:.3f} +- {r['stderr']:.3f}; "
               f"their FD {clf.fd(feats=f):.2f} +- {frechet_stderr(f, clf.ref_mu, clf.ref_sigma):.2f}")
+    # the pixels' test at the demo's 8x8: its floor, and what it sees of the same kinds of spoiling
+    t0 = time.perf_counter()
+    pr = judge.floors(0, pixel_repeats=repeats)["pixels_real_vs_real"]
+    print(f"pixels, 8x8: real against real digits, n = {pr['n']} each: {pr['mean']:.3f} mean over {repeats} draws, "
+          f"spread {pr['spread']:.3f}; the default seed's pair {pr['accuracy']:.3f} +- {pr['stderr']:.3f} "
+          f"({time.perf_counter() - t0:.0f} s)")
+    px = judge.real_pixels(8)
+    xb = px[torch.from_numpy(b)].float()
+    spoilt = {"Gaussian noise, sd 4/255": xb + torch.randn(xb.shape, generator=gen) * 4,
+              "Gaussian noise, sd 8/255": xb + torch.randn(xb.shape, generator=gen) * 8,
+              "Gaussian noise, sd 16/255": xb + torch.randn(xb.shape, generator=gen) * 16,
+              "contrast 0.9": xb * 0.9,
+              "half blurred (3x3 box)": 0.5 * xb + 0.5 * torch.nn.functional.avg_pool2d(xb, 3, 1, 1,
+                                                                                        count_include_pad=False)}
+    for name, y in spoilt.items():
+        r = pixel_two_sample_accuracy(px[torch.from_numpy(a)], y.round().clamp(0, 255).to(torch.uint8), seed=0,
+                                      **PIXEL_TEST)
+        print(f"pixels, 8x8: n real digits against n others {name}: accuracy {r['accuracy']:.3f} +- "
+              f"{r['stderr']:.3f}")
+
+
+def judge_one(a) -> int:
+    """--judge-run: one run's three figures, and whether it reaches --reference (a cached result in --out)."""
+    import re
+
+    from ddpmkit.run import Run
+
+    run_dir = Path(a.judge_run)
+    run = Run.open(run_dir)
+    t0 = time.perf_counter()
+    row = {"recipe": str(run_dir), **Judge(a.n, a.seed)(str(run_dir))}
+    steps = max((int(m.group(1)) for p in (run_dir / "checkpoints").glob("step_*")
+                 if (m := re.fullmatch(r"step_(\d+)", p.name))), default=0)
+    print(f"{run_dir} ({steps:,} steps, precond {run.precond_sigma_data is not None and 'edm' or 'none'}): FD "
+          f"{row['fd']:.2f} +- {row['fd_stderr']:.2f}, features' two-sample accuracy {row['acc']:.3f} +- "
+          f"{row['acc_stderr']:.3f}, pixels' {row['px']:.3f} +- {row['px_stderr']:.3f} "
+          f"({time.perf_counter() - t0:.0f} s; {a.n} samples, {SAMPLE_DEFAULT_SAMPLER} {sampler_steps()} steps, "
+          f"guidance {DEFAULT_GUIDANCE:g}, seed {a.seed})")
+    res_path = Path(a.out) / "results.json"
+    results = json.loads(res_path.read_text()).get("results", {}) if res_path.is_file() else {}
+    if a.reference:
+        name, _, at = a.reference.partition("@")
+        ref = next((r for k, r in results.items() if r["recipe"] == name and fmt_s(r["seconds"]) == at
+                    and r.get("n") == a.n and r.get("seed") == a.seed), None)
+        if ref is None:
+            print(f"(no cached {a.reference} result of n = {a.n}, seed {a.seed} in {res_path})")
+        else:
+            print(f"the reference {a.reference} ({ref['steps']:,} steps): FD {ref['fd']:.2f} +- "
+                  f"{ref['fd_stderr']:.2f}, features' {ref['acc']:.3f} +- {ref['acc_stderr']:.3f}, pixels' "
+                  f"{ref['px']:.3f} +- {ref['px_stderr']:.3f}: {'reached' if reaches(row, ref) else 'not reached'}")
+    return 0
 
 
 def cached(results: dict, key: str, want: dict) -> dict | None:
@@ -294,24 +391,34 @@ def cached(results: dict, key: str, want: dict) -> dict | None:
 
 
 def reaches(row: dict, ref: dict) -> bool:
-    """Whether a result is no worse than the reference by more than one combined standard error, on both figures."""
-    return (row["fd"] - ref["fd"] <= math.hypot(row["fd_stderr"], ref["fd_stderr"])
-            and row["acc"] - ref["acc"] <= math.hypot(row["acc_stderr"], ref["acc_stderr"]))
+    """Whether a result is no worse than the reference by more than one combined standard error, on all three
+    figures (the pixel test's when both have it)."""
+    figures = [("fd", "fd_stderr"), ("acc", "acc_stderr")] + ([("px", "px_stderr")] if "px" in row and "px" in ref
+                                                              else [])
+    return all(row[k] - ref[k] <= math.hypot(row[se], ref[se]) for k, se in figures)
+
+
+def _floor_text(rr: dict) -> str:
+    spread = (f" (mean of {rr['repeats']} other pairs {rr['mean']:.3f}, sd {rr['spread']:.3f})"
+              if rr.get("spread") is not None else "")
+    return f"{rr['accuracy']:.3f} +- {rr['stderr']:.3f}{spread}"
 
 
 def table(rows: list[dict], floors: dict) -> str:
-    lines = ["| recipe | seconds | steps | ms/step | FD +- se | two-sample accuracy +- se |",
-             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| recipe | seconds | steps | ms/step | FD +- se | features' two-sample accuracy +- se | "
+             "pixels' two-sample accuracy +- se |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
-        lines.append(f"| {r['recipe']} | {fmt_s(r['seconds'])} | {r['steps']:,} | "
+        secs = fmt_s(r["seconds"]) if r.get("unit", "seconds") == "seconds" else f"({r['train_s']:.0f})"
+        px = f"{r['px']:.3f} +- {r['px_stderr']:.3f}" if "px" in r else ""
+        lines.append(f"| {r['recipe']} | {secs} | {r['steps']:,} | "
                      f"{1000 * r['train_s'] / max(r['steps'], 1):.0f} | {r['fd']:.2f} +- {r['fd_stderr']:.2f} | "
-                     f"{r['acc']:.3f} +- {r['acc_stderr']:.3f} |")
+                     f"{r['acc']:.3f} +- {r['acc_stderr']:.3f} | {px} |")
     h, rr = floors["real_heldout"], floors["real_vs_real"]
-    lines.append(f"| real held-out digits (n = {h['n']}) | | | | {h['fd']:.2f} +- {h['fd_stderr']:.2f} | |")
-    spread = (f" (mean of {rr['repeats']} other pairs {rr['mean']:.3f}, sd {rr['spread']:.3f})"
-              if rr.get("spread") is not None else "")
-    lines.append(f"| real vs real digits (n = {rr['n']}) | | | | | {rr['accuracy']:.3f} +- {rr['stderr']:.3f}"
-                 f"{spread} |")
+    lines.append(f"| real held-out digits (n = {h['n']}) | | | | {h['fd']:.2f} +- {h['fd_stderr']:.2f} | | |")
+    pr = floors.get("pixels_real_vs_real")
+    lines.append(f"| real vs real digits (n = {rr['n']}) | | | | | {_floor_text(rr)} | "
+                 f"{_floor_text(pr) if pr else ''} |")
     return "\n".join(lines)
 
 
@@ -321,23 +428,31 @@ def plot(rows: list[dict], floors: dict, path: Path, mode: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    by_steps = mode == "steps"
+    x_of = (lambda r: r["steps"]) if by_steps else (lambda r: r["seconds"])
+    pixels = any("px" in r for r in rows)
+    fig, axes = plt.subplots(1, 3 if pixels else 2, figsize=(16 if pixels else 11, 4.2))
+    panels = [("fd", "fd_stderr"), ("acc", "acc_stderr")] + ([("px", "px_stderr")] if pixels else [])
     for name in dict.fromkeys(r["recipe"] for r in rows):
-        rs = sorted((r for r in rows if r["recipe"] == name), key=lambda r: r["seconds"])
-        s = [r["seconds"] for r in rs]
-        axes[0].errorbar(s, [r["fd"] for r in rs], yerr=[r["fd_stderr"] for r in rs], marker="o", capsize=3,
-                         label=name)
-        axes[1].errorbar(s, [r["acc"] for r in rs], yerr=[r["acc_stderr"] for r in rs], marker="o", capsize=3,
-                         label=name)
+        rs = sorted((r for r in rows if r["recipe"] == name), key=x_of)
+        for ax, (k, se) in zip(axes, panels):
+            rk = [r for r in rs if k in r]
+            ax.errorbar([x_of(r) for r in rk], [r[k] for r in rk], yerr=[r[se] for r in rk], marker="o", capsize=3,
+                        label=name)
     h, rr = floors["real_heldout"], floors["real_vs_real"]
     axes[0].axhline(h["fd"], color="k", ls="--", lw=1, label=f"real held-out (n = {h['n']})")
     axes[1].axhline(rr["accuracy"], color="k", ls="--", lw=1, label=f"real vs real (n = {rr['n']})")
-    axes[1].axhline(0.5, color="grey", ls=":", lw=1)
-    axes[0].set(xlabel="training seconds", ylabel="Frechet distance (digits classifier)", yscale="log",
-                title="FD of the samples")
-    axes[1].set(xlabel="training seconds", ylabel="held-out accuracy", title="two-sample accuracy (0.5: real-like)")
+    xlabel = "optimizer steps" if by_steps else "training seconds"
+    axes[0].set(xlabel=xlabel, ylabel="Frechet distance (digits classifier)", yscale="log", title="FD of the samples")
+    axes[1].set(xlabel=xlabel, ylabel="held-out accuracy", title="two-sample test on the classifier's features")
+    if pixels:
+        pr = floors["pixels_real_vs_real"]
+        axes[2].axhline(pr["accuracy"], color="k", ls="--", lw=1, label=f"real vs real (n = {pr['n']})")
+        axes[2].set(xlabel=xlabel, ylabel="held-out accuracy", title="two-sample test on the pixels (a CNN)")
+    for ax in axes[1:]:
+        ax.axhline(0.5, color="grey", ls=":", lw=1)
     for ax in axes:
-        ax.set_xticks(sorted({r["seconds"] for r in rows}))
+        ax.set_xticks(sorted({x_of(r) for r in rows}))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     n = rows[0]["n"] if rows else 0
@@ -355,20 +470,31 @@ def main(argv=None) -> int:
                                                               "(default 30,60,120,210)")
     ap.add_argument("--recipes", default=",".join(RECIPES), help=f"comma-separated, of {', '.join(RECIPES)} "
                                                                  "(default: all)")
-    ap.add_argument("--mode", choices=("separate", "one-run"), default="separate",
+    ap.add_argument("--mode", choices=("separate", "one-run", "steps"), default="separate",
                     help="separate (default): an independent run of S seconds for every time point S, its learning "
                          "rate decayed to 0 at S, as the demo trains (sum of --seconds per recipe); one-run: one run "
                          "of the largest S, its EMA weights judged as each smaller S passes: cheaper, but there the "
-                         "learning rate has not decayed yet, so early points read worse than runs of that length")
-    ap.add_argument("--n", type=int, default=500, help="samples judged per point (default 500)")
+                         "learning rate has not decayed yet, so early points read worse than runs of that length; "
+                         "steps: an independent run of N optimizer steps for every N of --steps (decayed to 0 at "
+                         "N), the same runs whatever else the machine is doing")
+    ap.add_argument("--steps", default=None, help="with --mode steps: optimizer-step points, comma-separated (e.g. "
+                                                  "the steps a quiet machine reaches in --seconds)")
+    ap.add_argument("--n", type=int, default=800, help="samples judged per point (default 800)")
     ap.add_argument("--seed", type=int, default=0, help="noise streams of the samples, the real digits they are "
                                                         "compared with and the folds (default 0)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own, as the demo: "
                                                               "every core)")
     ap.add_argument("--null-repeats", type=int, default=10, help="draws of real-vs-real pairs for the floor's "
                                                                  "spread (default 10)")
+    ap.add_argument("--pixel-repeats", type=int, default=4, help="the same for the pixels' test, which trains a CNN "
+                                                                 "per fold (default 4)")
     ap.add_argument("--workdir", default="runs/bench-time-to-quality", help="the training runs")
     ap.add_argument("--out", default="runs/bench-time-to-quality", help="results.json and time_to_quality.png")
+    ap.add_argument("--reference", default=None, help="RECIPE@POINT that the others must reach (default: eps at the "
+                                                      "largest point)")
+    ap.add_argument("--judge-run", default=None, metavar="RUN",
+                    help="judge one finished run (e.g. the demo's, runs/demo) as the others are, print it beside "
+                         "--reference (from --out's results) and stop; trains nothing")
     ap.add_argument("--table-only", action="store_true", help="print the cached results; train and judge nothing")
     ap.add_argument("--calibrate", action="store_true", help="only the two-sample test on real digits "
                                                              "(--null-repeats draws at --n), and stop")
@@ -378,10 +504,15 @@ def main(argv=None) -> int:
     if a.calibrate:
         calibrate(a.n, max(a.null_repeats, 2))
         return 0
+    if (a.mode == "steps") != (a.steps is not None):
+        ap.error("--mode steps takes its points from --steps, and --steps needs --mode steps")
+    points = a.steps if a.mode == "steps" else a.seconds
     try:
-        seconds = sorted({float(s) for s in a.seconds.split(",") if s.strip()})
+        seconds = sorted({float(s) for s in points.split(",") if s.strip()})
     except ValueError:
-        ap.error(f"--seconds takes numbers, got {a.seconds!r}")
+        ap.error(f"--seconds and --steps take numbers, got {points!r}")
+    if a.judge_run:
+        return judge_one(a)
     names = [s.strip() for s in a.recipes.split(",") if s.strip()]
     bad = [s for s in names if s not in RECIPES]
     if bad or not names or not seconds or seconds[0] <= 0:
@@ -396,14 +527,22 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     judge = Judge(a.n, a.seed)
     settings = judge.settings()
-    floors = judge.floors(a.null_repeats)
-    store["floors"] = {**floors, "n": a.n, "seed": a.seed}
+    unit = "steps" if a.mode == "steps" else "seconds"
+    floor_key = {"n": a.n, "seed": a.seed, "null_repeats": a.null_repeats, "pixel_repeats": a.pixel_repeats,
+                 "two_sample": TWO_SAMPLE, "pixel_test": PIXEL_TEST}
+    old = store.get("floors", {})
+    if all(old.get(k) == v for k, v in floor_key.items()) and "pixels_real_vs_real" in old:
+        floors = old  # measured already with these settings (the pixels' test takes a while)
+    else:
+        floors = judge.floors(a.null_repeats, a.pixel_repeats)
+    store["floors"] = {**floors, **floor_key}
     rr = floors["real_vs_real"]
     h = floors["real_heldout"]
     print(f"floors: the {h['n']} real held-out digits, FD {h['fd']:.2f} +- {h['fd_stderr']:.2f}; real against real "
           f"digits (n = {rr['n']} each), two-sample accuracy {rr['accuracy']:.3f} +- {rr['stderr']:.3f}"
           + (f" (over {rr['repeats']} draws: mean {rr['mean']:.3f}, spread {rr['spread']:.3f})"
-             if rr["spread"] is not None else ""), flush=True)
+             if rr["spread"] is not None else "") + f"; on the pixels {_floor_text(floors['pixels_real_vs_real'])}",
+          flush=True)
 
     def save():
         res_path.write_text(json.dumps(store, indent=1))
@@ -420,14 +559,16 @@ def main(argv=None) -> int:
         if missing and a.mode == "one-run":
             points = train_one_run(name, seconds, work)
         for s in missing:
-            p = points[fmt_s(s)] if a.mode == "one-run" else train_separate(name, s, work)
-            row = {"recipe": name, "mode": a.mode, "seconds": s, **want, "steps": p["steps"], "train_s": p["train_s"],
-                   "params": p["params"], "threads": p["threads"], "run": p["path"], **judge(p["path"])}
+            p = points[fmt_s(s)] if a.mode == "one-run" else train_separate(name, s, work, unit)
+            row = {"recipe": name, "mode": a.mode, "seconds": s, "unit": unit, **want, "steps": p["steps"],
+                   "train_s": p["train_s"], "params": p["params"], "threads": p["threads"], "run": p["path"],
+                   **judge(p["path"])}
             results[f"{a.mode}/{name}/{fmt_s(s)}"] = found[s] = row
             save()
-            print(f"[{name} {fmt_s(s)} s] {row['steps']} steps: FD {row['fd']:.2f} +- {row['fd_stderr']:.2f}, "
-                  f"two-sample accuracy {row['acc']:.3f} +- {row['acc_stderr']:.3f} (judged in {row['judge_s']:.0f} "
-                  f"s, sampling {row['sample_s']:.0f} s)", flush=True)
+            print(f"[{name} {fmt_s(s)}{UNITS[unit]}] {row['steps']} steps: FD {row['fd']:.2f} +- "
+                  f"{row['fd_stderr']:.2f}, two-sample accuracy {row['acc']:.3f} +- {row['acc_stderr']:.3f}, on the "
+                  f"pixels {row['px']:.3f} +- {row['px_stderr']:.3f} (judged in {row['judge_s']:.0f} s, sampling "
+                  f"{row['sample_s']:.0f} s)", flush=True)
         rows += [found[s] for s in seconds]
     save()
     print()
@@ -437,20 +578,21 @@ def main(argv=None) -> int:
     if rows:
         plot(rows, floors, out / "time_to_quality.png", a.mode)
         print(f"\nresults: {res_path}\nplot:    {out / 'time_to_quality.png'}")
-    top = max(seconds)
-    ref = next((r for r in rows if r["recipe"] == "eps" and r["seconds"] == top), None)
+    ref_name, _, ref_at = (a.reference or f"eps@{fmt_s(max(seconds))}").partition("@")
+    ref = next((r for r in rows if r["recipe"] == ref_name and fmt_s(r["seconds"]) == ref_at), None)
     print()
     if ref is None:
-        print(f"(no eps run of {fmt_s(top)} s among these results: nothing to compare with)")
+        print(f"(no {ref_name} run of {ref_at}{UNITS[unit]} among these results: nothing to compare with)")
     else:
-        print(f"the reference: eps at {fmt_s(top)} s, FD {ref['fd']:.2f} +- {ref['fd_stderr']:.2f}, two-sample "
-              f"accuracy {ref['acc']:.3f} +- {ref['acc_stderr']:.3f}")
+        print(f"the reference: {ref_name} at {ref_at}{UNITS[unit]}, FD {ref['fd']:.2f} +- {ref['fd_stderr']:.2f}, "
+              f"two-sample accuracy {ref['acc']:.3f} +- {ref['acc_stderr']:.3f}, on the pixels "
+              f"{ref['px']:.3f} +- {ref['px_stderr']:.3f}")
         for name in dict.fromkeys(r["recipe"] for r in rows):
             hit = next((r for r in sorted((r for r in rows if r["recipe"] == name), key=lambda r: r["seconds"])
                         if reaches(r, ref)), None)
-            print(f"{name}: " + (f"reaches it at {fmt_s(hit['seconds'])} s ({hit['steps']:,} steps; FD "
-                                 f"{hit['fd']:.2f}, accuracy {hit['acc']:.3f})" if hit is not None
-                                 else f"does not reach it within {fmt_s(top)} s"))
+            print(f"{name}: " + (f"reaches it at {fmt_s(hit['seconds'])}{UNITS[unit]} ({hit['steps']:,} steps; FD "
+                                 f"{hit['fd']:.2f}, accuracy {hit['acc']:.3f}, on the pixels {hit['px']:.3f})"
+                                 if hit is not None else "does not reach it at these points"))
     print(f"\n({time.perf_counter() - t_start:.0f} s in all)")
     return 0
 
