@@ -579,7 +579,8 @@ def main(argv=None) -> int:
         plot(rows, floors, out / "time_to_quality.png", a.mode)
         print(f"\nresults: {res_path}\nplot:    {out / 'time_to_quality.png'}")
     ref_name, _, ref_at = (a.reference or f"eps@{fmt_s(max(seconds))}").partition("@")
-    ref = next((r for r in rows if r["recipe"] == ref_name and fmt_s(r["seconds"]) == ref_at), None)
+    ref = next((r for r in [*rows, *results.values()] if r["recipe"] == ref_name and fmt_s(r["seconds"]) == ref_at
+                and r.get("unit", "seconds") == unit and all(r.get(k) == v for k, v in settings.items())), None)
     print()
     if ref is None:
         print(f"(no {ref_name} run of {ref_at}{UNITS[unit]} among these results: nothing to compare with)")
