@@ -1,6 +1,6 @@
-"""Few-step students against their teacher: progressive distillation of the demo's digits model.
+"""Few-step students against their teacher: progressive distillation of a class-conditional digits model.
 
-    python bench/bench_distill.py                          # trains the demo's model first (210 s), then distils
+    python bench/bench_distill.py                          # trains the teacher first (eps, 210 s), then distils
     python bench/bench_distill.py --teacher runs/demo       # an existing class-conditional digits run
 
 One progressive distillation, from 64 teacher DDIM steps down to 1 (six rounds of ``--round-steps`` optimizer
@@ -55,13 +55,14 @@ def cpu_seconds() -> float:
 
 
 def train_teacher(out: Path, seconds: float) -> None:
-    """The demo's recipe: the class-conditional digits preset for ``seconds``."""
+    """The teacher: the class-conditional digits preset (eps prediction: the demo's recipe until it moved to EDM's
+    preconditioning) for ``seconds``."""
     from ddpmkit.train import Trainer, config_from_preset
 
     cfg = config_from_preset("digits", time_limit=seconds, steps=1_000_000, sample_every=1_000_000, class_cond=True,
                              num_samples=0)
     res = Trainer(cfg, out, quiet=True).run()
-    print(f"trained the demo's digits model: {res['step']} steps in {res['seconds']:.0f} s -> {out}", flush=True)
+    print(f"trained the digits teacher: {res['step']} steps in {res['seconds']:.0f} s -> {out}", flush=True)
 
 
 def distil(teacher: Path, out: Path, round_steps: int, seed: int, method: str = "progressive",
@@ -110,10 +111,11 @@ def distilled(teacher: Path, out: Path, round_steps: int, seed: int, method: str
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
-    p.add_argument("--teacher", default=None, help="a class-conditional digits run (default: train the demo's model "
+    p.add_argument("--teacher", default=None, help="a class-conditional digits run (default: train the teacher "
                                                    "into --workdir)")
     p.add_argument("--workdir", default="runs/bench-distill")
-    p.add_argument("--teacher-seconds", type=float, default=210.0, help="the demo's training time")
+    p.add_argument("--teacher-seconds", type=float, default=210.0,
+                   help="the teacher's training time (the demo's before it moved to EDM)")
     p.add_argument("--round-steps", type=int, default=200, help="optimizer steps per round (six rounds)")
     p.add_argument("--cd-steps", type=int, default=600, help="optimizer steps of the consistency distillation (0: "
                                                              "none)")

@@ -588,8 +588,11 @@ def test_serve_warns_off_the_loopback_and_stops_on_ctrl_c(cond_run, monkeypatch,
 
 def test_serve_prints_its_address_answers_and_stops_on_sigint(cond_run, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    # Ctrl-C as a terminal delivers it: the server starts with SIGINT's default action even where this process runs
+    # with it ignored (a background job, nohup), which a child would inherit and Python would then leave ignored
     proc = subprocess.Popen([sys.executable, "-m", "ddpmkit", "serve", str(cond_run), "--port", "0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         line = proc.stdout.readline()
         assert line.startswith(f"serving {cond_run} at http://127.0.0.1:") and "Ctrl-C" in line, line
