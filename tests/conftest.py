@@ -102,6 +102,32 @@ def gaussian_eps(sched, mu: float, s: float):
     return net
 
 
+def quiet_main(args) -> str:
+    """``ddpmkit ARGS`` in this process, which must succeed; what it printed."""
+    import contextlib
+    import io
+
+    from ddpmkit.cli import main
+
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        assert main(args) == 0
+    return printed.getvalue()
+
+
+def perturb_run(run: Path, seed: int) -> None:
+    """New weights for a run (model and EMA): its own plus noise of sd 0.05, so that labels and guidance matter in a
+    run trained for only a few steps; saved as its checkpoint of step 100."""
+    import torch
+
+    from ddpmkit.run import Run
+    from ddpmkit.store.checkpoint import save_checkpoint
+
+    torch.manual_seed(seed)
+    state = {k: v + 0.05 * torch.randn_like(v) if v.is_floating_point() else v
+             for k, v in Run.open(run).load_model().state_dict().items()}
+    save_checkpoint(run, 100, model_state=state, ema_state=state, keep=None)
+
+
 def one_error_line(capsys, *words) -> str:
     """The command's stderr: one line, ``ddpmkit: error: ...``, holding each of ``words``."""
     err = capsys.readouterr().err.strip()

@@ -3,8 +3,6 @@
 same x_T, with diffusers' DDIMScheduler and DDPMScheduler, guided or not; and an import of the export is a run with
 the same preconditioning whose ``ddpmkit sample`` writes the same images as the original's."""
 
-import contextlib
-import io
 import json
 import shutil
 from pathlib import Path
@@ -17,11 +15,11 @@ diffusers = pytest.importorskip("diffusers")
 from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from conftest import one_error_line, tiny_flags, tiny_run  # noqa: E402
+from conftest import one_error_line, perturb_run, quiet_main, tiny_flags, tiny_run  # noqa: E402
 from ddpmkit.cli import main  # noqa: E402
 from ddpmkit.run import Run  # noqa: E402
 from ddpmkit.samplers import sample, timesteps  # noqa: E402
-from ddpmkit.store import read_config, save_checkpoint  # noqa: E402
+from ddpmkit.store import read_config  # noqa: E402
 
 S = 10  # DDIM steps: they divide T = 40, where diffusers' leading spacing is ddpmkit's uniform one
 T = 40  # tiny_cfg's
@@ -33,18 +31,6 @@ T = 40  # tiny_cfg's
 TOL = 1e-5
 
 
-def _quiet(args) -> str:
-    with contextlib.redirect_stdout(io.StringIO()) as printed:
-        assert main(args) == 0
-    return printed.getvalue()
-
-
-def _perturb(run: Path, seed: int) -> None:
-    """New EMA weights: the trained ones plus noise, so that labels and guidance matter after two steps."""
-    torch.manual_seed(seed)
-    state = {k: v + 0.05 * torch.randn_like(v) if v.is_floating_point() else v
-             for k, v in Run.open(run).load_model().state_dict().items()}
-    save_checkpoint(run, 100, model_state=state, ema_state=state, keep=None)
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +41,8 @@ def edm(tmp_path_factory):
     printed = {}
     for name, extra in (("cond", {"class_cond": True}), ("uncond", {})):
         run = tiny_run(root, name, precond="edm", steps=2, num_samples=0, **extra)
-        _perturb(run, 4)
-        printed[name] = _quiet(["export-diffusers", str(run), "--out", str(root / f"{name}-out")])
+        perturb_run(run, 4)
+        printed[name] = quiet_main(["export-diffusers", str(run), "--out", str(root / f"{name}-out")])
     return root, printed
 
 
@@ -155,7 +141,7 @@ def test_the_folder_names_the_preconditioning_and_prints_its_call(edm):
 
 
 def _sample_pngs(run: Path, out: Path, *extra) -> np.ndarray:
-    _quiet(["sample", str(run), "--n", "4", "--seed", "3", "--out", str(out), "--quiet", *extra])
+    quiet_main(["sample", str(run), "--n", "4", "--seed", "3", "--out", str(out), "--quiet", *extra])
     return np.stack([np.asarray(Image.open(p)) for p in sorted(out.glob("sample_*.png"))])
 
 
@@ -165,7 +151,7 @@ def _sample_pngs(run: Path, out: Path, *extra) -> np.ndarray:
 def test_an_export_imports_back_and_samples_the_same_images(edm, tmp_path, name, extra):
     root, _ = edm
     run, back = root / name, tmp_path / "back"
-    printed = _quiet(["import-diffusers", str(root / f"{name}-out"), "--out", str(back)])
+    printed = quiet_main(["import-diffusers", str(root / f"{name}-out"), "--out", str(back)])
     assert "EDM's preconditioning (sigma_data 0.5)" in printed
     original, imported = Run.open(run), Run.open(back)
     assert imported.precond_sigma_data == original.precond_sigma_data == 0.5
@@ -173,7 +159,7 @@ def test_an_export_imports_back_and_samples_the_same_images(edm, tmp_path, name,
     assert imported.objective == "x0" and imported.schedule.kind == "linear" and imported.schedule.T == T
     assert imported.class_names == original.class_names and imported.null_class == original.null_class
     if name == "uncond":  # the export's unet/ alone keeps the preconditioning of the pipeline around it
-        _quiet(["import-diffusers", str(root / f"{name}-out" / "unet"), "--out", str(tmp_path / "unet-only")])
+        quiet_main(["import-diffusers", str(root / f"{name}-out" / "unet"), "--out", str(tmp_path / "unet-only")])
         assert Run.open(tmp_path / "unet-only").precond_sigma_data == 0.5
     a = _sample_pngs(run, tmp_path / "a", *extra)
     b = _sample_pngs(back, tmp_path / "b", *extra)
@@ -190,8 +176,8 @@ def test_an_export_imports_back_and_samples_the_same_images(edm, tmp_path, name,
 def test_a_consistency_student_of_an_edm_teacher_is_still_refused(edm, tmp_path, capsys):
     root, _ = edm
     student = tmp_path / "student"
-    _quiet(["distill", str(root / "uncond"), "--out", str(student), "--method", "consistency", "--steps", "1",
-            "--teacher-steps", "2", "--round-steps", "1", "--batch-size", "8", "--quiet"])
+    quiet_main(["distill", str(root / "uncond"), "--out", str(student), "--method", "consistency", "--steps", "1",
+                "--teacher-steps", "2", "--round-steps", "1", "--batch-size", "8", "--quiet"])
     assert Run.open(student).precond_sigma_data == 0.5
     capsys.readouterr()
     assert main(["export-diffusers", str(student), "--out", str(tmp_path / "out")]) == 2
@@ -220,12 +206,12 @@ def test_a_latent_edm_run_exports_imports_and_samples_the_same(tmp_path):
     """An unconditional latent EDM run: LDMPipeline cannot read it, so it gets the folder's own pipeline (with its vae
     and the latent map), which decodes what ddpmkit decodes; its import samples the same images."""
     ae, lat, out = tmp_path / "ae", tmp_path / "lat", tmp_path / "out"
-    _quiet(["autoencoder", "train", "--steps", "2", "--base-channels", "8", "--num-groups", "4",
-            "--latent-channels", "2", "--batch-size", "8", "--num-samples", "0", "--out", str(ae), "--quiet"])
-    _quiet(["train", "--autoencoder", str(ae), *tiny_flags(image_size=32), "--steps", "2", "--sample-every", "100",
-            "--num-samples", "0", "--precond", "edm", "--out", str(lat)])
-    _perturb(lat, 5)
-    printed = _quiet(["export-diffusers", str(lat), "--out", str(out)])
+    quiet_main(["autoencoder", "train", "--steps", "2", "--base-channels", "8", "--num-groups", "4",
+                "--latent-channels", "2", "--batch-size", "8", "--num-samples", "0", "--out", str(ae), "--quiet"])
+    quiet_main(["train", "--autoencoder", str(ae), *tiny_flags(image_size=32), "--steps", "2", "--sample-every", "100",
+                "--num-samples", "0", "--precond", "edm", "--out", str(lat)])
+    perturb_run(lat, 5)
+    printed = quiet_main(["export-diffusers", str(lat), "--out", str(out)])
     assert "not an LDMPipeline" in printed
     index = json.loads((out / "model_index.json").read_text())
     assert index["_class_name"] == ["pipeline", "LatentDDPMPipeline"] and index["precond_sigma_data"] == 0.5
@@ -241,7 +227,7 @@ def test_a_latent_edm_run_exports_imports_and_samples_the_same(tmp_path):
     print(f"latent EDM export, DDIM {S} steps: max abs difference {diff:.2e}")
     # the two autoencoders' decoders differ by up to 5e-6 on the same latents (tests/test_interop_latent.py)
     assert diff < 5e-5 and _not_clamped(a) > 0.5
-    _quiet(["import-diffusers", str(out), "--out", str(tmp_path / "back")])
+    quiet_main(["import-diffusers", str(out), "--out", str(tmp_path / "back")])
     assert Run.open(tmp_path / "back").precond_sigma_data == 0.5 and Run.open(tmp_path / "back").is_latent
     flags = ["--sampler", "ddim", "--steps", str(S)]
     assert np.array_equal(_sample_pngs(lat, tmp_path / "a", *flags), _sample_pngs(tmp_path / "back", tmp_path / "b",

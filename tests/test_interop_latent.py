@@ -3,8 +3,6 @@
 latent run as the folder's own pipeline with a ``vae``; diffusers decodes the same images as ddpmkit from the same
 initial latents, and an import of the folder is a latent run that samples the same images again."""
 
-import contextlib
-import io
 import json
 import shutil
 from pathlib import Path
@@ -18,11 +16,11 @@ from diffusers import DDIMScheduler, DiffusionPipeline, LDMPipeline  # noqa: E40
 from diffusers import AutoencoderKL as DiffusersVAE  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from conftest import tiny_flags  # noqa: E402
+from conftest import perturb_run, quiet_main, tiny_flags  # noqa: E402
 from ddpmkit.cli import main  # noqa: E402
 from ddpmkit.run import Run  # noqa: E402
 from ddpmkit.samplers import sample  # noqa: E402
-from ddpmkit.store import read_config, save_checkpoint, write_config  # noqa: E402
+from ddpmkit.store import read_config, write_config  # noqa: E402
 
 # Measured on these runs: max |diffusers - ddpmkit| = 5e-7 (unconditional) to 4.4e-6 (class-conditional) on the
 # decoded images in [0, 1]. The sampled latents agree to 3e-7 to 9e-7 (float32 rounding: diffusers multiplies its
@@ -33,18 +31,6 @@ TOL = 5e-5
 S = 10  # DDIM steps: they divide T = 40, where diffusers' leading spacing is ddpmkit's uniform one
 
 
-def _quiet(args):
-    with contextlib.redirect_stdout(io.StringIO()) as printed:
-        assert main(args) == 0
-    return printed.getvalue()
-
-
-def _perturb(run: Path, seed: int) -> None:
-    """New EMA weights: the trained ones plus noise, so that labels and guidance matter after two steps."""
-    torch.manual_seed(seed)
-    state = {k: v + 0.05 * torch.randn_like(v) if v.is_floating_point() else v
-             for k, v in Run.open(run).load_model().state_dict().items()}
-    save_checkpoint(run, 100, model_state=state, ema_state=state, keep=None)
 
 
 @pytest.fixture(scope="module")
@@ -53,13 +39,13 @@ def runs(tmp_path_factory):
     T = 40): unconditional, and class-conditional (v objective, weights perturbed)."""
     root = tmp_path_factory.mktemp("latent_interop")
     ae, lat, cond = root / "ae", root / "lat", root / "cond"
-    _quiet(["autoencoder", "train", "--steps", "2", "--base-channels", "8", "--num-groups", "4",
-            "--latent-channels", "2", "--batch-size", "8", "--num-samples", "0", "--out", str(ae), "--quiet"])
+    quiet_main(["autoencoder", "train", "--steps", "2", "--base-channels", "8", "--num-groups", "4",
+                "--latent-channels", "2", "--batch-size", "8", "--num-samples", "0", "--out", str(ae), "--quiet"])
     common = ["train", "--autoencoder", str(ae), *tiny_flags(image_size=32), "--steps", "2", "--sample-every", "100",
               "--num-samples", "0"]
-    _quiet([*common, "--out", str(lat)])
-    _quiet([*common, "--class-cond", "--objective", "v", "--out", str(cond)])
-    _perturb(cond, 4)
+    quiet_main([*common, "--out", str(lat)])
+    quiet_main([*common, "--class-cond", "--objective", "v", "--out", str(cond)])
+    perturb_run(cond, 4)
     return root
 
 
@@ -85,7 +71,7 @@ def _not_clamped(images) -> float:
 
 def test_an_unconditional_latent_run_loads_as_an_ldm_pipeline(runs, tmp_path):
     lat, out = runs / "lat", tmp_path / "out"
-    printed = _quiet(["export-diffusers", str(lat), "--out", str(out)])
+    printed = quiet_main(["export-diffusers", str(lat), "--out", str(out)])
     index = json.loads((out / "model_index.json").read_text())
     assert index == {"_class_name": "LDMPipeline", "scheduler": ["diffusers", "DDIMScheduler"],
                      "unet": ["diffusers", "UNet2DModel"], "vqvae": ["diffusers", "AutoencoderKL"]}
@@ -122,7 +108,7 @@ def test_a_latent_map_ldm_cannot_apply_gets_its_own_pipeline(runs, tmp_path):
     config["latent"].update(scale=[1.1 * s, 0.9 * s], shift=[0.1, -0.2])
     write_config(run, config)
     out = tmp_path / "out"
-    printed = _quiet(["export-diffusers", str(run), "--out", str(out)])
+    printed = quiet_main(["export-diffusers", str(run), "--out", str(out)])
     assert "not an LDMPipeline" in printed and "trust_remote_code=True" in printed
     index = json.loads((out / "model_index.json").read_text())
     assert index["_class_name"] == ["pipeline", "LatentDDPMPipeline"] and index["vae"] == ["diffusers", "AutoencoderKL"]
@@ -145,7 +131,7 @@ def test_a_latent_map_ldm_cannot_apply_gets_its_own_pipeline(runs, tmp_path):
         plain = pipe.vae.decode(z / s).sample
     assert (pipe.decode_latents(z) - plain).abs().max() > 1e-2
     # and it comes back: an import of the folder has the same map
-    _quiet(["import-diffusers", str(out), "--out", str(tmp_path / "back")])
+    quiet_main(["import-diffusers", str(out), "--out", str(tmp_path / "back")])
     back = Run.open(tmp_path / "back").latent_space()
     assert torch.equal(back.scale, space.scale) and torch.equal(back.shift, space.shift)
 
@@ -153,7 +139,7 @@ def test_a_latent_map_ldm_cannot_apply_gets_its_own_pipeline(runs, tmp_path):
 @pytest.mark.parametrize("w", [0.0, 2.0])
 def test_a_class_conditional_latent_run_decodes_in_its_pipeline(runs, tmp_path, w):
     cond, out = runs / "cond", tmp_path / "out"
-    printed = _quiet(["export-diffusers", str(cond), "--out", str(out)])
+    printed = quiet_main(["export-diffusers", str(cond), "--out", str(out)])
     assert "decoded by its vae/" in printed
     index = json.loads((out / "model_index.json").read_text())
     assert index["_class_name"] == ["pipeline", "ClassConditionalDDPMPipeline"] and index["null_class"] == 10
@@ -176,16 +162,16 @@ def test_a_class_conditional_latent_run_decodes_in_its_pipeline(runs, tmp_path, 
 
 
 def _sample_pngs(run: Path, out: Path, *extra) -> np.ndarray:
-    _quiet(["sample", str(run), "--sampler", "ddim", "--steps", str(S), "--n", "4", "--seed", "3", "--out", str(out),
-            "--quiet", *extra])
+    quiet_main(["sample", str(run), "--sampler", "ddim", "--steps", str(S), "--n", "4", "--seed", "3", "--out",
+                str(out), "--quiet", *extra])
     return np.stack([np.asarray(Image.open(p)) for p in sorted(out.glob("sample_*.png"))])
 
 
 @pytest.mark.parametrize("name,extra", [("lat", []), ("cond", ["--class", "5", "--guidance", "1"])])
 def test_an_exported_latent_run_imports_back_and_samples_the_same_images(runs, tmp_path, name, extra):
     run = runs / name
-    _quiet(["export-diffusers", str(run), "--out", str(tmp_path / "out")])
-    printed = _quiet(["import-diffusers", str(tmp_path / "out"), "--out", str(tmp_path / "back")])
+    quiet_main(["export-diffusers", str(run), "--out", str(tmp_path / "out")])
+    printed = quiet_main(["import-diffusers", str(tmp_path / "out"), "--out", str(tmp_path / "back")])
     assert "latent diffusion U-Net on 2x8x8 latents" in printed and "f=4, 1x32x32 images" in printed
     back = Run.open(tmp_path / "back")
     assert back.is_latent and back.pixel_shape == (1, 32, 32) and (back.dir / "autoencoder" / "config.json").is_file()
@@ -217,7 +203,7 @@ def test_bad_latent_cases_give_one_line_and_write_nothing(runs, tmp_path, capsys
     _bad(["export-diffusers", str(run), "--out", str(tmp_path / "x")], capsys, "latent run without its autoencoder")
     assert not (tmp_path / "x").exists()
     # a folder to import: LDM's own checkpoints decode with a VQModel, which ddpmkit does not have
-    _quiet(["export-diffusers", str(runs / "lat"), "--out", str(tmp_path / "ok")])
+    quiet_main(["export-diffusers", str(runs / "lat"), "--out", str(tmp_path / "ok")])
     bad = tmp_path / "vq"
     shutil.copytree(tmp_path / "ok", bad)
     (bad / "vqvae" / "config.json").write_text(json.dumps({"_class_name": "VQModel"}))
