@@ -17,7 +17,8 @@ class_cond=True, time_limit=S, steps=1_000_000)``, torch's own thread count as t
   min(decay, (1+n)/(10+n)) stays on): a short run has few steps to average over;
 - ``b64``: batch 64, twice the steps per second: below the critical batch size an example is worth more, and that
   size grows as the loss falls, so a short run favours small batches (McCandlish et al. 2018);
-- ``edm-b64``, ``edm-b32``: EDM with batch 64 or 32, the two for a one-minute budget.
+- ``edm-b64``, ``edm-b32``: EDM with batch 64 or 32, the two for a one-minute budget; ``edm-b32-nrb1``: batch 32 and
+  one ResNet block a level instead of two (0.7x the time of a step).
 
 In the default ``--mode separate`` every (recipe, S) is its own run with ``time_limit`` S, exactly "train for S
 seconds" as the demo does (its learning rate decays to 0 at S): sum(--seconds) of training per recipe. ``--mode
@@ -109,6 +110,7 @@ RECIPES: dict[str, tuple[dict, str]] = {
     "b64": (dict(batch_size=64), "batch 64: more steps, below the critical batch (McCandlish et al. 2018)"),
     "edm-b64": (dict(precond="edm", batch_size=64), "EDM, batch 64"),
     "edm-b32": (dict(precond="edm", batch_size=32), "EDM, batch 32"),
+    "edm-b32-nrb1": (dict(precond="edm", batch_size=32, num_res_blocks=1), "EDM, batch 32, one ResNet block a level"),
 }
 TWO_SAMPLE = dict(folds=5, l2=1e-3, iters=100)  # the settings of the two-sample test, recorded with each result
 DONE = "bench_done.json"  # in a run dir: the run finished (its steps and time points)

@@ -205,7 +205,10 @@ def test_a_resume_continues_the_same_curves(tmp_path, monkeypatch, capsys):
     assert tb_hparams(acc)["lr"] == pytest.approx(1e-3) and tb_hparams(acc)["steps"] == 6
     sessions = offline_runs(run)
     run_id = (run / "wandb" / "run_id").read_text().strip()
-    assert len(sessions) == 2 and all(s.name.endswith("-" + run_id) for s in sessions)
+    # one W&B run in two sessions, a folder each (named by the second it began and the id; W&B adds "-1" to the second
+    # folder when both began in the same second), sorted by name: the resumed session last
+    ids = [[r["run"]["run_id"] for r in wandb_records(s) if r["type"] == "run"] for s in sessions]
+    assert ids == [[run_id], [run_id]], (ids, run_id, [s.name for s in sessions])
     records = wandb_records(sessions[1])
     [start] = [r["run"] for r in records if r["type"] == "run"]
     assert start["run_id"] == run_id and start["config"]["update"]["lr"] == 5e-4  # W&B's config is the session's
