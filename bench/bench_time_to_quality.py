@@ -18,7 +18,9 @@ class_cond=True, time_limit=S, steps=1_000_000)``, torch's own thread count as t
 - ``b64``: batch 64, twice the steps per second: below the critical batch size an example is worth more, and that
   size grows as the loss falls, so a short run favours small batches (McCandlish et al. 2018);
 - ``edm-b64``, ``edm-b32``: EDM with batch 64 or 32, the two for a one-minute budget; ``edm-b32-nrb1``: batch 32 and
-  one ResNet block a level instead of two (0.7x the time of a step).
+  one ResNet block a level instead of two (0.7x the time of a step on one thread); ``edm-b32-lrhi``, ``-lrlo``,
+  ``-sd75`` (sigma_data 0.75, the digits' own spread), ``-pm`` (P_mean -0.6), ``-sd75-pm`` and ``edm-b16``: the other
+  one-minute candidates.
 
 In the default ``--mode separate`` every (recipe, S) is its own run with ``time_limit`` S, exactly "train for S
 seconds" as the demo does (its learning rate decays to 0 at S): sum(--seconds) of training per recipe. ``--mode
@@ -111,6 +113,13 @@ RECIPES: dict[str, tuple[dict, str]] = {
     "edm-b64": (dict(precond="edm", batch_size=64), "EDM, batch 64"),
     "edm-b32": (dict(precond="edm", batch_size=32), "EDM, batch 32"),
     "edm-b32-nrb1": (dict(precond="edm", batch_size=32, num_res_blocks=1), "EDM, batch 32, one ResNet block a level"),
+    "edm-b32-lrhi": (dict(precond="edm", batch_size=32, lr=4e-3, ema_decay=0.995), "EDM, batch 32, lr 4e-3, EMA 0.995"),
+    "edm-b32-lrlo": (dict(precond="edm", batch_size=32, lr=1e-3), "EDM, batch 32, lr 1e-3"),
+    "edm-b32-sd75": (dict(precond="edm", batch_size=32, edm_sigma_data=0.75), "EDM, batch 32, the digits' sigma_data"),
+    "edm-b32-pm": (dict(precond="edm", batch_size=32, p_mean=-0.6), "EDM, batch 32, P_mean -0.6"),
+    "edm-b32-sd75-pm": (dict(precond="edm", batch_size=32, edm_sigma_data=0.75, p_mean=-0.6),
+                        "EDM, batch 32, sigma_data 0.75, P_mean -0.6"),
+    "edm-b16": (dict(precond="edm", batch_size=16), "EDM, batch 16"),
 }
 TWO_SAMPLE = dict(folds=5, l2=1e-3, iters=100)  # the settings of the two-sample test, recorded with each result
 DONE = "bench_done.json"  # in a run dir: the run finished (its steps and time points)
