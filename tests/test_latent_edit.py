@@ -29,14 +29,19 @@ UNET_FLAGS = ["--image-size", str(SIZE), "--base-channels", "8", "--channel-mult
 INPAINT = ["--steps", "4", "--jump", "2", "--resample", "2"]
 
 
-@pytest.fixture(scope="module")
-def latent_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("latent-edit")
+def train_tiny_latent_run(root):
+    """The tiny latent run in ``root``: the autoencoder in ``root/ae``, the latent U-Net in ``root/lat`` (returned)."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("DDPMKIT_CACHE", str(root / "cache"))  # the encoded data set's cache stays in the test's folder
         assert main(["autoencoder", "train", *AE_FLAGS, "--out", str(root / "ae")]) == 0
         assert main(["train", "--autoencoder", str(root / "ae"), *UNET_FLAGS, "--out", str(root / "lat")]) == 0
-    run = Run.open(root / "lat")
+    return root / "lat"
+
+
+@pytest.fixture(scope="module")
+def latent_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("latent-edit")
+    run = Run.open(train_tiny_latent_run(root))
     assert run.is_latent and run.pixel_shape == (1, SIZE, SIZE) and run.image_shape == (2, SIZE // F, SIZE // F)
     return root / "lat"
 

@@ -248,14 +248,9 @@ def test_a_distilled_run_draws_with_its_own_sampler_and_weight_only(cond_run, tm
 @pytest.fixture(scope="module")
 def latent_run(tmp_path_factory):
     """A tiny latent run: an f = 2 autoencoder of 8x8 digits and a U-Net over its 2x4x4 latents (test_latent_edit's)."""
-    from test_latent_edit import AE_FLAGS, UNET_FLAGS
+    from test_latent_edit import train_tiny_latent_run
 
-    root = tmp_path_factory.mktemp("serve-latent")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("DDPMKIT_CACHE", str(root / "cache"))  # the encoded data set's cache stays in the test's folder
-        assert main(["autoencoder", "train", *AE_FLAGS, "--out", str(root / "ae")]) == 0
-        assert main(["train", "--autoencoder", str(root / "ae"), *UNET_FLAGS, "--out", str(root / "lat")]) == 0
-    return root / "lat"
+    return train_tiny_latent_run(tmp_path_factory.mktemp("serve-latent"))
 
 
 def test_a_latent_run_draws_inpaints_and_edits_in_pixels_as_the_cli(latent_run, tmp_path):
