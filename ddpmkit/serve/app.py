@@ -114,13 +114,18 @@ def _check_fields(body, allowed, required=()) -> dict:
     return body
 
 
-def _int(body: dict, name: str, default=None):
+def _typed(body: dict, name: str, default, fits, kind: str):
+    """Field ``name`` of ``body`` (``default`` when absent or null), refused in one line unless ``fits`` it."""
     v = body.get(name)
     if v is None:
         return default
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise RequestError(f"{name} must be an integer, got {_show(v)}", field=name)
+    if not fits(v):
+        raise RequestError(f"{name} must be {kind}, got {_show(v)}", field=name)
     return v
+
+
+def _int(body: dict, name: str, default=None):
+    return _typed(body, name, default, lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer")
 
 
 def _count(body: dict, name: str, default: int, most: int) -> int:
@@ -132,30 +137,15 @@ def _count(body: dict, name: str, default: int, most: int) -> int:
 
 
 def _number(body: dict, name: str, default=None):
-    v = body.get(name)
-    if v is None:
-        return default
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise RequestError(f"{name} must be a number, got {_show(v)}", field=name)
-    return v
+    return _typed(body, name, default, lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number")
 
 
 def _text(body: dict, name: str, default=None):
-    v = body.get(name)
-    if v is None:
-        return default
-    if not isinstance(v, str):
-        raise RequestError(f"{name} must be a string, got {_show(v)}", field=name)
-    return v
+    return _typed(body, name, default, lambda v: isinstance(v, str), "a string")
 
 
 def _flag(body: dict, name: str, default: bool = False) -> bool:
-    v = body.get(name)
-    if v is None:
-        return default
-    if not isinstance(v, bool):
-        raise RequestError(f"{name} must be true or false, got {_show(v)}", field=name)
-    return v
+    return _typed(body, name, default, lambda v: isinstance(v, bool), "true or false")
 
 
 def _class(body: dict):
