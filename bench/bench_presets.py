@@ -18,25 +18,24 @@ import argparse
 import gc
 import os
 import platform
-import resource
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 
-from ddpmkit.diffusion import NoiseSchedule
-from ddpmkit.diffusion.losses import training_loss
-from ddpmkit.models import UNet
-from ddpmkit.train import config_from_preset
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_unet import peak_rss_mib, timed  # noqa: E402
+
+from ddpmkit.diffusion import NoiseSchedule  # noqa: E402
+from ddpmkit.diffusion.losses import training_loss  # noqa: E402
+from ddpmkit.models import UNet  # noqa: E402
+from ddpmkit.train import config_from_preset  # noqa: E402
 
 # The batch each preset is timed at: as many images as keep a step within seconds on 2 cores.
 BATCHES = {"digits": 32, "cifar10": 4, "folder64": 2, "folder128": 2, "lsun256": 1, "celebahq256": 1}
-
-
-def peak_rss_mib() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return r / 2**20 if sys.platform == "darwin" else r / 1024  # bytes on macOS, KiB on Linux
 
 
 def bench(preset: str, batch: int, warmup: int, repeats: int, seed: int) -> dict:
@@ -57,13 +56,7 @@ def bench(preset: str, batch: int, warmup: int, repeats: int, seed: int) -> dict
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
 
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
+    times = timed(step, warmup, repeats)
     out = dict(preset=preset, size=cfg.image_size, params=model.num_parameters(), batch=batch,
                median_ms=1e3 * statistics.median(times), min_ms=1e3 * min(times), build_s=build_s)
     return out
