@@ -12,6 +12,7 @@ from ddpmkit.errors import ConfigError
 from ddpmkit.run import Run
 from ddpmkit.store.checkpoint import list_checkpoints, load_checkpoint
 from ddpmkit.train import EMA, Trainer, config_from_preset
+from ddpmkit.train.loop import make_adam
 
 TINY = tiny_flags(log_every=2, num_samples=4)
 
@@ -38,6 +39,60 @@ def test_resume_is_bit_exact(tmp_path):
     c.run()
     k0 = next(k for k in a.model_state if k.endswith("conv_in.weight"))
     assert not torch.equal(load_checkpoint(tmp_path / "one").model_state[k0], a.model_state[k0])
+
+
+def _unfused_adam(params, **kw):
+    return torch.optim.Adam(params, fused=None, foreach=False, **kw)
+
+
+def test_the_loops_adam_is_fused_and_makes_torchs_default_update():
+    # make_adam: the fused kernel where this torch has one for the device, the same update as the per-tensor
+    # loop up to float rounding, over many steps with every coefficient in play (betas, weight decay)
+    def mlp():
+        return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.SiLU(), torch.nn.Linear(16, 3))
+
+    torch.manual_seed(0)
+    net, ref, start = mlp(), mlp(), mlp()
+    ref.load_state_dict(net.state_dict())
+    start.load_state_dict(net.state_dict())
+    kw = dict(lr=3e-2, betas=(0.8, 0.95), weight_decay=1e-2)
+    opt, ref_opt = make_adam(net.parameters(), **kw), _unfused_adam(ref.parameters(), **kw)
+    if tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 4):  # fused Adam on the CPU since 2.4
+        assert opt.param_groups[0]["fused"] is True
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(40):
+        x, y = torch.randn(32, 6, generator=gen), torch.randn(32, 3, generator=gen)
+        for m, o in ((net, opt), (ref, ref_opt)):
+            o.zero_grad()
+            ((m(x) - y) ** 2).mean().backward()
+            o.step()
+
+    def gap(a, b):
+        return max((p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters()))
+
+    assert gap(net, ref) < 1e-5
+    assert gap(net, start) > 0.1  # the weights moved, so the comparison is not vacuous
+
+
+def test_a_run_begun_with_the_unfused_adam_resumes_with_it_bit_exactly(tmp_path, monkeypatch):
+    # a run begun before the loop's Adam was fused keeps the implementation its optimizer state records: its resume
+    # equals a straight unfused run bit for bit (the fused kernel rounds differently and would not)
+    from ddpmkit.train import loop
+
+    monkeypatch.setattr(loop, "make_adam", _unfused_adam)
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    Trainer(tiny_cfg(steps=6, num_samples=4, checkpoint_every=3), straight, quiet=True).run()
+    Trainer(tiny_cfg(steps=3, num_samples=4, checkpoint_every=3), split, quiet=True).run()
+    monkeypatch.undo()
+    resumed = Trainer(tiny_cfg(steps=6, num_samples=4, checkpoint_every=3), split, resume=True, quiet=True)
+    assert not resumed.optimizer.param_groups[0]["fused"]
+    resumed.run()
+    a, b = load_checkpoint(straight), load_checkpoint(split)
+    for k in a.model_state:
+        assert torch.equal(a.model_state[k], b.model_state[k]), k
+    fresh = Trainer(tiny_cfg(steps=1), tmp_path / "fresh", quiet=True)
+    assert fresh.optimizer.param_groups[0]["fused"] or \
+        tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 4)
 
 
 def test_run_directory_contents(tmp_path):
