@@ -120,7 +120,26 @@ RECIPES: dict[str, tuple[dict, str]] = {
     "edm-b32-sd75-pm": (dict(precond="edm", batch_size=32, edm_sigma_data=0.75, p_mean=-0.6),
                         "EDM, batch 32, sigma_data 0.75, P_mean -0.6"),
     "edm-b16": (dict(precond="edm", batch_size=16), "EDM, batch 16"),
+    "edm-b32-nrb1-b2": (dict(precond="edm", batch_size=32, num_res_blocks=1, adam_beta2=0.99),
+                        "EDM, batch 32, one ResNet block a level, Adam beta2 0.99"),
+    "edm-b32-nrb1-b2-lr3": (dict(precond="edm", batch_size=32, num_res_blocks=1, adam_beta2=0.99, lr=3e-3),
+                            "EDM, batch 32, one ResNet block a level, Adam beta2 0.99, lr 3e-3"),
+    "edm-b32-nrb1-lr3": (dict(precond="edm", batch_size=32, num_res_blocks=1, lr=3e-3),
+                         "EDM, batch 32, one ResNet block a level, lr 3e-3"),
 }
+
+
+def recipe_overrides(name: str) -> dict:
+    """A recipe's overrides; ``NAME+sK`` is recipe NAME trained from seed K (the spread between training runs)."""
+    base, _, seed = name.partition("+s")
+    return dict(RECIPES[base][0], **({"seed": int(seed)} if seed else {}))
+
+
+def known_recipe(name: str) -> bool:
+    base, sep, seed = name.partition("+s")
+    return base in RECIPES and (not sep or seed.isdigit())
+
+
 TWO_SAMPLE = dict(folds=5, l2=1e-3, iters=100)  # the settings of the two-sample test, recorded with each result
 DONE = "bench_done.json"  # in a run dir: the run finished (its steps and time points)
 
@@ -176,7 +195,7 @@ def train_separate(name: str, seconds: float, work: Path, unit: str = "seconds")
     steps): {"path", "steps", "train_s", ...}."""
     from ddpmkit.train import Trainer
 
-    overrides = RECIPES[name][0]
+    overrides = recipe_overrides(name)
     run_dir = work / f"{name}-{fmt_s(seconds)}{UNITS[unit].strip()}"
     info = finished(run_dir, overrides)
     if info is None:
@@ -200,7 +219,7 @@ def train_one_run(name: str, seconds: list[float], work: Path) -> dict[str, dict
     """One run of max(seconds), its EMA weights saved as each smaller time point passes: {S: point}."""
     from ddpmkit.train import Trainer
 
-    overrides = RECIPES[name][0]
+    overrides = recipe_overrides(name)
     top = max(seconds)
     run_dir = work / f"{name}-one-run-{fmt_s(top)}s"
     info = finished(run_dir, overrides)
@@ -525,7 +544,7 @@ def main(argv=None) -> int:
     if a.judge_run:
         return judge_one(a)
     names = [s.strip() for s in a.recipes.split(",") if s.strip()]
-    bad = [s for s in names if s not in RECIPES]
+    bad = [s for s in names if not known_recipe(s)]
     if bad or not names or not seconds or seconds[0] <= 0:
         ap.error(f"unknown recipe(s) {', '.join(bad)}: choose from {', '.join(RECIPES)}" if bad
                  else "give at least one recipe and positive --seconds")
@@ -560,7 +579,7 @@ def main(argv=None) -> int:
 
     rows = []
     for name in names:
-        overrides = jsonable(RECIPES[name][0])
+        overrides = jsonable(recipe_overrides(name))
         want = {**settings, "overrides": overrides}
         found = {s: cached(results, f"{a.mode}/{name}/{fmt_s(s)}", want) for s in seconds}
         if a.table_only:

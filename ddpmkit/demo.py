@@ -1,6 +1,7 @@
 """``ddpmkit demo``: the whole product on the embedded digits, within a few minutes on a laptop CPU.
 
-Trains the ``digits`` preset class-conditionally, inside EDM's preconditioning, for a fixed wall-clock budget,
+Trains the ``digits`` preset class-conditionally, inside EDM's preconditioning, at batch 32 with one ResNet block a
+level (:data:`DEMO_RECIPE`), for a fixed wall-clock budget,
 measuring the quality of its samples as it goes (``--eval-every``: the Frechet distance by the digits classifier,
 plotted beside the loss), samples every digit with the fast default sampler (DPM-Solver++(2M) SDE, 20 steps) and
 with DDIM (50 steps) under classifier-free guidance, one grid row per digit, checks the samples for copies of
@@ -19,19 +20,24 @@ import torch
 
 from .errors import DataError
 
-# The demo's recipe: the digits preset with EDM's preconditioning, loss and noise levels (--precond edm), trained for
-# 120 s. Its samples, drawn as `ddpmkit sample RUN --class all` draws them, are as hard to tell from real digits as
-# those of the eps recipe after 210 s (the demo before), by a CNN two-sample test on the pixels and by the digits
-# classifier's Frechet distance; the eps recipe does not get there in 120 s, nor any recipe in 60 s
-# (bench/bench_time_to_quality.py, docs/demo.md#time-to-quality). With sampling, about 2.5 minutes on 2 cores.
-DEMO_RECIPE = dict(precond="edm")
-DEFAULT_TRAIN_SECONDS = 120.0
-DEMO_EVAL_EVERY = 200  # steps between quality measurements (about 3% of the training time, docs/demo.md)
+# The demo's recipe: the digits preset with EDM's preconditioning, loss and noise levels (--precond edm), at batch 32
+# with one ResNet block a level (0.65x the time of a step of the preset's two), Adam's learning rate 3e-3 and beta2
+# 0.99, trained for 90 s (about 1,800 steps on 2 cores). Its samples, drawn as `ddpmkit sample RUN --class all` draws
+# them, are as hard to tell from real digits as those of the eps recipe after 210 s (the demo until EDM), in each of
+# three training seeds, by a CNN two-sample test on the pixels and by the digits classifier's Frechet distance; in
+# 60 s (about 1,300 steps) one seed of three gets there (bench/bench_time_to_quality.py,
+# docs/demo.md#time-to-quality). With sampling, about 2 minutes on 2 cores.
+DEMO_RECIPE = dict(precond="edm", batch_size=32, num_res_blocks=1, lr=3e-3, adam_beta2=0.99)
+DEFAULT_TRAIN_SECONDS = 90.0
+# steps between quality measurements: 4 or 5 in the 90 s, about 6% of the training time (docs/demo.md); inside the
+# time limit, as any run's --eval-every
+DEMO_EVAL_EVERY = 400
 DEMO_MEMORIZATION_N = 200  # samples of the memorisation check
 # `demo --latent` keeps the recipe it was measured with (bench/bench_latent.py): eps prediction, 210 s in all (the
 # autoencoder's LATENT_AE_SECONDS included), its samples at w = 0.1. The pixel demo draws at `sample`'s default weight.
 LATENT_TRAIN_SECONDS = 210.0
 LATENT_DEMO_GUIDANCE = 0.1
+LATENT_EVAL_EVERY = 200  # the latent demo's quality measurements, as it was measured
 # `demo --latent`: the digits at 32x32 through an f = 4 autoencoder (latents of 4x8x8, the side of the pixel demo's
 # digits), which trains for the first LATENT_AE_SECONDS of the budget (bench/bench_latent.py, docs/latent.md)
 LATENT_IMAGE_SIZE = 32
@@ -124,11 +130,11 @@ def run_demo(out=None, train_seconds: float | None = None, quiet: bool = False, 
         seconds -= ae_seconds
         extra = dict(autoencoder=str(ae_dir), image_size=LATENT_IMAGE_SIZE)
     cfg = config_from_preset("digits", time_limit=seconds, steps=1_000_000, sample_every=1_000_000, class_cond=True,
-                             eval_every=DEMO_EVAL_EVERY, **extra)
+                             eval_every=LATENT_EVAL_EVERY if latent else DEMO_EVAL_EVERY, **extra)
     trainer = Trainer(cfg, out, quiet=quiet)
-    log(f"demo: training the digits preset ({trainer.model.num_parameters():,} parameters"
-        f"{', on latents' if latent else ', with EDM preconditioning'}) for {seconds:.0f} s on {trainer.device} "
-        f"into {out}")
+    what = ", on latents" if latent else f", EDM preconditioning, batch {cfg.batch_size}"
+    log(f"demo: training the digits preset ({trainer.model.num_parameters():,} parameters{what}) for {seconds:.0f} s "
+        f"on {trainer.device} into {out}")
     res = trainer.run()
     quality = res.get("quality")
     log(f"demo: trained {res['step']} steps, final loss {res['loss']:.4f}"
