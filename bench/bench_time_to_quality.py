@@ -18,9 +18,14 @@ class_cond=True, time_limit=S, steps=1_000_000)``, torch's own thread count as t
 - ``b64``: batch 64, twice the steps per second: below the critical batch size an example is worth more, and that
   size grows as the loss falls, so a short run favours small batches (McCandlish et al. 2018);
 - ``edm-b64``, ``edm-b32``: EDM with batch 64 or 32, the two for a one-minute budget; ``edm-b32-nrb1``: batch 32 and
-  one ResNet block a level instead of two (0.7x the time of a step on one thread); ``edm-b32-lrhi``, ``-lrlo``,
-  ``-sd75`` (sigma_data 0.75, the digits' own spread), ``-pm`` (P_mean -0.6), ``-sd75-pm`` and ``edm-b16``: the other
-  one-minute candidates.
+  one ResNet block a level instead of two (0.7x the time of a step on 2 threads, bench/bench_train_speed.py);
+  ``edm-b32-lrhi``, ``-lrlo``, ``-sd75`` (sigma_data 0.75, the digits' own spread), ``-pm`` (P_mean -0.6),
+  ``-sd75-pm`` and ``edm-b16``: the other one-minute candidates of two ResNet blocks;
+- ``edm-b32-nrb1-b2`` (Adam beta2 0.99), ``-lr3`` (lr 3e-3), ``-b2-lr3`` (both: the demo's recipe,
+  ``ddpmkit.demo.DEMO_RECIPE``) and ``-b2-lr4`` (lr 4e-3): the one-block network's optimizer.
+
+``NAME+sK`` is recipe NAME trained from seed K instead of 0 (``--recipes edm-b32-nrb1-b2-lr3+s1``): the spread
+between training runs, which at batch 32 and a minute is as large as the judges' standard errors.
 
 In the default ``--mode separate`` every (recipe, S) is its own run with ``time_limit`` S, exactly "train for S
 seconds" as the demo does (its learning rate decays to 0 at S): sum(--seconds) of training per recipe. ``--mode
@@ -124,6 +129,8 @@ RECIPES: dict[str, tuple[dict, str]] = {
                         "EDM, batch 32, one ResNet block a level, Adam beta2 0.99"),
     "edm-b32-nrb1-b2-lr3": (dict(precond="edm", batch_size=32, num_res_blocks=1, adam_beta2=0.99, lr=3e-3),
                             "EDM, batch 32, one ResNet block a level, Adam beta2 0.99, lr 3e-3"),
+    "edm-b32-nrb1-b2-lr4": (dict(precond="edm", batch_size=32, num_res_blocks=1, adam_beta2=0.99, lr=4e-3),
+                            "EDM, batch 32, one ResNet block a level, Adam beta2 0.99, lr 4e-3"),
     "edm-b32-nrb1-lr3": (dict(precond="edm", batch_size=32, num_res_blocks=1, lr=3e-3),
                          "EDM, batch 32, one ResNet block a level, lr 3e-3"),
 }
