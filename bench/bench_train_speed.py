@@ -118,7 +118,7 @@ def timed(names: list[str], rounds: int, seconds: float) -> None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--steps", type=int, default=25, help="timed steps of a variant per round (default 25)")
@@ -131,6 +131,8 @@ def main(argv=None) -> int:
     bad = [s for s in names if s not in VARIANTS]
     if bad or not names:
         ap.error(f"unknown variant(s) {', '.join(bad)}: choose from {', '.join(VARIANTS)}")
+    if a.rounds < 1 or a.steps < 1 or a.warmup < 0 or (a.timed is not None and a.timed <= 0):
+        ap.error("--rounds and --steps take a positive number, --warmup one >= 0, --timed positive seconds")
     if a.threads:
         torch.set_num_threads(a.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; load average {load()}", flush=True)
