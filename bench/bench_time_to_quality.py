@@ -22,7 +22,8 @@ class_cond=True, time_limit=S, steps=1_000_000)``, torch's own thread count as t
   ``edm-b32-lrhi``, ``-lrlo``, ``-sd75`` (sigma_data 0.75, the digits' own spread), ``-pm`` (P_mean -0.6),
   ``-sd75-pm`` and ``edm-b16``: the other one-minute candidates of two ResNet blocks;
 - ``edm-b32-nrb1-b2`` (Adam beta2 0.99), ``-lr3`` (lr 3e-3), ``-b2-lr3`` (both: the demo's recipe,
-  ``ddpmkit.demo.DEMO_RECIPE``) and ``-b2-lr4`` (lr 4e-3): the one-block network's optimizer.
+  ``ddpmkit.demo.DEMO_RECIPE``) and ``-b2-lr4`` (lr 4e-3): the one-block network's optimizer; ``-b2-lr3-pm16``:
+  the demo's recipe with P_mean -1.6.
 
 ``NAME+sK`` is recipe NAME trained from seed K instead of 0 (``--recipes edm-b32-nrb1-b2-lr3+s1``): the spread
 between training runs, which at batch 32 and a minute is as large as the judges' standard errors.
@@ -131,6 +132,8 @@ RECIPES: dict[str, tuple[dict, str]] = {
                             "EDM, batch 32, one ResNet block a level, Adam beta2 0.99, lr 3e-3"),
     "edm-b32-nrb1-b2-lr4": (dict(precond="edm", batch_size=32, num_res_blocks=1, adam_beta2=0.99, lr=4e-3),
                             "EDM, batch 32, one ResNet block a level, Adam beta2 0.99, lr 4e-3"),
+    "edm-b32-nrb1-b2-lr3-pm16": (dict(precond="edm", batch_size=32, num_res_blocks=1, adam_beta2=0.99, lr=3e-3,
+                                      p_mean=-1.6), "the demo's recipe with P_mean -1.6"),
     "edm-b32-nrb1-lr3": (dict(precond="edm", batch_size=32, num_res_blocks=1, lr=3e-3),
                          "EDM, batch 32, one ResNet block a level, lr 3e-3"),
 }
