@@ -21,11 +21,11 @@ import torch
 from .errors import DataError
 
 # The demo's recipe: the digits preset with EDM's preconditioning, loss and noise levels (--precond edm), at batch 32
-# with one ResNet block a level (0.65x the time of a step of the preset's two), Adam's learning rate 3e-3 and beta2
+# with one ResNet block a level (0.71x the time of a step of the preset's two), Adam's learning rate 3e-3 and beta2
 # 0.99, trained for 90 s (about 1,800 steps on 2 cores). Its samples, drawn as `ddpmkit sample RUN --class all` draws
 # them, are as hard to tell from real digits as those of the eps recipe after 210 s (the demo until EDM), in each of
 # three training seeds, by a CNN two-sample test on the pixels and by the digits classifier's Frechet distance; in
-# 60 s (about 1,300 steps) one seed of three gets there (bench/bench_time_to_quality.py,
+# 60 s (about 1,300 steps) two seeds of three get there (bench/bench_time_to_quality.py,
 # docs/demo.md#time-to-quality). With sampling, about 2 minutes on 2 cores.
 DEMO_RECIPE = dict(precond="edm", batch_size=32, num_res_blocks=1, lr=3e-3, adam_beta2=0.99)
 DEFAULT_TRAIN_SECONDS = 90.0
