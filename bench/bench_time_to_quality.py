@@ -109,6 +109,7 @@ from ddpmkit.diffusion.denoiser import DEFAULT_GUIDANCE  # noqa: E402
 from ddpmkit.images import to_uint8  # noqa: E402
 from ddpmkit.metrics.quality import QualityProbe, classifier_view, draw_samples, frechet_stderr  # noqa: E402
 
+_ONE_BLOCK = dict(precond="edm", batch_size=32, num_res_blocks=1)  # the one-block recipes' common part
 # name -> (TrainConfig overrides on top of the demo's, why); the module docstring says more
 RECIPES: dict[str, tuple[dict, str]] = {
     "eps": ({}, "the demo today"),
@@ -118,7 +119,7 @@ RECIPES: dict[str, tuple[dict, str]] = {
     "b64": (dict(batch_size=64), "batch 64: more steps, below the critical batch (McCandlish et al. 2018)"),
     "edm-b64": (dict(precond="edm", batch_size=64), "EDM, batch 64"),
     "edm-b32": (dict(precond="edm", batch_size=32), "EDM, batch 32"),
-    "edm-b32-nrb1": (dict(precond="edm", batch_size=32, num_res_blocks=1), "EDM, batch 32, one ResNet block a level"),
+    "edm-b32-nrb1": (dict(_ONE_BLOCK), "EDM, batch 32, one ResNet block a level"),
     "edm-b32-lrhi": (dict(precond="edm", batch_size=32, lr=4e-3, ema_decay=0.995), "EDM, batch 32, lr 4e-3, EMA 0.995"),
     "edm-b32-lrlo": (dict(precond="edm", batch_size=32, lr=1e-3), "EDM, batch 32, lr 1e-3"),
     "edm-b32-sd75": (dict(precond="edm", batch_size=32, edm_sigma_data=0.75), "EDM, batch 32, the digits' sigma_data"),
@@ -126,28 +127,37 @@ RECIPES: dict[str, tuple[dict, str]] = {
     "edm-b32-sd75-pm": (dict(precond="edm", batch_size=32, edm_sigma_data=0.75, p_mean=-0.6),
                         "EDM, batch 32, sigma_data 0.75, P_mean -0.6"),
     "edm-b16": (dict(precond="edm", batch_size=16), "EDM, batch 16"),
-    "edm-b32-nrb1-b2": (dict(precond="edm", batch_size=32, num_res_blocks=1, adam_beta2=0.99),
-                        "EDM, batch 32, one ResNet block a level, Adam beta2 0.99"),
-    "edm-b32-nrb1-b2-lr3": (dict(precond="edm", batch_size=32, num_res_blocks=1, adam_beta2=0.99, lr=3e-3),
+    "edm-b32-nrb1-b2": (dict(_ONE_BLOCK, adam_beta2=0.99), "EDM, batch 32, one ResNet block a level, Adam beta2 0.99"),
+    "edm-b32-nrb1-b2-lr3": (dict(_ONE_BLOCK, adam_beta2=0.99, lr=3e-3),
                             "EDM, batch 32, one ResNet block a level, Adam beta2 0.99, lr 3e-3"),
-    "edm-b32-nrb1-b2-lr4": (dict(precond="edm", batch_size=32, num_res_blocks=1, adam_beta2=0.99, lr=4e-3),
+    "edm-b32-nrb1-b2-lr4": (dict(_ONE_BLOCK, adam_beta2=0.99, lr=4e-3),
                             "EDM, batch 32, one ResNet block a level, Adam beta2 0.99, lr 4e-3"),
-    "edm-b32-nrb1-b2-lr3-pm16": (dict(precond="edm", batch_size=32, num_res_blocks=1, adam_beta2=0.99, lr=3e-3,
-                                      p_mean=-1.6), "the demo's recipe with P_mean -1.6"),
-    "edm-b32-nrb1-lr3": (dict(precond="edm", batch_size=32, num_res_blocks=1, lr=3e-3),
-                         "EDM, batch 32, one ResNet block a level, lr 3e-3"),
+    "edm-b32-nrb1-b2-lr3-pm16": (dict(_ONE_BLOCK, adam_beta2=0.99, lr=3e-3, p_mean=-1.6),
+                                 "the demo's recipe with P_mean -1.6"),
+    "edm-b32-nrb1-lr3": (dict(_ONE_BLOCK, lr=3e-3), "EDM, batch 32, one ResNet block a level, lr 3e-3"),
 }
 
 
+def parse_recipe(name: str) -> tuple[str, int | None]:
+    """``NAME`` or ``NAME+sK`` (recipe NAME trained from seed K: the spread between training runs) -> (NAME, K or
+    None); ValueError when K is not a number."""
+    base, sep, seed = name.partition("+s")
+    if sep and not seed.isdigit():
+        raise ValueError(name)
+    return base, int(seed) if sep else None
+
+
 def recipe_overrides(name: str) -> dict:
-    """A recipe's overrides; ``NAME+sK`` is recipe NAME trained from seed K (the spread between training runs)."""
-    base, _, seed = name.partition("+s")
-    return dict(RECIPES[base][0], **({"seed": int(seed)} if seed else {}))
+    """A recipe's overrides, its training seed included when the name gives one."""
+    base, seed = parse_recipe(name)
+    return dict(RECIPES[base][0], **({} if seed is None else {"seed": seed}))
 
 
 def known_recipe(name: str) -> bool:
-    base, sep, seed = name.partition("+s")
-    return base in RECIPES and (not sep or seed.isdigit())
+    try:
+        return parse_recipe(name)[0] in RECIPES
+    except ValueError:
+        return False
 
 
 TWO_SAMPLE = dict(folds=5, l2=1e-3, iters=100)  # the settings of the two-sample test, recorded with each result
