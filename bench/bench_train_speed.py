@@ -8,10 +8,11 @@
 Each variant is a TrainConfig on top of the demo's (``config_from_preset("digits", class_cond=True, ...)``, as
 ``ddpmkit demo`` builds it):
 
-- ``demo``: the demo's recipe (``ddpmkit.demo.DEMO_RECIPE``): EDM, batch 32, one ResNet block a level;
+- ``demo``: the demo's recipe (``ddpmkit.demo.DEMO_RECIPE``): EDM, batch 48, one ResNet block a level;
 - ``demo-unfused``: the same with torch's per-tensor Adam instead of the loop's fused one (``make_adam``);
+- ``demo-b32``: the same at batch 32 (the 90-second demo's recipe);
 - ``digits-b32``: EDM at batch 32 with the digits preset's two ResNet blocks a level;
-- ``demo-before``: the demo before (EDM, batch 128, two blocks), with the fused Adam.
+- ``demo-before``: the 120-second demo (EDM, batch 128, two blocks), with the fused Adam.
 
 Default mode: every variant is built first (its data, network and optimizer) and warmed up by ``--warmup`` steps;
 then ``--rounds`` rounds run ``--steps`` optimizer steps of each variant in turn, so that a change in the machine's
@@ -49,7 +50,8 @@ from ddpmkit.train import loop as train_loop  # noqa: E402
 VARIANTS: dict[str, dict] = {
     "demo": dict(DEMO_RECIPE),
     "demo-unfused": dict(DEMO_RECIPE, _unfused=True),
-    "digits-b32": dict(DEMO_RECIPE, num_res_blocks=2),
+    "demo-b32": dict(DEMO_RECIPE, batch_size=32),
+    "digits-b32": dict(DEMO_RECIPE, batch_size=32, num_res_blocks=2),
     "demo-before": dict(DEMO_RECIPE, num_res_blocks=2, batch_size=128),
 }
 

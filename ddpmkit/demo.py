@@ -1,6 +1,6 @@
 """``ddpmkit demo``: the whole product on the embedded digits, within a few minutes on a laptop CPU.
 
-Trains the ``digits`` preset class-conditionally, inside EDM's preconditioning, at batch 32 with one ResNet block a
+Trains the ``digits`` preset class-conditionally, inside EDM's preconditioning, at batch 48 with one ResNet block a
 level (:data:`DEMO_RECIPE`), for a fixed wall-clock budget,
 measuring the quality of its samples as it goes (``--eval-every``: the Frechet distance by the digits classifier,
 plotted beside the loss), samples every digit with the fast default sampler (DPM-Solver++(2M) SDE, 20 steps) and
@@ -20,16 +20,16 @@ import torch
 
 from .errors import DataError
 
-# The demo's recipe: the digits preset with EDM's preconditioning, loss and noise levels (--precond edm), at batch 32
-# with one ResNet block a level (0.71x the time of a step of the preset's two), Adam's learning rate 3e-3 and beta2
-# 0.99, trained for 90 s (about 1,800 steps on 2 cores). Its samples, drawn as `ddpmkit sample RUN --class all` draws
-# them, are as hard to tell from real digits as those of the eps recipe after 210 s (the demo until EDM), in each of
-# three training seeds, by a CNN two-sample test on the pixels and by the digits classifier's Frechet distance; in
-# 60 s (about 1,300 steps) two seeds of three get there (bench/bench_time_to_quality.py,
-# docs/demo.md#time-to-quality). With sampling, about 2 minutes on 2 cores.
-DEMO_RECIPE = dict(precond="edm", batch_size=32, num_res_blocks=1, lr=3e-3, adam_beta2=0.99)
-DEFAULT_TRAIN_SECONDS = 90.0
-# steps between quality measurements: 4 or 5 in the 90 s, about 6% of the training time (docs/demo.md); inside the
+# The demo's recipe: the digits preset with EDM's preconditioning, loss and noise levels (--precond edm), at batch 48
+# with one ResNet block a level (0.71x the time of a step of the preset's two), Adam's learning rate 4e-3 and beta2
+# 0.99, trained for 60 s (about 1,150 steps on 2 cores). A step at batch 48 costs 1.15x to 1.27x one at 32, for 1.5x
+# the images. Its samples, drawn as `ddpmkit sample RUN --class all` draws them, are as hard to tell from real digits
+# as those of the eps recipe after 210 s (the demo until EDM): in each of five training seeds by a CNN two-sample
+# test on the pixels and a two-sample test on the digits classifier's features, in four of five by its Frechet
+# distance (bench/bench_time_to_quality.py, docs/demo.md#time-to-quality). With sampling, about 75 s on 2 cores.
+DEMO_RECIPE = dict(precond="edm", batch_size=48, num_res_blocks=1, lr=4e-3, adam_beta2=0.99)
+DEFAULT_TRAIN_SECONDS = 60.0
+# steps between quality measurements: 2 in the 60 s, about 5% of the training time (docs/demo.md); inside the
 # time limit, as any run's --eval-every
 DEMO_EVAL_EVERY = 400
 DEMO_MEMORIZATION_N = 200  # samples of the memorisation check
