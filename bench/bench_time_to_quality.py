@@ -37,15 +37,16 @@ one-run`` trains once for the largest S and judges the EMA weights saved as each
 recipe), but at those points the learning rate has not decayed yet, so they read worse than a run of that length.
 Training measures nothing on the way (no ``--eval-every``, no sample grids): S is all training. Each run lives in
 ``--workdir/RECIPE-Ss`` (one-run: ``RECIPE-one-run-Ss``) and is reused when finished; results are cached per
-(mode, recipe, S) in ``--out/results.json`` (with n, seed, sampler, guidance and the recipe), so a rerun adds only
+(mode, recipe, S, and the weight when it is not the default) in ``--out/results.json`` (with n, seed, sampler,
+guidance and the recipe), so a rerun adds only
 what is missing, and a run dir may be deleted once its result is in. ``--mode steps`` trains runs of N optimizer
 steps instead (``--steps``, the learning rate decayed to 0 at N), in ``--workdir/RECIPE-Nsteps``: the same runs
 whatever else the machine is doing, for when it is not quiet; a quiet machine's table gives the steps a recipe takes
 in S seconds (its ms/step), which turns a step count back into time.
 
 The judge draws ``--n`` samples from each run's EMA weights as ``ddpmkit sample RUN --class all`` does with its
-defaults (dpmpp-2m-sde at its default 20 steps, guidance weight ``DEFAULT_GUIDANCE`` = 0.2; sample i of digit
-i mod 10 from the noise stream (``--seed``, i)) and gives:
+defaults (dpmpp-2m-sde at its default 20 steps, guidance weight ``DEFAULT_GUIDANCE`` = 0.2, or ``--guidance W``;
+sample i of digit i mod 10 from the noise stream (``--seed``, i)) and gives:
 
 - FD: the digits classifier's Frechet distance to its training split (1,438 real digits), with its jackknife
   standard error (``QualityProbe.score``). Floor: the 359 held-out real digits (biased up by about 1/n, and n is
@@ -68,6 +69,8 @@ i mod 10 from the noise stream (``--seed``, i)) and gives:
   (FD 26), 0.8 contrast 0.77 (FD 53), Gaussian noise images 0.99. Being linear it reads the features' means in every
   direction more than their spread; it cannot see copies of training digits (memorisation), which read as real. It
   wants n well above the 64 features: at n = 40 even noise images score only 0.96.
+- Agreement: how often the digits classifier calls a sample the digit it was drawn as (recorded, not a judge of
+  realism: guidance raises it while the samples drift from the real digits, docs/guidance.md).
 - The pixels' two-sample accuracy (``pixel_two_sample_accuracy``, bench/pixel_two_sample.py): a small CNN trained
   in the same 5-fold cross-validation to tell the n samples, as uint8 images at the run's size (8x8), from the same n
   real digits at that size as the run trained on them. It sees what the classifier's features ignore (the grain of a
@@ -285,8 +288,8 @@ def train_one_run(name: str, seconds: list[float], work: Path) -> dict[str, dict
 class Judge:
     """The FD and the two-sample accuracy of ``n`` samples of a run, against fixed real digits."""
 
-    def __init__(self, n: int, seed: int):
-        self.n, self.seed = n, seed
+    def __init__(self, n: int, seed: int, guidance: float = DEFAULT_GUIDANCE):
+        self.n, self.seed, self.guidance = n, seed, guidance
         self.probe = QualityProbe.digits()
         clf = self.clf = self.probe.classifier
         self.labels = clf.labels.numpy()
@@ -306,7 +309,7 @@ class Judge:
 
     def settings(self) -> dict:
         return {"n": self.n, "seed": self.seed, "sampler": SAMPLE_DEFAULT_SAMPLER,
-                "sampler_steps": sampler_steps(), "guidance": DEFAULT_GUIDANCE, "two_sample": TWO_SAMPLE,
+                "sampler_steps": sampler_steps(), "guidance": self.guidance, "two_sample": TWO_SAMPLE,
                 "pixel_test": PIXEL_TEST}
 
     def floors(self, repeats: int, pixel_repeats: int = 0, side: int = 8) -> dict:
@@ -341,16 +344,20 @@ class Judge:
 
         t0 = time.perf_counter()
         run = Run.open(path)
-        x, _ = draw_samples(run.denoiser(), self.n, run.image_shape, sampler=SAMPLE_DEFAULT_SAMPLER, steps=None,
-                            seed=self.seed, num_classes=len(run.class_names), guidance=DEFAULT_GUIDANCE,
-                            null_class=run.null_class)
+        x, labels = draw_samples(run.denoiser(), self.n, run.image_shape, sampler=SAMPLE_DEFAULT_SAMPLER,
+                                 steps=None, seed=self.seed, num_classes=len(run.class_names), guidance=self.guidance,
+                                 null_class=run.null_class)
         sample_s = time.perf_counter() - t0
         q = self.probe.score(x)
-        feats = self.clf.features(classifier_view(x, 16))
+        view = classifier_view(x, 16)
+        feats = self.clf.features(view)
+        # agreement: how often the digits classifier calls a sample the digit it was drawn as
+        agree = float((self.clf.predict(view) == labels.numpy()).mean()) if labels is not None else None
         ts = two_sample_accuracy(feats, self.real_feats[self.real_a], seed=self.seed, **TWO_SAMPLE)
         real = self.real_pixels(run.image_shape[-1])[self.real_a]
         ps = pixel_two_sample_accuracy(to_uint8(x.cpu()), real, seed=self.seed, **PIXEL_TEST)
-        return {"fd": q["fd"], "fd_stderr": q["fd_stderr"], "confidence": q["confidence"], "acc": ts["accuracy"],
+        return {"fd": q["fd"], "fd_stderr": q["fd_stderr"], "confidence": q["confidence"], "agree": agree,
+                "acc": ts["accuracy"],
                 "acc_stderr": ts["stderr"], "px": ps["accuracy"], "px_stderr": ps["stderr"], "sample_s": sample_s,
                 "judge_s": time.perf_counter() - t0}
 
@@ -420,27 +427,35 @@ def judge_one(a) -> int:
     run_dir = Path(a.judge_run)
     run = Run.open(run_dir)
     t0 = time.perf_counter()
-    row = {"recipe": str(run_dir), **Judge(a.n, a.seed)(str(run_dir))}
+    row = {"recipe": str(run_dir), **Judge(a.n, a.seed, a.guidance)(str(run_dir))}
     steps = max((int(m.group(1)) for p in (run_dir / "checkpoints").glob("step_*")
                  if (m := re.fullmatch(r"step_(\d+)", p.name))), default=0)
     print(f"{run_dir} ({steps:,} steps, precond {run.precond_sigma_data is not None and 'edm' or 'none'}): FD "
           f"{row['fd']:.2f} +- {row['fd_stderr']:.2f}, features' two-sample accuracy {row['acc']:.3f} +- "
-          f"{row['acc_stderr']:.3f}, pixels' {row['px']:.3f} +- {row['px_stderr']:.3f} "
-          f"({time.perf_counter() - t0:.0f} s; {a.n} samples, {SAMPLE_DEFAULT_SAMPLER} {sampler_steps()} steps, "
-          f"guidance {DEFAULT_GUIDANCE:g}, seed {a.seed})")
+          f"{row['acc_stderr']:.3f}, pixels' {row['px']:.3f} +- {row['px_stderr']:.3f}"
+          + (f", agreement {row['agree']:.3f}" if row.get("agree") is not None else "")
+          + f" ({time.perf_counter() - t0:.0f} s; {a.n} samples, {SAMPLE_DEFAULT_SAMPLER} {sampler_steps()} steps, "
+          f"guidance {a.guidance:g}, seed {a.seed})")
     res_path = Path(a.out) / "results.json"
     results = json.loads(res_path.read_text()).get("results", {}) if res_path.is_file() else {}
     if a.reference:
         name, _, at = a.reference.partition("@")
         ref = next((r for k, r in results.items() if r["recipe"] == name and fmt_s(r["seconds"]) == at
-                    and r.get("n") == a.n and r.get("seed") == a.seed), None)
+                    and r.get("n") == a.n and r.get("seed") == a.seed and r.get("guidance") == a.guidance), None)
         if ref is None:
-            print(f"(no cached {a.reference} result of n = {a.n}, seed {a.seed} in {res_path})")
+            print(f"(no cached {a.reference} result of n = {a.n}, seed {a.seed}, guidance {a.guidance:g} in "
+                  f"{res_path})")
         else:
             print(f"the reference {a.reference} ({ref['steps']:,} steps): FD {ref['fd']:.2f} +- "
                   f"{ref['fd_stderr']:.2f}, features' {ref['acc']:.3f} +- {ref['acc_stderr']:.3f}, pixels' "
                   f"{ref['px']:.3f} +- {ref['px_stderr']:.3f}: {'reached' if reaches(row, ref) else 'not reached'}")
     return 0
+
+
+def result_key(mode: str, name: str, point: float, guidance: float = DEFAULT_GUIDANCE) -> str:
+    """Where results.json keeps a result: MODE/RECIPE/POINT, and /wW when judged at another weight than the default,
+    so that one run judged at several weights keeps each."""
+    return f"{mode}/{name}/{fmt_s(point)}" + ("" if guidance == DEFAULT_GUIDANCE else f"/w{guidance:g}")
 
 
 def cached(results: dict, key: str, want: dict) -> dict | None:
@@ -465,23 +480,24 @@ def _floor_text(rr: dict) -> str:
 
 def table(rows: list[dict], floors: dict) -> str:
     lines = ["| recipe | seconds | steps | ms/step | FD +- se | features' two-sample accuracy +- se | "
-             "pixels' two-sample accuracy +- se |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "pixels' two-sample accuracy +- se | agreement |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         secs = fmt_s(r["seconds"]) if r.get("unit", "seconds") == "seconds" else f"({r['train_s']:.0f})"
         px = f"{r['px']:.3f} +- {r['px_stderr']:.3f}" if "px" in r else ""
+        agree = f"{r['agree']:.3f}" if r.get("agree") is not None else ""  # not in results judged before it was
         lines.append(f"| {r['recipe']} | {secs} | {r['steps']:,} | "
                      f"{1000 * r['train_s'] / max(r['steps'], 1):.0f} | {r['fd']:.2f} +- {r['fd_stderr']:.2f} | "
-                     f"{r['acc']:.3f} +- {r['acc_stderr']:.3f} | {px} |")
+                     f"{r['acc']:.3f} +- {r['acc_stderr']:.3f} | {px} | {agree} |")
     h, rr = floors["real_heldout"], floors["real_vs_real"]
-    lines.append(f"| real held-out digits (n = {h['n']}) | | | | {h['fd']:.2f} +- {h['fd_stderr']:.2f} | | |")
+    lines.append(f"| real held-out digits (n = {h['n']}) | | | | {h['fd']:.2f} +- {h['fd_stderr']:.2f} | | | |")
     pr = floors.get("pixels_real_vs_real")
     lines.append(f"| real vs real digits (n = {rr['n']}) | | | | | {_floor_text(rr)} | "
-                 f"{_floor_text(pr) if pr else ''} |")
+                 f"{_floor_text(pr) if pr else ''} | |")
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], floors: dict, path: Path, mode: str) -> None:
+def plot(rows: list[dict], floors: dict, path: Path, mode: str, guidance: float = DEFAULT_GUIDANCE) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -516,7 +532,7 @@ def plot(rows: list[dict], floors: dict, path: Path, mode: str) -> None:
         ax.legend(fontsize=8)
     n = rows[0]["n"] if rows else 0
     fig.suptitle(f"time to quality, {mode} runs; {n} samples, {SAMPLE_DEFAULT_SAMPLER} {sampler_steps()} steps, "
-                 f"guidance {DEFAULT_GUIDANCE:g}", fontsize=10)
+                 f"guidance {guidance:g}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -539,6 +555,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", default=None, help="with --mode steps: optimizer-step points, comma-separated (e.g. "
                                                   "the steps a quiet machine reaches in --seconds)")
     ap.add_argument("--n", type=int, default=800, help="samples judged per point (default 800)")
+    ap.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE, metavar="W",
+                    help=f"the guidance weight of the samples (default {DEFAULT_GUIDANCE:g}, `ddpmkit sample`'s)")
     ap.add_argument("--seed", type=int, default=0, help="noise streams of the samples, the real digits they are "
                                                         "compared with and the folds (default 0)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own, as the demo: "
@@ -558,6 +576,8 @@ def main(argv=None) -> int:
     ap.add_argument("--calibrate", action="store_true", help="only the two-sample test on real digits "
                                                              "(--null-repeats draws at --n), and stop")
     a = ap.parse_args(argv)
+    if not (math.isfinite(a.guidance) and a.guidance >= 0):
+        ap.error(f"--guidance takes a weight >= 0, got {a.guidance:g}")
     if a.threads:
         torch.set_num_threads(a.threads)
     if a.calibrate:
@@ -584,7 +604,7 @@ def main(argv=None) -> int:
     results = store.setdefault("results", {})
 
     t_start = time.perf_counter()
-    judge = Judge(a.n, a.seed)
+    judge = Judge(a.n, a.seed, a.guidance)
     settings = judge.settings()
     unit = "steps" if a.mode == "steps" else "seconds"
     floor_key = {"n": a.n, "seed": a.seed, "null_repeats": a.null_repeats, "pixel_repeats": a.pixel_repeats,
@@ -610,7 +630,8 @@ def main(argv=None) -> int:
     for name in names:
         overrides = jsonable(recipe_overrides(name))
         want = {**settings, "overrides": overrides}
-        found = {s: cached(results, f"{a.mode}/{name}/{fmt_s(s)}", want) for s in seconds}
+        key = partial(result_key, a.mode, name, guidance=a.guidance)
+        found = {s: cached(results, key(s), want) for s in seconds}
         if a.table_only:
             rows += [r for r in found.values() if r is not None]
             continue
@@ -622,7 +643,7 @@ def main(argv=None) -> int:
             row = {"recipe": name, "mode": a.mode, "seconds": s, "unit": unit, **want, "steps": p["steps"],
                    "train_s": p["train_s"], "params": p["params"], "threads": p["threads"], "run": p["path"],
                    **judge(p["path"])}
-            results[f"{a.mode}/{name}/{fmt_s(s)}"] = found[s] = row
+            results[key(s)] = found[s] = row
             save()
             print(f"[{name} {fmt_s(s)}{UNITS[unit]}] {row['steps']} steps: FD {row['fd']:.2f} +- "
                   f"{row['fd_stderr']:.2f}, two-sample accuracy {row['acc']:.3f} +- {row['acc_stderr']:.3f}, on the "
@@ -632,10 +653,10 @@ def main(argv=None) -> int:
     save()
     print()
     print(f"{a.mode} runs; {a.n} samples each ({SAMPLE_DEFAULT_SAMPLER}, {sampler_steps()} steps, guidance "
-          f"{DEFAULT_GUIDANCE:g}), seed {a.seed}; torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
+          f"{a.guidance:g}), seed {a.seed}; torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
     print(table(rows, floors))
     if rows:
-        plot(rows, floors, out / "time_to_quality.png", a.mode)
+        plot(rows, floors, out / "time_to_quality.png", a.mode, a.guidance)
         print(f"\nresults: {res_path}\nplot:    {out / 'time_to_quality.png'}")
     ref_name, _, ref_at = (a.reference or f"eps@{fmt_s(max(seconds))}").partition("@")
     ref = next((r for r in [*rows, *results.values()] if r["recipe"] == ref_name and fmt_s(r["seconds"]) == ref_at
