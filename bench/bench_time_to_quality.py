@@ -37,12 +37,11 @@ one-run`` trains once for the largest S and judges the EMA weights saved as each
 recipe), but at those points the learning rate has not decayed yet, so they read worse than a run of that length.
 Training measures nothing on the way (no ``--eval-every``, no sample grids): S is all training. Each run lives in
 ``--workdir/RECIPE-Ss`` (one-run: ``RECIPE-one-run-Ss``) and is reused when finished; results are cached per
-(mode, recipe, S, and the weight when it is not the default) in ``--out/results.json`` (with n, seed, sampler,
-guidance and the recipe), so a rerun adds only
-what is missing, and a run dir may be deleted once its result is in. ``--mode steps`` trains runs of N optimizer
-steps instead (``--steps``, the learning rate decayed to 0 at N), in ``--workdir/RECIPE-Nsteps``: the same runs
-whatever else the machine is doing, for when it is not quiet; a quiet machine's table gives the steps a recipe takes
-in S seconds (its ms/step), which turns a step count back into time.
+(mode, recipe, S, guidance weight) in ``--out/results.json`` (with n, seed, sampler and the recipe), so a rerun
+adds only what is missing, and a run dir may be deleted once its result is in. ``--mode steps`` trains runs of N
+optimizer steps instead (``--steps``, the learning rate decayed to 0 at N), in ``--workdir/RECIPE-Nsteps``: the
+same runs whatever else the machine is doing, for when it is not quiet; a quiet machine's table gives the steps a
+recipe takes in S seconds (its ms/step), which turns a step count back into time.
 
 The judge draws ``--n`` samples from each run's EMA weights as ``ddpmkit sample RUN --class all`` does with its
 defaults (dpmpp-2m-sde at its default 20 steps, guidance weight ``DEFAULT_GUIDANCE`` = 0.2, or ``--guidance W``;
@@ -452,10 +451,10 @@ def judge_one(a) -> int:
     return 0
 
 
-def result_key(mode: str, name: str, point: float, guidance: float = DEFAULT_GUIDANCE) -> str:
-    """Where results.json keeps a result: MODE/RECIPE/POINT, and /wW when judged at another weight than the default,
-    so that one run judged at several weights keeps each."""
-    return f"{mode}/{name}/{fmt_s(point)}" + ("" if guidance == DEFAULT_GUIDANCE else f"/w{guidance:g}")
+def result_key(mode: str, name: str, point: float, guidance: float) -> str:
+    """Where results.json keeps a result: MODE/RECIPE/POINT/wW, so that one run judged at several guidance weights
+    keeps each, whatever ``sample``'s default weight is."""
+    return f"{mode}/{name}/{fmt_s(point)}/w{guidance:g}"
 
 
 def cached(results: dict, key: str, want: dict) -> dict | None:
